@@ -1,0 +1,161 @@
+"""The affine algebra every fold shares.
+
+An inference-time BatchNormalization is the per-channel map ``y = scale * x + shift`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - scale * mean`` (Ioffe & Szegedy, 2015).
+Folding it into a linear layer scales the layer's weight along one channel axis and moves the shift
+into the bias. Everything here runs in float64 and knows nothing of ONNX or torch; the result is cast
+back to the model's dtype exactly once, by :func:`cast_checked`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class FoldRefused(Exception):
+    """A fold is not provably exact or safe; ``code`` is a stable reason code for reports."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _as_float64_vector(name: str, values: np.ndarray) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype.kind not in "fc" and not str(array.dtype).startswith("bfloat16"):
+        raise FoldRefused("unsupported_dtype", f"{name} has non-float dtype {array.dtype}")
+    if array.ndim != 1:
+        raise FoldRefused("param_shape", f"{name} has shape {array.shape}, expected one value per channel")
+    return array.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """``y[c] = scale[c] * x[c] + shift[c]`` along one channel axis, in float64."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+    @classmethod
+    def identity(cls, channels: int) -> ChannelAffine:
+        return cls(np.ones(channels), np.zeros(channels))
+
+    @classmethod
+    def from_batchnorm(
+        cls,
+        gamma: np.ndarray | None,
+        beta: np.ndarray | None,
+        mean: np.ndarray,
+        var: np.ndarray,
+        epsilon: float,
+    ) -> ChannelAffine:
+        """The inference-time map of a BN; ``gamma``/``beta`` of ``None`` mean an affine-free BN."""
+        mean64 = _as_float64_vector("running mean", mean)
+        var64 = _as_float64_vector("running variance", var)
+        channels = mean64.shape[0]
+        gamma64 = np.ones(channels) if gamma is None else _as_float64_vector("scale (gamma)", gamma)
+        beta64 = np.zeros(channels) if beta is None else _as_float64_vector("bias (beta)", beta)
+        lengths = {v.shape[0] for v in (gamma64, beta64, mean64, var64)}
+        if len(lengths) != 1:
+            raise FoldRefused("param_shape", f"parameter lengths differ: {sorted(lengths)}")
+        if channels == 0:
+            raise FoldRefused("param_shape", "parameters have zero channels")
+        for name, values in (("gamma", gamma64), ("beta", beta64), ("mean", mean64), ("var", var64)):
+            if not np.all(np.isfinite(values)):
+                raise FoldRefused("non_finite_params", f"{name} contains NaN or infinity")
+        eps = float(epsilon)
+        if not np.isfinite(eps):
+            raise FoldRefused("non_finite_params", "epsilon is not finite")
+        denominator = var64 + eps
+        if np.any(denominator <= 0):
+            bad = int(np.argmax(denominator <= 0))
+            raise FoldRefused("nonpositive_variance", f"var + epsilon <= 0 at channel {bad}")
+        scale = gamma64 / np.sqrt(denominator)
+        shift = beta64 - scale * mean64
+        if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+            raise FoldRefused("non_finite_params", "the folded scale or shift is not finite")
+        return cls(scale, shift)
+
+    def then(self, later: ChannelAffine) -> ChannelAffine:
+        """The map ``later(self(x))``."""
+        if later.channels != self.channels:
+            raise FoldRefused("channel_mismatch", f"{self.channels} channels followed by {later.channels}")
+        return ChannelAffine(later.scale * self.scale, later.scale * self.shift + later.shift)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Apply the map to a per-channel vector (e.g. a bias), in float64."""
+        return self.scale * np.asarray(values, dtype=np.float64) + self.shift
+
+
+def channel_factors(weight_shape: Sequence[int], factors: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
+    """Lay ``factors`` out so they broadcast against a weight of ``weight_shape`` on its channel axis.
+
+    With ``groups == 1`` factor ``c`` multiplies slice ``c`` of ``axis``. With ``groups > 1`` the
+    channel is split across axes 0 and 1, as in a ConvTranspose weight ``[C_in, C_out/g, k...]`` seen
+    from the output side or a Conv weight ``[C_out, C_in/g, k...]`` seen from the input side: row ``r``
+    of axis 0 belongs to group ``r // (rows/g)`` and column ``j`` of axis 1 to channel
+    ``group * cols + j``. Shapes are checked explicitly; nothing relies on accidental broadcasting.
+    """
+    shape = tuple(int(d) for d in weight_shape)
+    factors = np.asarray(factors, dtype=np.float64)
+    rank = len(shape)
+    axis = axis % rank
+    if groups == 1:
+        if factors.shape != (shape[axis],):
+            raise FoldRefused(
+                "channel_mismatch", f"{factors.shape[0]} channels against weight axis {axis} of {shape}"
+            )
+        layout = [1] * rank
+        layout[axis] = shape[axis]
+        return factors.reshape(layout)
+    if axis != 1 or rank < 2:
+        raise FoldRefused("unsupported_layout", f"grouped channels on axis {axis} of {shape}")
+    rows, cols = shape[0], shape[1]
+    if groups <= 0 or rows % groups != 0 or factors.shape != (groups * cols,):
+        raise FoldRefused(
+            "channel_mismatch",
+            f"{factors.shape[0]} channels do not match {groups} groups of weight {shape}",
+        )
+    group_of_row = np.arange(rows) // (rows // groups)
+    index = group_of_row[:, None] * cols + np.arange(cols)[None, :]
+    return factors[index].reshape((rows, cols) + (1,) * (rank - 2))
+
+
+def scale_weight(
+    weight: np.ndarray, factors: np.ndarray, axis: int, groups: int = 1
+) -> np.ndarray:
+    """``weight`` (any float dtype) times per-channel ``factors`` on its channel axis, in float64."""
+    weight64 = np.asarray(weight).astype(np.float64)
+    return weight64 * channel_factors(weight64.shape, factors, axis, groups)
+
+
+def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
+    """Bias added to each output row (axis 0) when ``shift`` is added to the input channels first.
+
+    For a layer whose weight reads input channel ``c`` along ``axis`` (grouped as in
+    :func:`channel_factors`), ``sum over that row of weight * shift[c]`` — exact whenever every output
+    position sees every kernel tap of real input (no zero padding).
+    """
+    weighted = scale_weight(weight, shift, axis, groups)
+    return weighted.reshape(weighted.shape[0], -1).sum(axis=1)
+
+
+def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Round float64 ``values`` once to ``dtype``; refuse if a finite value would become infinite."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.asarray(values).astype(dtype)
+    overflowed = ~np.isfinite(cast.astype(np.float64)) & np.isfinite(values)
+    if np.any(overflowed):
+        raise FoldRefused(
+            "cast_overflow",
+            f"folded {what} overflows {np.dtype(dtype).name} ({int(overflowed.sum())} values)",
+        )
+    return cast

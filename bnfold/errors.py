@@ -1,0 +1,19 @@
+"""Exceptions bnfold raises on purpose. Anything else escaping the API is a bug."""
+
+from __future__ import annotations
+
+
+class BnfoldError(Exception):
+    """Base class of every error bnfold raises deliberately; its message is one line for the user."""
+
+
+class InputError(BnfoldError):
+    """The input (file, model, option or data) cannot be used; nothing was written."""
+
+
+class OutputError(BnfoldError):
+    """The result could not be written; any previous file at the destination is intact."""
+
+
+class MissingDependencyError(BnfoldError):
+    """An optional dependency (e.g. torch) is needed for this operation and is not installed."""

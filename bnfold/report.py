@@ -1,0 +1,108 @@
+"""What a fold did: one record per batch norm (folded how, or left why) and model totals."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+Status = Literal["folded", "left"]
+
+
+class Renderable(Protocol):
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def render(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class BnRecord:
+    """One batch norm: ``folded`` by ``pattern`` into ``into``, or ``left`` with a ``reason`` code."""
+
+    bn: str
+    status: Status
+    message: str
+    pattern: str | None = None
+    into: str | None = None
+    reason: str | None = None
+    scope: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Totals:
+    bn_before: int
+    bn_after: int
+    nodes_before: int
+    nodes_after: int
+    param_bytes_before: int
+    param_bytes_after: int
+
+
+@dataclass
+class FoldReport:
+    records: list[BnRecord] = field(default_factory=list)
+    totals: Totals | None = None
+    verification: Renderable | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def folded(self) -> list[BnRecord]:
+        return [r for r in self.records if r.status == "folded"]
+
+    @property
+    def left(self) -> list[BnRecord]:
+        return [r for r in self.records if r.status == "left"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batchnorms": [r.to_dict() for r in self.records],
+            "folded": len(self.folded),
+            "left": len(self.left),
+            "totals": None if self.totals is None else asdict(self.totals),
+            "verification": None if self.verification is None else self.verification.to_dict(),
+            "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
+        }
+
+    def render(self) -> str:
+        lines = [render_table(
+            ["batch norm", "status", "pattern / reason", "into / why"],
+            [
+                [
+                    f"{r.scope}/{r.bn}" if r.scope else r.bn,
+                    r.status,
+                    (r.pattern if r.status == "folded" else r.reason) or "",
+                    (r.into if r.status == "folded" else r.message) or "",
+                ]
+                for r in self.records
+            ],
+        )] if self.records else ["no batch norms found"]
+        if self.totals is not None:
+            t = self.totals
+            lines.append("")
+            lines.append(
+                f"batch norms {t.bn_before} -> {t.bn_after}   nodes {t.nodes_before} -> {t.nodes_after}   "
+                f"parameters {_bytes(t.param_bytes_before)} -> {_bytes(t.param_bytes_after)}"
+            )
+        if self.verification is not None:
+            lines.append("")
+            lines.append(self.verification.render())
+        return "\n".join(lines)
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

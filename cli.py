@@ -1,0 +1,6 @@
+"""Thin shim so `python cli.py ...` works from a checkout; the real CLI is `bnfold.cli`."""
+
+from bnfold.cli import main
+
+if __name__ == "__main__":
+    main()
