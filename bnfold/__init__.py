@@ -1,0 +1,56 @@
+"""bnfold: fold inference-time BatchNormalization into neighbouring linear layers, exactly, and prove it.
+
+ONNX: :func:`fold_onnx`, :func:`inspect_onnx`, :func:`verify_onnx`. PyTorch (needs the ``torch``
+extra, imported only when used): :func:`fold_module`, :func:`fold_torch_file`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bnfold.api import FoldResult, enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.errors import BnfoldError, InputError, MissingDependencyError, OutputError
+from bnfold.onnx_front.io import read_model, write_model
+from bnfold.patterns import PATTERN_NAMES
+from bnfold.report import BnRecord, FoldReport, Totals
+from bnfold.verify import VerifyReport, verify_onnx
+
+__version__ = "0.1.0"
+
+_TORCH_API = {"fold_module", "fold_torch_file"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_API:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(
+                f"bnfold.{name} needs PyTorch: pip install 'bnfold[torch]'"
+            ) from None
+        from bnfold import torch_front
+
+        return getattr(torch_front, name)
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+
+
+__all__ = [
+    "PATTERN_NAMES",
+    "BnRecord",
+    "BnfoldError",
+    "FoldReport",
+    "FoldResult",
+    "InputError",
+    "MissingDependencyError",
+    "OutputError",
+    "Totals",
+    "VerifyReport",
+    "enabled_patterns",
+    "fold_module",
+    "fold_onnx",
+    "fold_torch_file",
+    "inspect_onnx",
+    "read_model",
+    "verify_onnx",
+    "write_model",
+]

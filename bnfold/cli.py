@@ -1,0 +1,222 @@
+"""The ``bnfold`` command line: ``fold``, ``inspect``, ``verify``.
+
+Exit codes: 0 success (and equivalent), 1 verification failed, 2 usage error or bad input,
+3 internal error. Errors are one line on stderr; set ``BNFOLD_DEBUG=1`` for a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnfold.api import enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.errors import BnfoldError, InputError, MissingDependencyError
+from bnfold.onnx_front.io import PROTOBUF_LIMIT, write_model
+from bnfold.patterns import PATTERN_NAMES
+from bnfold.verify import verify_onnx
+
+EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip archives (.pt2, TorchScript, torch.save) and raw pickles
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | list[list[int]] | None:
+    """``name:1x3x224x224`` entries, or bare ``1x3x224x224`` entries taken by position."""
+    if not values:
+        return None
+    named: dict[str, list[int]] = {}
+    positional: list[list[int]] = []
+    for value in values:
+        name, _, dims = value.rpartition(":")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected name:1x3x224x224", param_hint="--input-shape") from None
+        if any(d < 0 for d in shape):
+            raise click.BadParameter(f"{value!r}: dimensions must be >= 0", param_hint="--input-shape")
+        if name:
+            named[name] = shape
+        else:
+            positional.append(shape)
+    if named and positional:
+        raise click.BadParameter("give every shape a name, or none", param_hint="--input-shape")
+    return named or positional
+
+
+def _progress(enabled: bool) -> Callable[[str, int, int], None] | None:
+    """A one-line status on stderr, only for a person watching a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def show(stage: str, done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        click.echo(f"\r{stage}: {done}/{total}", err=True, nl=False)
+        if end:
+            click.echo("\r\033[K", err=True, nl=False)
+
+    return show
+
+
+def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(payload, indent=2, default=float) if as_json else text)
+
+
+def _is_torch_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith(_TORCH_MAGIC) or path.suffix in {".pt2", ".pt", ".pth", ".ts"}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+class _Command(click.Group):
+    """Maps bnfold's own errors to one line and an exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MissingDependencyError as error:
+            self._fail(error, EXIT_BAD_INPUT)
+        except InputError as error:
+            self._fail(error, EXIT_BAD_INPUT)
+        except BnfoldError as error:
+            self._fail(error, EXIT_BAD_INPUT if not str(error).startswith("internal") else EXIT_INTERNAL)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            self._fail("interrupted; nothing was written", 130)
+        except Exception as error:  # noqa: BLE001 - the last line of defence against a traceback
+            if os.environ.get("BNFOLD_DEBUG"):
+                raise
+            self._fail(f"internal error ({type(error).__name__}: {error}); please report it", EXIT_INTERNAL)
+
+    @staticmethod
+    def _fail(error: object, code: int) -> None:
+        message = " ".join(str(error).split()) or type(error).__name__
+        click.echo(f"bnfold: error: {message}", err=True)
+        sys.exit(code)
+
+
+_patterns_help = f"Pattern names: {', '.join(PATTERN_NAMES)}."
+
+
+def _verify_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--inputs", type=click.Path(dir_okay=False), help="A .npz of input arrays (name -> array)."),
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224",
+                     help="Shape for an input with dynamic dims (default 1 per dynamic dim)."),
+        click.option("--iterations", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Random input draws to compare (ignored with --inputs)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
+        click.option("--rtol", type=float, help="Relative tolerance (default depends on dtype)."),
+        click.option("--atol", type=float, help="Absolute tolerance (default: scaled to the output's magnitude)."),
+        click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@click.group(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold")
+def main() -> None:
+    """Fold inference-time BatchNormalization into neighbouring linear layers, exactly, and prove it."""
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Output file (default: <input>.folded.<ext>).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare original and folded under onnxruntime (optimizations off); not written if they differ.")
+@click.option("--only", multiple=True, help=f"Fold only these patterns. {_patterns_help}")
+@click.option("--skip", multiple=True, help="Do not fold these patterns.")
+@click.option("--allow-overridable", is_flag=True,
+              help="Treat initializers that are also graph inputs as constants.")
+@click.option("--overwrite-input", is_flag=True, help="Allow the output to replace the input file.")
+@click.option("--external-data", metavar="NAME", help="File name for external tensor data of large outputs.")
+@click.option("--external-threshold", type=click.IntRange(min=0), default=PROTOBUF_LIMIT, show_default=True,
+              help="Write tensors as external data when the model has at least this many bytes.")
+@click.option("--trust-pickle", is_flag=True, help="PyTorch: allow loading pickled modules (runs their code).")
+@click.option("--export-onnx", type=click.Path(dir_okay=False), help="PyTorch: also export the folded model to ONNX.")
+@click.option("--allow-train-mode", is_flag=True, help="PyTorch: fold a train-mode model as its eval behaviour.")
+@_verify_options
+def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], skip: tuple[str, ...],
+         allow_overridable: bool, overwrite_input: bool, external_data: str | None, external_threshold: int,
+         trust_pickle: bool, export_onnx: str | None, allow_train_mode: bool, inputs: str | None,
+         input_shapes: tuple[str, ...], iterations: int, seed: int, rtol: float | None, atol: float | None,
+         as_json: bool) -> None:
+    """Fold MODEL's batch norms and write the result to --output."""
+    source = Path(model)
+    target = Path(output) if output else source.with_name(f"{source.stem}.folded{source.suffix or '.onnx'}")
+    if _same_file(source, target) and not overwrite_input:
+        raise InputError(f"{target}: refusing to overwrite the input (pass --overwrite-input to allow it)")
+    shapes = _parse_shapes(input_shapes)
+    progress = _progress(not as_json)
+    if source.is_file() and _is_torch_file(source):
+        from bnfold import fold_torch_file
+
+        report = fold_torch_file(source, target, trust_pickle=trust_pickle, input_shapes=shapes,
+                                 export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode,
+                                 progress=progress)
+        written = [target]
+    else:
+        enabled_patterns(only, skip)
+        if isinstance(shapes, list):
+            raise click.BadParameter("ONNX inputs need named shapes (name:1x3x224x224)", param_hint="--input-shape")
+        result = fold_onnx(source, verify=verify, only=only, skip=skip, allow_overridable=allow_overridable,
+                           inputs=inputs, input_shapes=shapes, iterations=iterations, seed=seed,
+                           rtol=rtol, atol=atol, progress=progress)
+        report = result.report
+        verified_ok = report.verification is None or report.verification.passed
+        written = write_model(result.model, target, external_data=external_data,
+                              external_threshold=external_threshold) if verified_ok else []
+    passed = report.verification is None or report.verification.passed
+    payload = {"input": str(source), "output": str(target), "written": [str(p) for p in written], **report.to_dict()}
+    note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification failed)"
+    _emit(as_json, payload, report.render() + note)
+    sys.exit(EXIT_OK if passed else EXIT_NOT_EQUIVALENT)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--only", multiple=True, help=f"Consider only these patterns. {_patterns_help}")
+@click.option("--skip", multiple=True, help="Do not consider these patterns.")
+@click.option("--allow-overridable", is_flag=True, help="Treat initializers that are also graph inputs as constants.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], allow_overridable: bool,
+            as_json: bool) -> None:
+    """Show what would fold in MODEL and why each other batch norm stays. Writes nothing."""
+    report = inspect_onnx(model, only=only, skip=skip, allow_overridable=allow_overridable)
+    _emit(as_json, {"input": model, **report.to_dict()}, report.render())
+
+
+@main.command()
+@click.argument("original", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@_verify_options
+def verify(original: str, candidate: str, inputs: str | None, input_shapes: tuple[str, ...], iterations: int,
+           seed: int, rtol: float | None, atol: float | None, as_json: bool) -> None:
+    """Check that CANDIDATE computes what ORIGINAL computes (exit 0) or not (exit 1)."""
+    shapes = _parse_shapes(input_shapes)
+    if isinstance(shapes, list):
+        raise click.BadParameter("ONNX inputs need named shapes (name:1x3x224x224)", param_hint="--input-shape")
+    for path in (original, candidate):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: not a file")
+    report = verify_onnx(original, candidate, inputs=inputs, input_shapes=shapes, iterations=iterations,
+                         seed=seed, rtol=rtol, atol=atol, progress=_progress(not as_json))
+    _emit(as_json, report.to_dict(), report.render())
+    sys.exit(EXIT_OK if report.passed else EXIT_NOT_EQUIVALENT)
