@@ -1,0 +1,123 @@
+"""The affine core against a direct float64 evaluation, over random shapes, groups and statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bnfold.affine import (
+    ChannelAffine,
+    FoldRefused,
+    cast_checked,
+    channel_factors,
+    contract_shift,
+    scale_weight,
+)
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def batchnorms(draw, channels: int | None = None):
+    c = channels or draw(st.integers(1, 8))
+    vector = hnp.arrays(np.float64, c, elements=finite)
+    variance = hnp.arrays(np.float64, c, elements=st.floats(1e-3, 1e3))
+    return draw(vector), draw(vector), draw(vector), draw(variance), draw(st.floats(1e-6, 1e-2))
+
+
+@given(batchnorms(), st.data())
+def test_batchnorm_map_equals_the_normalization_it_replaces(params, data):
+    gamma, beta, mean, var, eps = params
+    x = data.draw(hnp.arrays(np.float64, (3, gamma.shape[0]), elements=finite))
+    affine = ChannelAffine.from_batchnorm(gamma, beta, mean, var, eps)
+    expected = gamma * (x - mean) / np.sqrt(var + eps) + beta
+    magnitude = abs(affine.scale * x) + abs(affine.scale * mean) + abs(beta)
+    assert np.all(abs(affine.scale * x + affine.shift - expected) <= 1e-12 * magnitude)
+
+
+@given(st.integers(1, 6).flatmap(lambda c: st.tuples(batchnorms(c), batchnorms(c))), st.data())
+def test_composition_applies_the_first_map_then_the_second(pair, data):
+    first = ChannelAffine.from_batchnorm(*pair[0])
+    second = ChannelAffine.from_batchnorm(*pair[1])
+    x = data.draw(hnp.arrays(np.float64, first.channels, elements=finite))
+    composed = first.then(second)
+    direct = second.scale * (first.scale * x + first.shift) + second.shift
+    magnitude = abs(second.scale) * (abs(first.scale * x) + abs(first.shift)) + abs(second.shift)
+    assert np.all(abs(composed.apply(x) - direct) <= 1e-12 * magnitude)
+
+
+def test_affine_free_batchnorm_uses_unit_gamma_and_zero_beta():
+    affine = ChannelAffine.from_batchnorm(None, None, np.array([1.0, 2.0]), np.array([4.0, 1.0]), 0.0)
+    np.testing.assert_allclose(affine.scale, [0.5, 1.0])
+    np.testing.assert_allclose(affine.shift, [-0.5, -2.0])
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ((np.ones(2), np.ones(2), np.ones(2), np.array([1.0, -1.0]), 1e-5), "nonpositive_variance"),
+        ((np.ones(2), np.ones(2), np.ones(2), np.array([1.0, -1e-5]), 1e-5), "nonpositive_variance"),
+        ((np.array([np.nan, 1.0]), np.ones(2), np.ones(2), np.ones(2), 1e-5), "non_finite_params"),
+        ((np.ones(2), np.ones(3), np.ones(2), np.ones(2), 1e-5), "param_shape"),
+        ((np.ones((2, 2)), np.ones(2), np.ones(2), np.ones(2), 1e-5), "param_shape"),
+        ((np.ones(0), np.ones(0), np.ones(0), np.ones(0), 1e-5), "param_shape"),
+        ((np.ones(2, dtype=np.int64), np.ones(2), np.ones(2), np.ones(2), 1e-5), "unsupported_dtype"),
+        ((np.ones(2), np.ones(2), np.ones(2), np.zeros(2), float("nan")), "non_finite_params"),
+    ],
+)
+def test_batchnorm_that_cannot_be_trusted_is_refused_with_a_reason(params, code):
+    with pytest.raises(FoldRefused) as refusal:
+        ChannelAffine.from_batchnorm(*params)
+    assert refusal.value.code == code
+
+
+@settings(max_examples=60)
+@given(
+    groups=st.integers(1, 4),
+    rows_per_group=st.integers(1, 3),
+    cols=st.integers(1, 3),
+    kernel=st.lists(st.integers(1, 3), max_size=2),
+    data=st.data(),
+)
+def test_grouped_factors_follow_the_group_layout(groups, rows_per_group, cols, kernel, data):
+    # Weight [R, J, k...]: row r is in group r // (R/g); column j of group q is channel q*J + j.
+    shape = (groups * rows_per_group, cols, *kernel)
+    factors = data.draw(hnp.arrays(np.float64, groups * cols, elements=finite))
+    weight = data.draw(hnp.arrays(np.float64, shape, elements=finite))
+    got = scale_weight(weight, factors, axis=1, groups=groups)
+    expected = np.empty_like(weight)
+    for r in range(shape[0]):
+        for j in range(cols):
+            expected[r, j] = weight[r, j] * factors[(r // rows_per_group) * cols + j]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_factors_never_broadcast_by_accident():
+    # pytorch#180995: a depthwise ConvTranspose weight [C, 1, k, k] must not take a (C,) scale on axis 1.
+    with pytest.raises(FoldRefused):
+        channel_factors((4, 1, 3, 3), np.ones(4), axis=1, groups=1)
+    with pytest.raises(FoldRefused):
+        channel_factors((4, 2, 3, 3), np.ones(6), axis=1, groups=4)
+
+
+@given(groups=st.integers(1, 3), per_group_in=st.integers(1, 3), per_group_out=st.integers(1, 3), data=st.data())
+def test_contract_shift_equals_a_conv_of_a_constant_input(groups, per_group_in, per_group_out, data):
+    c_in, c_out = groups * per_group_in, groups * per_group_out
+    weight = data.draw(hnp.arrays(np.float64, (c_out, per_group_in, 2, 2), elements=finite))
+    shift = data.draw(hnp.arrays(np.float64, c_in, elements=finite))
+    expected = np.array([
+        sum(weight[o, j].sum() * shift[(o // per_group_out) * per_group_in + j] for j in range(per_group_in))
+        for o in range(c_out)
+    ])
+    np.testing.assert_allclose(contract_shift(weight, shift, axis=1, groups=groups), expected, rtol=1e-9, atol=1e-6)
+
+
+def test_cast_back_refuses_overflow_and_rounds_once():
+    with pytest.raises(FoldRefused) as refusal:
+        cast_checked(np.array([1.0, 1e6]), np.float16, "weight")
+    assert refusal.value.code == "cast_overflow"
+    value = np.array([1 / 3])
+    assert cast_checked(value, np.float16, "w")[0] == np.float16(1 / 3)
