@@ -58,7 +58,7 @@ def _check_external_data(model: ModelProto, base: Path, source: Path) -> bool:
             continue
         found = True
         if not location or os.path.isabs(location) or Path(location).drive:
-            raise InputError(f"{source}: tensor {tensor.name!r} has external data at absolute or empty path {location!r}")
+            raise InputError(f"{source}: tensor {tensor.name!r} has external data at an absolute path ({location!r})")
         target = (resolved_base / location).resolve()
         if resolved_base != target.parent and resolved_base not in target.parents:
             raise InputError(f"{source}: tensor {tensor.name!r} points outside the model's directory ({location!r})")

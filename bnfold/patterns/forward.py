@@ -210,7 +210,7 @@ class MatMulBn:
         if input_type is None or input_type.rank != 2:
             rank = "unknown" if input_type is None or input_type.rank is None else input_type.rank
             raise FoldRefused(
-                "matmul_rank", f"MatMul input rank is {rank}; the BN channel axis is provably the feature axis only in 2-D"
+                "matmul_rank", f"MatMul input rank is {rank}; only in 2-D is the BN channel axis the feature axis"
             )
         _check_channels(affine, weight.shape[1], index.node_label(matmul))
         return weight, dtype
