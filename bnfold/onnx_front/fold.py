@@ -33,14 +33,21 @@ def fold_model(
         opset=opset_version(model),
         allow_overridable=allow_overridable,
     )
-    enabled = set(enabled)
+    records = fold_graph(index, patterns, set(enabled), progress)
+    index.commit()
+    return records
+
+
+def fold_graph(
+    index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str], progress: Progress | None = None
+) -> list[BnRecord]:
+    """Fold the batch norms of one graph, in graph order, so a chain's later BN sees the earlier fold."""
     batchnorms = [node for node in index.nodes if is_batchnorm(node)]
     records = []
     for done, bn in enumerate(batchnorms, start=1):
         records.append(fold_node(bn, index, patterns, enabled))
         if progress is not None:
             progress("fold", done, len(batchnorms))
-    index.commit()
     return records
 
 
