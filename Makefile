@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	mkdir -p build
-	$(BIN)/bnfold fold $(SAMPLE) -o build/resnet_small.folded.onnx --overwrite
+	$(BIN)/bnfold fold $(SAMPLE) -o build/resnet_small.folded.onnx
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check bnfold tests models cli.py

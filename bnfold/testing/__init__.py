@@ -1,0 +1,1 @@
+"""Test helpers shared by the test suite, the sample-model script and the benchmarks."""
