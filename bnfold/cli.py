@@ -49,17 +49,21 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | list[list[i
 
 
 def _progress(enabled: bool) -> Callable[[str, int, int], None] | None:
-    """A one-line status on stderr, only for a person watching a terminal."""
+    """A one-line counter on stderr, only for a person watching a terminal."""
     if not enabled or not sys.stderr.isatty():
         return None
 
     def show(stage: str, done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        click.echo(f"\r{stage}: {done}/{total}", err=True, nl=False)
-        if end:
-            click.echo("\r\033[K", err=True, nl=False)
+        click.echo(f"\r\033[K{stage}: {done}/{total}", err=True, nl=done >= total)
 
     return show
+
+
+def _status(enabled: bool) -> Callable[[str], None] | None:
+    """A status line on stderr for PyTorch work, only for a person watching a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    return lambda message: click.echo(f"\r\033[K{message}", err=True, nl=False)
 
 
 def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
@@ -167,11 +171,15 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
     progress = _progress(not as_json)
     if source.is_file() and _is_torch_file(source):
         from bnfold import fold_torch_file
+        from bnfold.torch_front.files import VerificationFailed
 
-        report = fold_torch_file(source, target, trust_pickle=trust_pickle, input_shapes=shapes,
-                                 export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode,
-                                 progress=progress)
-        written = [target]
+        try:
+            report = fold_torch_file(source, target, trust_pickle=trust_pickle, input_shapes=shapes,
+                                     export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode,
+                                     progress=_status(not as_json))
+            written = [target]
+        except VerificationFailed as failure:
+            report, written = failure.report, []
     else:
         enabled_patterns(only, skip)
         if isinstance(shapes, list):

@@ -1,0 +1,198 @@
+"""The CLI through click's runner: exit codes, JSON shape, atomic output, input untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from graphs import GraphBuilder, count_ops
+from onnx import numpy_helper
+
+from bnfold.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    g = GraphBuilder()
+    x = g.input("x", ["batch", 3, 8, 8])
+    y = g.bn(g.node("Conv", [x, g.weight([4, 3, 3, 3])], pads=[1, 1, 1, 1]), 4)
+    standalone = g.bn(g.node("Relu", [y]), 4)
+    path = tmp_path / "model.onnx"
+    onnx.save(g.model([standalone]), path)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_fold_writes_a_verified_model_and_leaves_the_input_alone(model_path, tmp_path):
+    before = model_path.read_bytes()
+    out = tmp_path / "folded.onnx"
+    result = invoke("fold", model_path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert model_path.read_bytes() == before
+    folded = onnx.load(out)
+    assert count_ops(folded) == 1
+    assert "conv-bn" in result.output and "no_linear_producer" in result.output
+    assert "PASSED" in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file remains"
+
+
+def test_fold_json_is_machine_readable(model_path, tmp_path):
+    result = invoke("fold", model_path, "-o", tmp_path / "f.onnx", "--json")
+    assert result.exit_code == 0
+    payload = json.loads(result.output)
+    assert payload["folded"] == 1 and payload["left"] == 1
+    assert payload["totals"]["bn_before"] == 2 and payload["totals"]["bn_after"] == 1
+    reasons = {r["status"]: r for r in payload["batchnorms"]}
+    assert reasons["folded"]["pattern"] == "conv-bn"
+    assert reasons["left"]["reason"] == "no_linear_producer"
+    assert payload["verification"]["passed"] is True
+    assert payload["written"] == [str(tmp_path / "f.onnx")]
+
+
+def test_inspect_writes_nothing_and_explains(model_path, tmp_path):
+    result = invoke("inspect", model_path, "--json")
+    assert result.exit_code == 0
+    payload = json.loads(result.output)
+    assert [r["status"] for r in payload["batchnorms"]] == ["folded", "left"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_output_equal_to_input_is_refused_without_the_flag(model_path):
+    before = model_path.read_bytes()
+    result = invoke("fold", model_path, "-o", model_path)
+    assert result.exit_code == 2
+    assert "overwrite" in result.output
+    assert model_path.read_bytes() == before
+    result = invoke("fold", model_path, "-o", model_path, "--overwrite-input")
+    assert result.exit_code == 0
+    assert count_ops(onnx.load(model_path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fold", "missing.onnx", "-o", "out.onnx"], "no such file"),
+        (["inspect", "."], "directory"),
+        (["fold", "MODEL", "--only", "conv-bm"], "unknown pattern"),
+        (["verify", "MODEL", "missing.onnx"], "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path, args, message):
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(main, [str(model_path) if a == "MODEL" else a for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_garbage_file_is_refused(tmp_path):
+    path = tmp_path / "picture.onnx"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    result = CliRunner().invoke(main, ["fold", str(path), "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "not an ONNX model" in result.output
+
+
+def test_empty_file_is_refused(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.touch()
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert (result.exit_code, "empty" in result.output) == (2, True)
+
+
+def test_verify_exit_codes_separate_equivalent_from_wrong(model_path, tmp_path):
+    out = tmp_path / "folded.onnx"
+    assert invoke("fold", model_path, "-o", out).exit_code == 0
+    assert invoke("verify", model_path, out).exit_code == 0
+    broken = onnx.load(out)
+    conv = broken.graph.node[0]
+    initializers = {t.name: t for t in broken.graph.initializer}
+    weight = numpy_helper.to_array(initializers[conv.input[1]]).copy()
+    weight[2] *= 1.01  # one channel's scale off by 1%
+    initializers[conv.input[1]].CopyFrom(numpy_helper.from_array(weight, conv.input[1]))
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(broken, wrong)
+    result = invoke("verify", model_path, wrong, "--json")
+    assert result.exit_code == 1
+    payload = json.loads(result.output)
+    assert payload["passed"] is False
+
+
+def test_verify_uses_given_inputs_and_input_shapes(model_path, tmp_path):
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32))
+    assert invoke("verify", model_path, model_path, "--inputs", inputs).exit_code == 0
+    assert invoke("verify", model_path, model_path, "--input-shape", "x:4x3x8x8").exit_code == 0
+    result = CliRunner().invoke(main, ["verify", str(model_path), str(model_path), "--input-shape", "x:4xa"])
+    assert result.exit_code == 2
+
+
+def test_fold_that_fails_verification_writes_nothing(model_path, tmp_path, monkeypatch):
+    import bnfold.api
+
+    real = bnfold.api.verify_onnx
+
+    def strict(*args, **kwargs):
+        kwargs["atol"], kwargs["rtol"] = 0.0, 0.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bnfold.api, "verify_onnx", strict)
+    out = tmp_path / "f.onnx"
+    out.write_bytes(b"previous")
+    result = invoke("fold", model_path, "-o", out)
+    assert result.exit_code == 1
+    assert out.read_bytes() == b"previous"
+    assert "NOT written" in result.output
+
+
+def test_cli_shim_runs_from_a_checkout():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, str(root / "cli.py"), "--help"], capture_output=True, text=True,
+                               cwd=root, check=False)
+    assert completed.returncode == 0
+    assert "fold" in completed.stdout and "verify" in completed.stdout
+
+
+def _torch_model():
+    torch = pytest.importorskip("torch")
+    from bnfold.testing.zoo import resnet
+
+    module, shape = resnet()
+    return torch, module, shape
+
+
+def test_fold_torchscript_file_through_the_cli(tmp_path):
+    torch, module, shape = _torch_model()
+    source = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(module), source)
+    out = tmp_path / "folded.ts"
+    result = invoke("fold", source, "-o", out, "--input-shape", "x".join(map(str, shape)), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["folded"] > 0 and payload["verification"]["passed"]
+    folded = torch.jit.load(out)
+    example = torch.randn(*shape)
+    torch.testing.assert_close(folded(example), module(example), rtol=1e-4, atol=1e-4)
+
+
+def test_pickled_module_is_refused_unless_trusted(tmp_path):
+    torch, module, shape = _torch_model()
+    source = tmp_path / "model.pt"
+    torch.save(module, source)
+    out = tmp_path / "folded.pt"
+    refused = CliRunner().invoke(main, ["fold", str(source), "-o", str(out)])
+    assert refused.exit_code == 2 and "pickle" in refused.output and not out.exists()
+    trusted = invoke("fold", source, "-o", out, "--trust-pickle", "--input-shape", "x".join(map(str, shape)))
+    assert trusted.exit_code == 0, trusted.output
+    assert out.exists()
