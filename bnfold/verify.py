@@ -1,0 +1,635 @@
+"""Check that two ONNX models compute the same function: ``original`` (the reference) and ``candidate``.
+
+Both models run on the same inputs under onnxruntime's CPU provider with every graph optimisation
+disabled (``ORT_DISABLE_ALL``), so onnxruntime's own fusions -- which fold batch norms too -- can neither
+hide a difference nor cause one. When onnxruntime has no kernel for an operator of either model (float64
+Conv, most bfloat16 operators), or a model takes or returns bfloat16 tensors (which onnxruntime's Python
+API cannot exchange), both models run under ``onnx.reference.ReferenceEvaluator`` instead.
+
+Comparison rule
+---------------
+Every output is compared over all iterations, in float64, against the ORIGINAL model's output ``ref``:
+
+* Outputs that are not floating point (integers, bool) must be exactly equal.
+* NaN must appear at exactly the same positions in both; an infinity must appear at the same position
+  with the same sign. A mismatch there fails the output. Such positions are left out of the error
+  statistics.
+* Float element ``i`` passes iff ``|cand[i] - ref[i]| <= atol + rtol * |ref[i]|``.
+* ``atol`` is scale-aware: by default ``atol = atol_factor[dtype] * scale``, where ``scale`` is the
+  largest finite ``|ref|`` of that output over all iterations (1 if that is 0). A user-given ``atol`` is
+  absolute and used as is; a user-given ``rtol`` replaces the default ``rtol``.
+* An output passes iff no element fails; the models are equivalent iff every output passes.
+
+Reported per output: max/mean absolute error and max relative error ``|cand - ref| / |ref|`` (0 where both
+are 0, infinite where only ``ref`` is 0), the tolerances applied, and the smallest ``atol`` (at the
+``rtol`` in use) and smallest ``rtol`` (at the ``atol`` in use) that would have passed, up to rounding.
+
+Default tolerances (``DEFAULT_TOLERANCES``: dtype -> (rtol, atol_factor))
+-------------------------------------------------------------------------
+===========  ======  ===========
+dtype        rtol    atol_factor
+===========  ======  ===========
+float64      1e-9    1e-10
+float32      1e-4    1e-4
+float16      1e-2    2e-2
+bfloat16     5e-2    1.5e-1
+===========  ======  ===========
+
+How they were chosen. An exact fold still changes the computation: the folded weights are rounded to
+the model's dtype once, and a convolution followed by a batch norm rounds differently from the one
+folded convolution. The defaults must accept that noise on deep networks and reject more. The noise
+was measured as ``max |cand - ref| / scale`` with this module, on ResNet-shaped CNNs (bottleneck
+blocks, 64x64 input, 3 iterations, 2-3 seeds) folded exactly (in float64, cast once), for three kinds
+of batch-norm statistics:
+
+* random (running mean N(0, 0.5), running var U(0.5, 2), gamma U(0.5, 1.5), beta N(0, 0.5); He
+  initialised convolutions), the case ``tests/test_verify.py`` runs: float32 ResNet-50 1.2e-6 (max
+  abs error 8.5e-4 at an output scale of 707);
+* trained-like (running statistics measured on data, random gamma/beta, small gamma on each block's
+  last batch norm, as trained ResNets have), ResNet-50 / ResNet-152 sized: float64 2e-15 / 2e-14
+  (onnx.reference), float32 1.7e-6 / 5.7e-6 (onnxruntime), float16 1.5e-3 / 4.1e-3 (onnxruntime;
+  torch's CPU float16 arithmetic gives 3e-3 / 8e-3), bfloat16 2.3e-2 / 6.6e-2 (onnx.reference;
+  torch's arithmetic gives 2.5e-2 / 5.5e-2);
+* ill-conditioned stress (data-measured statistics with gamma ~ 1 everywhere, so every weight
+  perturbation is strongly amplified): float32 ResNet-50 2e-5, ResNet-101 8e-5, ResNet-152 1.7e-4;
+  float16 ResNet-50 2e-2. Here the float32 original itself is off from float64 arithmetic by as much
+  (1.3e-4 for ResNet-152), so no output comparison can tell the fold from rounding.
+
+float32 ``rtol = atol_factor = 1e-4``: the trained-like ResNet-152 needs 3% of the default atol, the
+stress ResNet-50 14% and ResNet-101 75%; the stress ResNet-152 fails (it needs 1.5x). Looser would
+let real errors through: a 1% error in one channel's scale of one folded layer of a small ResNet
+(tests) moves the output by 7x (last block) and 34x (a middle block) the default atol. float16 and
+bfloat16 noise is dominated by rounding the folded weights (steps of 2**-11 and 2**-8), so their
+factors are set to about 5x and 2.3x the trained-like ResNet-152 noise (it needs 18% and 41% of the
+default atol); deeper or ill-conditioned float16/bfloat16 models may need an explicit ``atol``, and
+these dtypes can only catch gross errors. float64 keeps 1e-9 / 1e-10: four orders of magnitude above
+its noise, far below any real error. A limit of any output comparison: an error confined to one
+channel of a late layer of a wide network can be as small as the noise (in the stress ResNet-50, 1% on
+one of the last block's 2048 channels moved the output by 4e-5 of its scale).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto, TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from bnfold.errors import InputError
+from bnfold.report import render_table
+
+ModelSource = ModelProto | str | os.PathLike[str]
+Feeds = Mapping[str, np.ndarray]
+InputsArg = Feeds | Sequence[Feeds | str | os.PathLike[str]] | str | os.PathLike[str] | None
+Progress = Callable[[str, int, int], None]
+
+#: dtype name -> (rtol, atol_factor); see the module docstring for how they were measured.
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-10),
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 2e-2),
+    "bfloat16": (5e-2, 1.5e-1),
+}
+
+ENGINE_ORT = "onnxruntime"
+ENGINE_REFERENCE = "onnx.reference"
+
+
+def default_tolerances(dtype: Any) -> tuple[float, float]:
+    """``(rtol, atol_factor)`` for outputs of ``dtype`` (a numpy dtype, type or name such as "bfloat16")."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in DEFAULT_TOLERANCES:
+        raise InputError(f"no default tolerance for dtype {name}; give both rtol and atol")
+    return DEFAULT_TOLERANCES[name]
+
+
+@dataclass
+class OutputComparison:
+    """How one output of the candidate compares with the original's, over all iterations."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    max_abs_error: float
+    max_rel_error: float
+    mean_abs_error: float
+    required_atol: float
+    required_rtol: float
+    atol: float
+    rtol: float
+    mismatched: int
+    total: int
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: an infinite figure (e.g. ``required_rtol`` when a zero reference is missed) is null."""
+        return {key: _json_number(value) for key, value in asdict(self).items()}
+
+
+@dataclass
+class VerifyReport:
+    """The verdict of :func:`verify_onnx`: one :class:`OutputComparison` per output of the models."""
+
+    outputs: list[OutputComparison]
+    iterations: int
+    engine: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(output.passed for output in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "engine": self.engine,
+            "iterations": self.iterations,
+            "outputs": [output.to_dict() for output in self.outputs],
+            "seconds": {stage: round(value, 6) for stage, value in self.seconds.items()},
+            "notes": list(self.notes),
+        }
+
+    def render(self) -> str:
+        table = render_table(
+            ["output", "dtype", "shape", "max abs err", "max rel err", "mean abs err", "atol", "rtol",
+             "needs atol", "needs rtol", "mismatched", "result"],
+            [
+                [o.name, o.dtype, "x".join(map(str, o.shape)) or "scalar", _fmt(o.max_abs_error),
+                 _fmt(o.max_rel_error), _fmt(o.mean_abs_error), _fmt(o.atol), _fmt(o.rtol),
+                 _fmt(o.required_atol), _fmt(o.required_rtol), f"{o.mismatched}/{o.total}",
+                 "ok" if o.passed else "FAIL"]
+                for o in self.outputs
+            ],
+        )
+        lines = [table, *(f"note: {note}" for note in self.notes)]
+        runs = f"{self.iterations} iteration{'s' if self.iterations != 1 else ''} under {self.engine}"
+        failed = [o.name for o in self.outputs if not o.passed]
+        if failed:
+            lines.append(f"FAILED: {len(failed)} of {len(self.outputs)} outputs differ beyond tolerance "
+                         f"({', '.join(failed)}), {runs}")
+        else:
+            lines.append(f"PASSED: all {len(self.outputs)} outputs within tolerance, {runs}")
+        return "\n".join(lines)
+
+
+def verify_onnx(
+    original: ModelSource,
+    candidate: ModelSource,
+    *,
+    inputs: InputsArg = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    iterations: int = 3,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Run ``original`` and ``candidate`` on the same inputs and compare every output (module docstring).
+
+    ``inputs``: None (random inputs, ``iterations`` draws from ``numpy.random.default_rng(seed)``), a
+    ``.npz`` path, a mapping name -> array, or a sequence of those (one per iteration). ``input_shapes``
+    fixes dynamic dims of generated inputs (others become 1, with a note). ``rtol``/``atol`` override the
+    dtype defaults; ``atol`` is then absolute. ``progress(stage, done, total)`` is called per iteration.
+    Raises :class:`InputError` for unusable models, mismatched interfaces or bad inputs.
+    """
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{label} must be a finite number >= 0, got {value}")
+    notes: list[str] = []
+    sources = {"original": original, "candidate": candidate}
+    protos = {role: _load_interface(role, source) for role, source in sources.items()}
+    model_inputs = _check_interfaces(protos["original"], protos["candidate"])
+    output_names = [output.name for output in protos["original"].graph.output]
+
+    if inputs is None:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise InputError(f"iterations must be an integer >= 1, got {iterations!r}")
+        shapes = _generated_shapes(model_inputs, input_shapes or {}, notes)
+        feed_sets: Iterator[dict[str, np.ndarray]] = _generate(model_inputs, shapes, iterations, seed)
+        total = iterations
+    else:
+        if input_shapes:
+            raise InputError("input_shapes applies to generated inputs only; the given inputs have their shapes")
+        given = _user_feeds(inputs, model_inputs)
+        feed_sets, total = iter(given), len(given)
+
+    started = time.perf_counter()
+    engine, runners = _open_runners(sources, protos, notes)
+    opened = time.perf_counter()
+    references: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    candidates: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
+    for done, feeds in enumerate(feed_sets, start=1):
+        for results, role in ((references, "original"), (candidates, "candidate")):
+            for name, value in zip(output_names, runners[role](output_names, feeds), strict=True):
+                results[name].append(np.asarray(value))
+        if progress is not None:
+            progress("run", done, total)
+    finished = time.perf_counter()
+
+    outputs = [_compare(name, references[name], candidates[name], rtol, atol, notes) for name in output_names]
+    return VerifyReport(outputs, total, engine, {"session": opened - started, "run": finished - opened}, notes)
+
+
+# --- models and their interfaces -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    name: str
+    elem_type: int
+    dims: tuple[int | str | None, ...] | None  # int static, str symbolic, None unnamed; None = unknown rank
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    @property
+    def type_name(self) -> str:
+        return self.dtype.name
+
+    def describe_shape(self) -> str:
+        if self.dims is None:
+            return "unknown rank"
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
+
+
+def _load_interface(role: str, source: ModelSource) -> ModelProto:
+    """The model's proto; from a path without external data, which only the engines need."""
+    if isinstance(source, ModelProto):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"the {role} model must be an onnx.ModelProto or a path, got {type(source).__name__}")
+    try:
+        return onnx.load(os.fspath(source), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - any reason a file is unreadable is the user's to fix
+        raise InputError(f"cannot read the {role} model {os.fspath(source)}: {_first_line(error)}") from None
+
+
+def _graph_inputs(model: ModelProto) -> list[_TensorSpec]:
+    """The inputs a caller feeds: graph inputs that are not initializers (old exporters list both)."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if value.type.WhichOneof("value") != "tensor_type":
+            raise InputError(f"input '{value.name}' is not a tensor; only tensor inputs are supported")
+        tensor_type = value.type.tensor_type
+        dims = None
+        if tensor_type.HasField("shape"):
+            dims = tuple(
+                dim.dim_value if dim.WhichOneof("value") == "dim_value"
+                else dim.dim_param if dim.WhichOneof("value") == "dim_param" else None
+                for dim in tensor_type.shape.dim
+            )
+        specs.append(_TensorSpec(value.name, tensor_type.elem_type, dims))
+    return specs
+
+
+def _check_interfaces(original: ModelProto, candidate: ModelProto) -> list[_TensorSpec]:
+    """The original's inputs, once both models are known to take and return the same named tensors."""
+    original_inputs, candidate_inputs = _graph_inputs(original), _graph_inputs(candidate)
+    original_types = {spec.name: spec.elem_type for spec in original_inputs}
+    candidate_types = {spec.name: spec.elem_type for spec in candidate_inputs}
+    if original_types.keys() != candidate_types.keys():
+        raise InputError(f"the models take different inputs: original {_names(original_types)}, "
+                         f"candidate {_names(candidate_types)}")
+    for name, elem_type in original_types.items():
+        if candidate_types[name] != elem_type:
+            raise InputError(f"input '{name}' is {_type_name(elem_type)} in the original "
+                             f"but {_type_name(candidate_types[name])} in the candidate")
+    original_outputs = [output.name for output in original.graph.output]
+    candidate_outputs = [output.name for output in candidate.graph.output]
+    if set(original_outputs) != set(candidate_outputs):
+        raise InputError(f"the models return different outputs: original {_names(original_outputs)}, "
+                         f"candidate {_names(candidate_outputs)}")
+    return original_inputs
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+def _generated_shapes(
+    specs: list[_TensorSpec], input_shapes: Mapping[str, Sequence[int]], notes: list[str]
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for generated inputs: static dims as declared, dynamic dims from ``input_shapes``,
+    else 1 (noted). Inputs of a type no generator covers (strings, complex) are refused.
+
+    A symbolic dim given through one input's shape is reused for the same symbol elsewhere, so that
+    inputs sharing e.g. a batch dim ``N`` stay consistent.
+    """
+    by_name = {spec.name: spec for spec in specs}
+    unknown = sorted(set(input_shapes) - by_name.keys())
+    if unknown:
+        raise InputError(f"input_shapes names unknown input(s) {', '.join(unknown)}; "
+                         f"model inputs: {', '.join(by_name) or 'none'}")
+    for spec in specs:
+        if spec.dtype.kind not in "biu" and not _is_float(spec.dtype):
+            raise InputError(f"cannot generate values for input '{spec.name}' of type "
+                             f"{_type_name(spec.elem_type)}; pass inputs")
+    shapes: dict[str, tuple[int, ...]] = {}
+    symbols: dict[str, tuple[int, str]] = {}
+    for name, given in input_shapes.items():
+        shape = _checked_shape(by_name[name], given, "input_shapes gives")
+        shapes[name] = shape
+        for dim, size in zip(by_name[name].dims or (), shape, strict=False):
+            if isinstance(dim, str):
+                symbols.setdefault(dim, (size, name))
+    for spec in specs:
+        if spec.name in shapes:
+            continue
+        if spec.dims is None:
+            raise InputError(f"input '{spec.name}' has no declared shape; give it in input_shapes")
+        shape = []
+        for axis, dim in enumerate(spec.dims):
+            if isinstance(dim, int):
+                shape.append(dim)
+                continue
+            label = f"'{dim}'" if dim else str(axis)
+            size, source = symbols.get(dim, (1, "")) if dim else (1, "")
+            origin = f" (as given for input '{source}')" if source else ""
+            notes.append(f"dynamic dim {label} of input '{spec.name}' set to {size}{origin}")
+            shape.append(size)
+        shapes[spec.name] = tuple(shape)
+    return shapes
+
+
+def _checked_shape(spec: _TensorSpec, shape: Sequence[int], what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple, if it fits the declared rank and static dims of ``spec``."""
+    try:
+        dims = tuple(int(size) for size in shape)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} a non-integer shape {shape!r} for input '{spec.name}'") from None
+    fits = all(size >= 0 for size in dims) and (spec.dims is None or (
+        len(dims) == len(spec.dims)
+        and all(not isinstance(d, int) or d == size for d, size in zip(spec.dims, dims, strict=True))))
+    if not fits:
+        raise InputError(f"{what} shape [{', '.join(map(str, dims))}] for input '{spec.name}', "
+                         f"which the model declares as {spec.describe_shape()}")
+    return dims
+
+
+def _generate(
+    specs: list[_TensorSpec], shapes: Mapping[str, tuple[int, ...]], iterations: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """A fresh draw per iteration: floats standard normal, integers in [0, 2) as they are often
+    indices, bools fair coin flips."""
+    rng = np.random.default_rng(seed)
+    for _ in range(iterations):
+        feeds = {}
+        for spec in specs:
+            shape = shapes[spec.name]
+            if spec.dtype.kind == "b":
+                feeds[spec.name] = rng.random(shape) < 0.5
+            elif spec.dtype.kind in "iu":
+                feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+            else:
+                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        yield feeds
+
+
+def _user_feeds(inputs: InputsArg, specs: list[_TensorSpec]) -> list[dict[str, np.ndarray]]:
+    """The caller's inputs as one validated mapping per iteration."""
+    if isinstance(inputs, (str, os.PathLike, Mapping)):
+        items: Sequence[Any] = [inputs]
+    elif isinstance(inputs, Sequence):
+        items = inputs
+    else:
+        raise InputError(f"inputs must be a .npz path, a mapping of arrays or a sequence of those, "
+                         f"got {type(inputs).__name__}")
+    if not items:
+        raise InputError("inputs is an empty sequence; give at least one mapping of arrays")
+    feed_sets = []
+    for index, item in enumerate(items, start=1):
+        where = f"inputs for iteration {index}" if len(items) > 1 else "inputs"
+        if isinstance(item, (str, os.PathLike)):
+            where = os.fspath(item)
+            item = _read_npz(item)
+        elif not isinstance(item, Mapping):
+            raise InputError(f"{where} must be a mapping name -> array, got {type(item).__name__}")
+        feed_sets.append(_validated(dict(item), specs, where))
+    return feed_sets
+
+
+def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise InputError(f"{os.fspath(path)}: expected a .npz archive of named arrays")
+            return {name: archive[name] for name in archive.files}
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unreadable or not numpy data: the user's file to fix
+        raise InputError(f"cannot read inputs {os.fspath(path)}: {_first_line(error)}") from None
+
+
+def _validated(feeds: dict[str, Any], specs: list[_TensorSpec], where: str) -> dict[str, np.ndarray]:
+    expected = {spec.name: spec for spec in specs}
+    missing = [name for name in expected if name not in feeds]
+    if missing:
+        raise InputError(f"{where} lack model input(s) {', '.join(missing)}")
+    extra = sorted(set(feeds) - expected.keys())
+    if extra:
+        raise InputError(f"{where} have array(s) {', '.join(extra)} that are not model inputs "
+                         f"({', '.join(expected)})")
+    validated = {}
+    for name, spec in expected.items():
+        array = np.asarray(feeds[name])
+        # np.savez stores ml_dtypes arrays (bfloat16, float8) as raw bytes; read them back as such.
+        if array.dtype.kind == "V" and spec.dtype.kind == "V" and array.dtype.itemsize == spec.dtype.itemsize:
+            array = array.view(spec.dtype)
+        if array.dtype != spec.dtype:
+            raise InputError(f"{where}: input '{name}' has dtype {array.dtype.name}, "
+                             f"the model expects {spec.type_name}")
+        _checked_shape(spec, array.shape, f"{where}: got")
+        validated[name] = array
+    return validated
+
+
+# --- engines -------------------------------------------------------------------------------------
+
+Runner = Callable[[list[str], Feeds], Sequence[Any]]
+
+
+def _open_runners(
+    sources: Mapping[str, ModelSource], protos: Mapping[str, ModelProto], notes: list[str]
+) -> tuple[str, dict[str, Runner]]:
+    bfloat16_tensor = next((
+        value.name for proto in protos.values() for value in (*proto.graph.input, *proto.graph.output)
+        if value.type.tensor_type.elem_type == TensorProto.BFLOAT16), None)
+    if bfloat16_tensor is not None:
+        notes.append(f"'{bfloat16_tensor}' is bfloat16, which onnxruntime's Python API cannot feed or fetch; "
+                     f"both models ran under {ENGINE_REFERENCE}")
+        return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role]) for role in sources}
+    sessions = {}
+    for role in sources:
+        try:
+            sessions[role] = _ort_session(sources[role])
+        except Exception as error:  # noqa: BLE001 - sorted below into "no kernel" and "unusable model"
+            message = _first_line(error)
+            if "NOT_IMPLEMENTED" not in message and "Could not find an implementation" not in message:
+                raise InputError(f"onnxruntime cannot load the {role} model: {message}") from None
+            notes.append(f"onnxruntime lacks a kernel the {role} model needs ({message}); "
+                         f"both models ran under {ENGINE_REFERENCE}")
+            return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role]) for role in sources}
+    return ENGINE_ORT, {role: _ort_runner(role, session) for role, session in sessions.items()}
+
+
+def _ort_session(source: ModelSource) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
+    model = source.SerializeToString() if isinstance(source, ModelProto) else os.fspath(source)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(role: str, session: ort.InferenceSession) -> Runner:
+    def run(names: list[str], feeds: Feeds) -> Sequence[Any]:
+        try:
+            return session.run(names, dict(feeds))
+        except Exception as error:  # noqa: BLE001 - a model that cannot run on these inputs
+            raise InputError(f"onnxruntime failed to run the {role} model: {_first_line(error)}") from None
+    return run
+
+
+def _reference_runner(role: str, source: ModelSource) -> Runner:
+    try:
+        # onnx.load on the path (not a file object) finds external data next to the model.
+        model = source if isinstance(source, ModelProto) else onnx.load(os.fspath(source))
+        evaluator = ReferenceEvaluator(model)
+    except Exception as error:  # noqa: BLE001 - unsupported operator or unreadable data
+        raise InputError(f"{ENGINE_REFERENCE} cannot load the {role} model: {_first_line(error)}") from None
+
+    def run(names: list[str], feeds: Feeds) -> Sequence[Any]:
+        try:
+            return evaluator.run(names, dict(feeds))
+        except Exception as error:  # noqa: BLE001 - a model that cannot run on these inputs
+            raise InputError(f"{ENGINE_REFERENCE} failed to run the {role} model: {_first_line(error)}") from None
+    return run
+
+
+# --- comparison ----------------------------------------------------------------------------------
+
+def _compare(
+    name: str, references: list[np.ndarray], candidates: list[np.ndarray],
+    rtol: float | None, atol: float | None, notes: list[str],
+) -> OutputComparison:
+    dtype = references[0].dtype
+    shape = [int(size) for size in references[-1].shape]
+    total = sum(reference.size for reference in references)
+    for reference, candidate in zip(references, candidates, strict=True):
+        if candidate.dtype != reference.dtype or candidate.shape != reference.shape:
+            notes.append(f"output '{name}': the candidate returns {candidate.dtype.name} "
+                         f"{list(candidate.shape)}, the original {reference.dtype.name} {list(reference.shape)}")
+            return OutputComparison(name, dtype.name, shape, math.inf, math.inf, math.inf, math.inf, math.inf,
+                                    0.0, 0.0, total, total, False)
+
+    if not _is_float(dtype):
+        # Integers and bools must match exactly; comparing natively keeps int64 beyond 2**53 exact.
+        mismatched = sum(int(np.count_nonzero(c != r)) for r, c in zip(references, candidates, strict=True))
+        statistics = _Statistics(rtol=0.0, atol=0.0)
+        if dtype.kind in "biu":
+            for reference, candidate in zip(references, candidates, strict=True):
+                statistics.add(reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel())
+        elif mismatched:
+            statistics.max_abs = statistics.max_rel = statistics.required_atol = math.inf
+        return statistics.comparison(name, dtype.name, shape, mismatched, total)
+
+    if rtol is None or atol is None:
+        default_rtol, atol_factor = default_tolerances(dtype)
+        rtol = default_rtol if rtol is None else rtol
+        if atol is None:
+            atol = atol_factor * _scale(references)
+    statistics = _Statistics(rtol=rtol, atol=atol)
+    nonfinite_mismatched = 0
+    for reference, candidate in zip(references, candidates, strict=True):
+        ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
+        both_finite = np.isfinite(ref) & np.isfinite(cand)
+        same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
+        nonfinite_mismatched += int(np.count_nonzero(~both_finite & ~same_special))
+        statistics.add(ref[both_finite], cand[both_finite])
+    return statistics.comparison(name, dtype.name, shape, statistics.beyond + nonfinite_mismatched, total)
+
+
+def _scale(references: list[np.ndarray]) -> float:
+    """The largest finite magnitude of the reference output over all iterations, or 1 if that is 0."""
+    largest = 0.0
+    for reference in references:
+        values = reference.astype(np.float64)
+        largest = max(largest, float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0)))
+    return largest or 1.0
+
+
+@dataclass
+class _Statistics:
+    """Running error figures over finite element pairs, at fixed tolerances."""
+
+    rtol: float
+    atol: float
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    sum_abs: float = 0.0
+    count: int = 0
+    required_atol: float = 0.0
+    required_rtol: float = 0.0
+    beyond: int = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.size == 0:
+            return
+        error = np.abs(candidate - reference)
+        magnitude = np.abs(reference)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(error == 0, 0.0, error / magnitude)
+            excess = error - self.atol
+            needed_rtol = np.where(excess <= 0, 0.0, excess / magnitude)
+        self.max_abs = max(self.max_abs, float(error.max()))
+        self.max_rel = max(self.max_rel, float(relative.max()))
+        self.sum_abs += float(error.sum())
+        self.count += error.size
+        self.required_atol = max(self.required_atol, float((error - self.rtol * magnitude).max()))
+        self.required_rtol = max(self.required_rtol, float(needed_rtol.max()))
+        self.beyond += int(np.count_nonzero(error > self.atol + self.rtol * magnitude))
+
+    def comparison(self, name: str, dtype: str, shape: list[int], mismatched: int, total: int) -> OutputComparison:
+        mean_abs = self.sum_abs / self.count if self.count else 0.0
+        return OutputComparison(name, dtype, shape, self.max_abs, self.max_rel, mean_abs, self.required_atol,
+                                self.required_rtol, self.atol, self.rtol, mismatched, total, mismatched == 0)
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy floats and the ml_dtypes ones onnx uses (bfloat16, float8 variants), which numpy calls 'V'."""
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
+
+
+def _type_name(elem_type: int) -> str:
+    return TensorProto.DataType.Name(elem_type).lower()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _names(names: Any) -> str:
+    return "[" + ", ".join(sorted(names)) + "]"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "inf"
+
+
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+__all__ = ["DEFAULT_TOLERANCES", "OutputComparison", "VerifyReport", "default_tolerances", "verify_onnx"]
