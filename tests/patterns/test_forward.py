@@ -168,3 +168,26 @@ def test_conv_bn_bn_chain_folds_both():
     assert count_ops(result.model) == 0
     assert [r.into for r in result.report.folded] == [result.model.graph.node[0].name] * 2
     assert_equivalent(model, result.model)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    trans_a=st.integers(0, 1),
+    trans_b=st.integers(0, 1),
+    alpha=st.floats(-2, 2).filter(lambda v: abs(v) > 0.1),
+    beta=st.floats(-2, 2),
+    c_shape=st.sampled_from([None, (4,), (1, 4), (3, 4), (3, 1), ()]),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_bn_fold_is_exact_for_random_attributes_and_dtypes(trans_a, trans_b, alpha, beta, c_shape, dtype, seed):
+    g = GraphBuilder(seed, dtype)
+    x = g.input("x", [5, 3] if trans_a else [3, 5])
+    inputs = [x, g.weight([4, 5] if trans_b else [5, 4])]
+    if c_shape is not None:
+        inputs.append(g.weight(c_shape))
+    model = g.model([g.bn(g.node("Gemm", inputs, transA=trans_a, transB=trans_b, alpha=alpha, beta=beta), 4)])
+    result = fold(model)
+    assert count_ops(result.model) == 0
+    tolerance = {np.float16: 2e-2, np.float32: 1e-4, np.float64: 1e-9}[dtype]
+    assert_equivalent(model, result.model, rtol=tolerance, seed=seed, reference=dtype == np.float64)
