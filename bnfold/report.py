@@ -41,6 +41,11 @@ class Totals:
     param_bytes_before: int
     param_bytes_after: int
 
+    @classmethod
+    def between(cls, before: tuple[int, int, int], after: tuple[int, int, int]) -> Totals:
+        """From (batch norms, nodes, parameter bytes) counted before and after a fold."""
+        return cls(before[0], after[0], before[1], after[1], before[2], after[2])
+
 
 @dataclass
 class FoldReport:

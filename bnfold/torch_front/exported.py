@@ -11,24 +11,18 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from bnfold.affine import ChannelAffine, FoldRefused
-from bnfold.report import FoldReport, Totals
+from bnfold.report import FoldReport
 from bnfold.torch_front.aten_graph import AtenBn, AtenLayer, Site, aten, aten_dataflow
 from bnfold.torch_front.dataflow import BnFacts, LayerGeometry
 from bnfold.torch_front.layers import fold_arrays
 from bnfold.torch_front.patterns import Plan, plan_folds
+from bnfold.torch_front.result import run_folder
 from bnfold.torch_front.tensors import from_float64, optional_float64, to_float64
 
 
 def fold_exported(program: ExportedProgram) -> FoldReport:
     """Fold ``program``'s BNs into its conv/linear ops, updating its state dict and graph in place."""
-    folder = _ProgramFolder(program)
-    before = folder.totals()
-    plan = folder.plan()
-    folder.apply(plan)
-    after = folder.totals()
-    report = FoldReport(records=plan.records)
-    report.totals = Totals(before[0], after[0], before[1], after[1], before[2], after[2])
-    return report
+    return run_folder(_ProgramFolder(program))
 
 
 class _ProgramFolder:

@@ -79,7 +79,7 @@ def fold_module(
         _apply(work, index, plan)
         report = FoldReport(records=plan.records, seconds=seconds)
         after = _totals(work)
-        report.totals = Totals(before[0], after[0], before[1], after[1], before[2], after[2])
+        report.totals = Totals.between(before, after)
         checks: list[Verification] = []
         if verify and observation is not None:
             say("verifying the folded model")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from bnfold.report import FoldReport
+from bnfold.report import BnRecord, FoldReport, Totals
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,3 +17,25 @@ class FoldResult:
 
     model: nn.Module
     report: FoldReport
+
+
+class _Plan(Protocol):
+    records: list[BnRecord]
+
+
+class GraphFolder(Protocol):
+    """Folds one captured graph (.pt2 program or TorchScript module): plan every BN, then apply."""
+
+    def plan(self) -> Any: ...
+
+    def apply(self, plan: Any) -> None: ...
+
+    def totals(self) -> tuple[int, int, int]: ...
+
+
+def run_folder(folder: GraphFolder) -> FoldReport:
+    """Plan, apply and report, with totals counted before and after."""
+    before = folder.totals()
+    plan: _Plan = folder.plan()
+    folder.apply(plan)
+    return FoldReport(records=plan.records, totals=Totals.between(before, folder.totals()))

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from bnfold.affine import ChannelAffine, FoldRefused
-from bnfold.report import FoldReport, Totals
+from bnfold.report import FoldReport
 from bnfold.torch_front.dataflow import BnFacts, Call, Dataflow, LayerGeometry
 from bnfold.torch_front.layers import fold_arrays
 from bnfold.torch_front.patterns import Plan, plan_folds
+from bnfold.torch_front.result import run_folder
 from bnfold.torch_front.tensors import from_float64, optional_float64, to_float64
 
 _TYPE = re.compile(r"^__torch__\.torch\.nn\.modules\.(\w+)\.(?:___torch_mangle_\d+\.)?(\w+)$")
@@ -45,14 +46,7 @@ def _class_name(module: torch.jit.ScriptModule) -> str:
 
 
 def fold_scripted(root: torch.jit.ScriptModule) -> FoldReport:
-    folder = _ScriptFolder(root)
-    before = folder.totals()
-    plan = folder.plan()
-    folder.apply(plan)
-    after = folder.totals()
-    report = FoldReport(records=plan.records)
-    report.totals = Totals(before[0], after[0], before[1], after[1], before[2], after[2])
-    return report
+    return run_folder(_ScriptFolder(root))
 
 
 class _ScriptFolder:
