@@ -84,6 +84,26 @@ class ChannelAffine:
             raise FoldRefused("non_finite_params", "the folded scale or shift is not finite")
         return cls(scale, shift)
 
+    @classmethod
+    def from_elementwise(cls, op: str, values: np.ndarray, constant_first: bool) -> ChannelAffine:
+        """The map of ``x op values`` (or ``values op x``) for ``op`` in Mul, Add, Sub, Div."""
+        vector = _as_float64_vector("constant", values)
+        if not np.all(np.isfinite(vector)):
+            raise FoldRefused("non_finite_params", f"the {op} constant contains NaN or infinity")
+        ones, zeros = np.ones_like(vector), np.zeros_like(vector)
+        if op == "Mul":
+            return cls(vector, zeros)
+        if op == "Add":
+            return cls(ones, vector)
+        if op == "Sub":
+            return cls(-ones, vector) if constant_first else cls(ones, -vector)
+        if op == "Div" and not constant_first:
+            if np.any(vector == 0):
+                raise FoldRefused("zero_divisor", f"the Div constant is 0 at channel {int(np.argmax(vector == 0))}")
+            return cls(1 / vector, zeros)
+        side = "first" if constant_first else "second"
+        raise FoldRefused("not_affine", f"{op} with the constant as {side} operand is not affine in its input")
+
     def then(self, later: ChannelAffine) -> ChannelAffine:
         """The map ``later(self(x))``."""
         if later.channels != self.channels:
@@ -93,6 +113,11 @@ class ChannelAffine:
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Apply the map to a per-channel vector (e.g. a bias), in float64."""
         return self.scale * np.asarray(values, dtype=np.float64) + self.shift
+
+    def repeat(self, block: int) -> ChannelAffine:
+        """The same map over ``block`` consecutive entries per channel, as after flattening ``[C, S...]``
+        to ``C * S`` features in row-major order."""
+        return ChannelAffine(np.repeat(self.scale, block), np.repeat(self.shift, block))
 
 
 def channel_factors(weight_shape: Sequence[int], factors: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
@@ -146,6 +171,18 @@ def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int
     """
     weighted = scale_weight(weight, shift, axis, groups)
     return weighted.reshape(weighted.shape[0], -1).sum(axis=1)
+
+
+def contract_shift_transposed(weight: np.ndarray, shift: np.ndarray, groups: int = 1) -> np.ndarray:
+    """:func:`contract_shift` for a ConvTranspose weight ``[C_in, C_out/g, k...]``: input channel ``c``
+    is row ``c``; output channel ``q * C_out/g + j`` sums column ``j`` over the rows of group ``q``.
+    Exact only where every output position receives every tap of real input exactly once."""
+    weighted = scale_weight(weight, shift, axis=0)
+    rows, cols = weighted.shape[0], weighted.shape[1]
+    if groups <= 0 or rows % groups:
+        raise FoldRefused("channel_mismatch", f"{rows} input channels do not split into {groups} groups")
+    per_tap = weighted.reshape(rows, cols, -1).sum(axis=2)
+    return per_tap.reshape(groups, rows // groups, cols).sum(axis=1).reshape(groups * cols)
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:

@@ -18,7 +18,10 @@ class Renderable(Protocol):
 
 @dataclass(frozen=True)
 class BnRecord:
-    """One batch norm: ``folded`` by ``pattern`` into ``into``, or ``left`` with a ``reason`` code."""
+    """One batch norm: ``folded`` by ``pattern`` into ``into``, or ``left`` with a ``reason`` code.
+
+    Runs of Mul/Add/Sub/Div by constants that fold without a batch norm get records too; ``op_type``
+    tells them apart."""
 
     bn: str
     status: Status
@@ -27,6 +30,7 @@ class BnRecord:
     into: str | None = None
     reason: str | None = None
     scope: str = ""
+    op_type: str = "BatchNormalization"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +81,7 @@ class FoldReport:
             ["batch norm", "status", "pattern / reason", "into / why"],
             [
                 [
-                    f"{r.scope}/{r.bn}" if r.scope else r.bn,
+                    _label(r),
                     r.status,
                     (r.pattern if r.status == "folded" else r.reason) or "",
                     (r.into if r.status == "folded" else r.message) or "",
@@ -96,6 +100,11 @@ class FoldReport:
             lines.append("")
             lines.append(self.verification.render())
         return "\n".join(lines)
+
+
+def _label(record: BnRecord) -> str:
+    label = f"{record.scope}/{record.bn}" if record.scope else record.bn
+    return label if record.op_type == "BatchNormalization" else f"{label} ({record.op_type})"
 
 
 def _bytes(count: int) -> str:

@@ -14,6 +14,7 @@ from bnfold.affine import (
     cast_checked,
     channel_factors,
     contract_shift,
+    contract_shift_transposed,
     scale_weight,
 )
 
@@ -113,6 +114,53 @@ def test_contract_shift_equals_a_conv_of_a_constant_input(groups, per_group_in, 
         for o in range(c_out)
     ])
     np.testing.assert_allclose(contract_shift(weight, shift, axis=1, groups=groups), expected, rtol=1e-9, atol=1e-6)
+
+
+@given(groups=st.integers(1, 3), per_group_in=st.integers(1, 3), per_group_out=st.integers(1, 3), data=st.data())
+def test_contract_shift_transposed_equals_a_transposed_conv_of_a_constant_input(groups, per_group_in, per_group_out,
+                                                                                data):
+    # ConvTranspose weight [C_in, C_out/g, k...]: output channel q*J + j sums column j over group q's rows.
+    c_in = groups * per_group_in
+    weight = data.draw(hnp.arrays(np.float64, (c_in, per_group_out, 2), elements=finite))
+    shift = data.draw(hnp.arrays(np.float64, c_in, elements=finite))
+    expected = np.array([
+        sum(weight[q * per_group_in + i, j].sum() * shift[q * per_group_in + i] for i in range(per_group_in))
+        for q in range(groups) for j in range(per_group_out)
+    ])
+    np.testing.assert_allclose(contract_shift_transposed(weight, shift, groups), expected, rtol=1e-9, atol=1e-6)
+
+
+@given(
+    op=st.sampled_from(["Mul", "Add", "Sub", "Div"]),
+    constant_first=st.booleans(),
+    data=st.data(),
+)
+def test_elementwise_map_equals_the_op_it_replaces(op, constant_first, data):
+    constant_first = constant_first and op != "Div"
+    nonzero = st.floats(0.1, 1e3) | st.floats(-1e3, -0.1)
+    values = data.draw(hnp.arrays(np.float64, 3, elements=nonzero if op == "Div" else finite))
+    x = data.draw(hnp.arrays(np.float64, 3, elements=finite))
+    apply = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op]
+    expected = apply(values, x) if constant_first else apply(x, values)
+    affine = ChannelAffine.from_elementwise(op, values, constant_first)
+    np.testing.assert_allclose(affine.apply(x), expected, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("op", "values", "constant_first", "code"),
+    [("Div", [1.0, 0.0], False, "zero_divisor"), ("Div", [1.0, 2.0], True, "not_affine"),
+     ("Mul", [np.inf, 1.0], False, "non_finite_params"), ("Pow", [1.0, 2.0], False, "not_affine")],
+)
+def test_elementwise_maps_that_are_not_affine_or_finite_are_refused(op, values, constant_first, code):
+    with pytest.raises(FoldRefused) as refusal:
+        ChannelAffine.from_elementwise(op, np.array(values), constant_first)
+    assert refusal.value.code == code
+
+
+def test_repeat_spreads_each_channel_over_its_feature_block():
+    affine = ChannelAffine(np.array([2.0, 3.0]), np.array([-1.0, 1.0])).repeat(3)
+    np.testing.assert_array_equal(affine.scale, [2, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(affine.shift, [-1, -1, -1, 1, 1, 1])
 
 
 def test_cast_back_refuses_overflow_and_rounds_once():

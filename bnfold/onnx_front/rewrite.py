@@ -1,67 +1,159 @@
-"""Folding one node: let the first matching pattern plan a rewrite, apply it, record the outcome."""
+"""Folding at one site: every pattern may plan a rewrite, the first enabled one is applied and recorded;
+a batch norm nothing folds is recorded with every reason the patterns gave."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 from onnx import NodeProto
 
 from bnfold.affine import FoldRefused, cast_checked
 from bnfold.onnx_front.batchnorm import batchnorm_affine
 from bnfold.onnx_front.graph import GraphIndex
-from bnfold.patterns.base import Pattern, Rewrite
+from bnfold.patterns import STANDALONE
+from bnfold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site
+from bnfold.patterns.runs import is_batchnorm
 from bnfold.report import BnRecord
 
-
-def is_batchnorm(node: NodeProto) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+__all__ = ["fold_node", "is_batchnorm"]
 
 
-def fold_node(bn: NodeProto, index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str]) -> BnRecord:
-    label = index.node_label(bn)
-    try:
-        affine = batchnorm_affine(bn, index)
-        rewrite = None
-        for pattern in patterns:
-            rewrite = pattern.plan(bn, affine, index)
-            if rewrite is not None:
-                break
-        if rewrite is None:
-            producer = index.producers.get(bn.input[0])
-            source = "a graph input" if producer is None else f"a {producer.op_type} node"
-            raise FoldRefused("no_linear_producer", f"its input comes from {source}, which nothing folds into")
-        if rewrite.pattern not in enabled:
-            raise FoldRefused("pattern_disabled", f"pattern {rewrite.pattern} is disabled by the options")
-        _apply(rewrite, bn, index, label)
-    except FoldRefused as refusal:
-        return BnRecord(label, "left", refusal.message, reason=refusal.code, scope=index.scope)
-    target = index.node_label(rewrite.target)
-    return BnRecord(label, "folded", f"folded into {target}", pattern=rewrite.pattern, into=target, scope=index.scope)
+def fold_node(anchor: NodeProto, index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str]) -> list[BnRecord]:
+    """Fold the run at ``anchor`` (a batch norm, or a Mul/Add/Sub/Div by a constant); its records.
+
+    Only batch norms are recorded when they stay: an elementwise node that does not fold is not news."""
+    label = index.node_label(anchor)
+    if is_batchnorm(anchor):
+        try:
+            batchnorm_affine(anchor, index)
+        except FoldRefused as refusal:
+            return [BnRecord(label, "left", refusal.message, reason=refusal.code, scope=index.scope)]
+    site = Site(anchor, index, AFFINE_CHAIN in enabled)
+    refusals: list[FoldRefused] = []
+    for pattern in patterns:
+        try:
+            rewrite = pattern.plan(site)
+            if rewrite is None:
+                continue
+            if rewrite.run.batchnorms and rewrite.pattern not in enabled:
+                raise FoldRefused("pattern_disabled", f"pattern {rewrite.pattern} is disabled by the options")
+            records = _records(rewrite, index, refusals)
+            _apply(rewrite, index, label)
+        except FoldRefused as refusal:
+            refusals.append(refusal)
+            continue
+        return records
+    if not is_batchnorm(anchor):
+        return []
+    if not refusals:
+        refusals.append(_no_neighbour(anchor, index, enabled))
+    message = "; ".join(dict.fromkeys(r.message for r in refusals))
+    return [BnRecord(label, "left", message, reason=refusals[0].code, scope=index.scope)]
 
 
-def _apply(rewrite: Rewrite, bn: NodeProto, index: GraphIndex, label: str) -> None:
+def _no_neighbour(bn: NodeProto, index: GraphIndex, enabled: set[str]) -> FoldRefused:
+    producer = index.producers.get(bn.input[0])
+    source = "a graph input" if producer is None else f"a {producer.op_type} node"
+    readers = sorted({r.op_type for r in index.users(bn.output[0])})
+    targets = [f"{'/'.join(readers)} node(s)"] if readers else []
+    if index.is_graph_output(bn.output[0]):
+        targets.append("the graph output")
+    target = " and ".join(targets) or "nothing"
+    hint = "" if STANDALONE.name in enabled else " (the standalone mul-add option rewrites it as Mul + Add)"
+    return FoldRefused(
+        "no_linear_producer",
+        f"its input comes from {source} and its output goes to {target}, none a linear layer it folds into{hint}",
+    )
+
+
+def _records(rewrite: Rewrite, index: GraphIndex, refusals: list[FoldRefused]) -> list[BnRecord]:
+    """The records of ``rewrite``, labelled before it renames anything."""
+    run = rewrite.run
+    into = "Mul + Add" if rewrite.target is None else index.node_label(rewrite.target)
+    absorbed = [index.node_label(n) for n in run.nodes if not is_batchnorm(n)]
+    if rewrite.target is None:
+        message = "rewritten as one Mul and one Add"
+        if refusals:
+            message += f" ({refusals[0].message})"
+    else:
+        message = f"folded into {into}"
+    if run.batchnorms and absorbed:
+        message += f" together with {', '.join(absorbed)}"
+    if rewrite.note:
+        message += f"; {rewrite.note}"
+    if run.batchnorms:
+        return [
+            BnRecord(index.node_label(bn), "folded", message, pattern=rewrite.pattern, into=into, scope=index.scope)
+            for bn in run.batchnorms
+        ]
+    return [
+        BnRecord(index.node_label(node), "folded", message, pattern=AFFINE_CHAIN, into=into, scope=index.scope,
+                 op_type=node.op_type)
+        for node in run.nodes
+    ]
+
+
+def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
     # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched.
-    casts = [cast_checked(u.value, u.dtype, f"{u.role} for {label}") for u in rewrite.updates]
-    appended = None
-    if rewrite.appended_bias is not None:
-        shift, dtype = rewrite.appended_bias
-        appended = cast_checked(shift, dtype, f"bias for {label}")
-    for update, value in zip(rewrite.updates, casts, strict=True):
+    updates = [cast_checked(u.value, u.dtype, f"{u.role} for {label}") for u in rewrite.updates]
+    replacement = [cast_checked(op.value, op.dtype, f"{op.role} for {label}") for op in rewrite.replacement]
+    bias_after = None
+    if rewrite.bias_after is not None:
+        bias_after = cast_checked(rewrite.bias_after.value, rewrite.bias_after.dtype, f"bias for {label}")
+    for update, value in zip(rewrite.updates, updates, strict=True):
         current = update.node.input[update.slot] if update.slot < len(update.node.input) else ""
         base = current or f"{index.node_label(update.node)}.{update.role}"
         index.write_tensor(update.node, update.slot, value, f"{base}_bnfold")
     for node, name, value in rewrite.attributes:
         _set_float_attribute(node, name, value)
-    output = bn.output[0]
-    if appended is None:
-        assert rewrite.tail is not None
-        index.remove_node(bn)
-        index.set_output(rewrite.tail, 0, output)
+    run = rewrite.run
+    if rewrite.replacement:
+        _replace_run(rewrite, replacement, index)
     else:
-        add = onnx.helper.make_node("Add", [bn.input[0], ""], [output], name=bn.name)
-        index.turn_into(bn, add)
-        index.write_tensor(bn, 1, appended, f"{label}.shift_bnfold")
+        for node in run.nodes:
+            index.remove_node(node)
+        if rewrite.tail is not None:
+            index.set_output(rewrite.tail, 0, run.output)
+        else:
+            assert rewrite.reader is not None, "a rewrite without replacement has a tail or a reader"
+            index.set_input(rewrite.reader, list(rewrite.reader.input).index(run.output), run.input)
+    if bias_after is not None:
+        assert rewrite.target is not None and rewrite.bias_after is not None
+        _add_after(rewrite.target, rewrite.bias_after, bias_after, index)
+
+
+def _replace_run(rewrite: Rewrite, values: list[np.ndarray], index: GraphIndex) -> None:
+    """The replacement nodes take the places of the run's last nodes (extra ones go right after), from its
+    input to its output."""
+    run, ops = rewrite.run, rewrite.replacement
+    places = run.nodes[max(0, len(run.nodes) - len(ops)):]
+    for node in run.nodes[: len(run.nodes) - len(places)]:
+        index.remove_node(node)
+    source, previous = run.input, None
+    for position, (op, value) in enumerate(zip(ops, values, strict=True)):
+        output = run.output if position == len(ops) - 1 else index.names.fresh(f"{run.output}_{op.role}")
+        if position < len(places):
+            node = places[position]
+            label = index.node_label(node)
+            index.turn_into(node, onnx.helper.make_node(op.op_type, [source, ""], [output], name=node.name))
+        else:
+            assert previous is not None
+            label = index.names.fresh(f"{index.node_label(previous)}_{op.role}")
+            node = index.insert_after(previous, onnx.helper.make_node(op.op_type, [source, ""], [output], name=label))
+        index.write_tensor(node, 1, value, f"{label}.{op.role}_bnfold")
+        source, previous = output, node
+
+
+def _add_after(layer: NodeProto, op: Elementwise, value: np.ndarray, index: GraphIndex) -> None:
+    """``layer`` keeps its output name, now produced by a new ``Add`` of ``value`` to what it computes."""
+    output = layer.output[0]
+    label = index.node_label(layer)
+    index.set_output(layer, 0, index.names.fresh(f"{output}_before_{op.role}"))
+    name = index.names.fresh(f"{label}_{op.role}")
+    add = index.insert_after(layer, onnx.helper.make_node(op.op_type, [layer.output[0], ""], [output], name=name))
+    index.write_tensor(add, 1, value, f"{name}.{op.role}_bnfold")
 
 
 def _set_float_attribute(node: NodeProto, name: str, value: float) -> None:
@@ -70,5 +162,3 @@ def _set_float_attribute(node: NodeProto, name: str, value: float) -> None:
             attribute.f = value
             return
     node.attribute.append(onnx.helper.make_attribute(name, value))
-
-

@@ -1,8 +1,18 @@
-"""Fold pattern units, each *match -> check safety -> plan a rewrite*; the driver applies and records."""
+"""Fold pattern units, each *match -> check safety -> plan a rewrite*; the driver applies and records.
 
+Unit names say where a batch norm folds (``conv-bn``: into the Conv before it, ``bn-conv``: into the
+Conv after it). ``affine-chain`` lets Mul/Add/Sub/Div by per-channel constants join the runs the units
+fold, and folds runs of them without a batch norm. Opt-in units run only when asked for by name.
+"""
+
+from bnfold.patterns.backward import BACKWARD_PATTERNS
+from bnfold.patterns.base import AFFINE_CHAIN
 from bnfold.patterns.forward import FORWARD_PATTERNS
+from bnfold.patterns.standalone import STANDALONE_MODES, StandaloneMulAdd
 
-ALL_PATTERNS = FORWARD_PATTERNS
-PATTERN_NAMES = tuple(p.name for p in ALL_PATTERNS)
+STANDALONE = StandaloneMulAdd()
+ALL_PATTERNS = (*FORWARD_PATTERNS, *BACKWARD_PATTERNS, STANDALONE)
+PATTERN_NAMES = (*(p.name for p in FORWARD_PATTERNS + BACKWARD_PATTERNS), AFFINE_CHAIN, STANDALONE.name)
+OPT_IN_PATTERNS = (STANDALONE.name,)
 
-__all__ = ["ALL_PATTERNS", "PATTERN_NAMES"]
+__all__ = ["AFFINE_CHAIN", "ALL_PATTERNS", "OPT_IN_PATTERNS", "PATTERN_NAMES", "STANDALONE", "STANDALONE_MODES"]

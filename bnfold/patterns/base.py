@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 from onnx import NodeProto
 
-from bnfold.affine import ChannelAffine, FoldRefused
+from bnfold.affine import FoldRefused
 from bnfold.onnx_front.graph import GraphIndex
+from bnfold.patterns.runs import AffineRun
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -20,6 +21,18 @@ FLOAT_TYPES = {
     onnx.TensorProto.DOUBLE,
     onnx.TensorProto.BFLOAT16,
 }
+
+# The pattern whose name lets Mul/Add/Sub/Div by constants join runs.
+AFFINE_CHAIN = "affine-chain"
+
+
+@dataclass(frozen=True)
+class Site:
+    """An affine node the driver asks the patterns to fold; ``chains``: Mul/Add/Sub/Div may join its run."""
+
+    anchor: NodeProto
+    index: GraphIndex
+    chains: bool
 
 
 @dataclass
@@ -34,39 +47,42 @@ class TensorUpdate:
 
 
 @dataclass
+class Elementwise:
+    """An elementwise ``op_type`` node with the constant ``value`` (cast once to ``dtype``) as second operand."""
+
+    op_type: str
+    value: np.ndarray
+    dtype: np.dtype
+    role: str
+
+
+@dataclass
 class Rewrite:
+    """How ``run`` disappears: folded into ``target`` (``None`` when it is only re-expressed).
+
+    Afterwards ``run.output`` is produced by ``tail`` (forward folds), by the ``replacement`` nodes
+    reading ``run.input`` (what must stay of the run), or ``reader`` reads ``run.input`` instead of
+    ``run.output`` (backward folds); ``bias_after`` is added to ``target``'s output by a new node."""
+
     pattern: str
-    target: NodeProto
+    run: AffineRun
+    target: NodeProto | None
     updates: list[TensorUpdate]
     attributes: list[tuple[NodeProto, str, float]] = field(default_factory=list)
-    # Forward folds: this node's output feeds the BN; afterwards it produces the BN's output instead.
     tail: NodeProto | None = None
-    # MatMul without a bias: the BN becomes ``Add(tail output, appended_bias)``.
-    appended_bias: tuple[np.ndarray, np.dtype] | None = None
+    reader: NodeProto | None = None
+    replacement: list[Elementwise] = field(default_factory=list)
+    bias_after: Elementwise | None = None
+    note: str = ""
 
 
 class Pattern(Protocol):
     name: str
 
-    def plan(self, bn: NodeProto, affine: ChannelAffine, index: GraphIndex) -> Rewrite | None:
-        """A rewrite folding ``bn``; ``None`` if the site is not this pattern's; ``FoldRefused`` if unsafe."""
+    def plan(self, site: Site) -> Rewrite | None:
+        """A rewrite folding the run at ``site``; ``None`` if the site is not this pattern's; ``FoldRefused``
+        if it is but folding would be unsafe or inexact."""
         ...
-
-
-def exclusive_producer(index: GraphIndex, name: str, reader: NodeProto) -> NodeProto | None:
-    """The node producing ``name`` if ``reader`` is its only reader; refuses fan-out and graph outputs."""
-    producer = index.producers.get(name)
-    if producer is None:
-        return None
-    if index.is_graph_output(name):
-        raise FoldRefused("producer_graph_output", f"{name!r} is a graph output, so it must keep its value")
-    readers = index.users(name)
-    if readers != [reader]:
-        raise FoldRefused(
-            "producer_fan_out",
-            f"{index.node_label(producer)} output {name!r} has {len(readers)} readers; folding would change them",
-        )
-    return producer
 
 
 def float_dtype(array: np.ndarray, what: str) -> np.dtype:

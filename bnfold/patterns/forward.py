@@ -1,122 +1,171 @@
-"""Forward folds: a BN right after a linear layer scales the layer's output channels and moves its
-shift into the bias. One unit per layer type; the algebra lives in :mod:`bnfold.affine`."""
+"""Forward folds: a run of affine nodes right after a linear layer scales the layer's output channels
+and moves its shift into the bias. One unit per layer type; the algebra lives in :mod:`bnfold.affine`.
+
+The run may start above the site the driver offers (nodes it already visited but could not fold on
+their own, e.g. a MatMul's bias Add) and extends below it while the nodes stay per-channel."""
 
 from __future__ import annotations
 
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.affine import ChannelAffine, FoldRefused, scale_weight
+from bnfold.affine import FoldRefused, scale_weight
 from bnfold.onnx_front.graph import GraphIndex
-from bnfold.patterns.base import (
-    Rewrite,
-    TensorUpdate,
-    constant,
-    exclusive_producer,
-    float_attribute,
-    float_dtype,
-    int_attribute,
+from bnfold.patterns.base import Elementwise, Rewrite, Site, TensorUpdate, constant, float_attribute, int_attribute
+from bnfold.patterns.layers import Layer, bias_of, is_op, tensor_rank, weight_of
+from bnfold.patterns.mapping import is_mapper, space_after
+from bnfold.patterns.runs import (
+    AffineRun,
+    ChannelSpace,
+    data_input,
+    elementwise_slots,
+    link_affine,
+    links_from,
+    producing_link,
+    read_run,
+    require_sole_reader,
 )
 
 
-def _layer(bn: NodeProto, index: GraphIndex, op_type: str) -> NodeProto | None:
-    producer = index.producers.get(bn.input[0])
-    if producer is None or producer.op_type != op_type or producer.domain not in ("", "ai.onnx"):
-        return None
-    return exclusive_producer(index, bn.input[0], bn)
+class _ForwardUnit:
+    """Find the layer above the site, check that nothing else reads what the fold changes, read the run."""
+
+    name: str
+    through_mappers = False
+
+    def layer(self, value: str, index: GraphIndex) -> Layer | None:
+        """The layer whose output is ``value``; ``None`` if it is not this unit's kind."""
+        raise NotImplementedError
+
+    def fold(self, layer: Layer, run: AffineRun, space: ChannelSpace, mapper: NodeProto | None,
+             index: GraphIndex) -> Rewrite | None:
+        raise NotImplementedError
+
+    def accepts(self, layer: Layer, mapper: NodeProto | None) -> bool:
+        return True
+
+    def plan(self, site: Site) -> Rewrite | None:
+        index = site.index
+        above: list[NodeProto] = []
+        value = data_input(site.anchor, index)
+        while (found := self._locate(value, index)) is None:
+            link = producing_link(value, index, site.chains)
+            if link is None:
+                return None
+            above.insert(0, link)
+            value = data_input(link, index)
+        layer, mapper = found
+        if not self.accepts(layer, mapper):
+            return None
+        links = above + links_from(site.anchor, index, site.chains)
+        if mapper is not None:
+            require_sole_reader(layer.output, mapper, index, "producer")
+        require_sole_reader(value, links[0], index, "producer")
+        for upper, lower in zip(links, links[1 : len(above) + 1], strict=False):
+            require_sole_reader(upper.output[0], lower, index, "producer")
+        space = layer.space if mapper is None else space_after(mapper, layer.space, index)
+        run = read_run(links, index, space, required=len(above) + 1)
+        return self.fold(layer, run, space, mapper, index)
+
+    def _locate(self, value: str, index: GraphIndex) -> tuple[Layer, NodeProto | None] | None:
+        producer = index.producers.get(value)
+        if self.through_mappers and is_mapper(producer):
+            layer = self.layer(producer.input[0], index)
+            if layer is not None:
+                return layer, producer
+        layer = self.layer(value, index)
+        return None if layer is None else (layer, None)
 
 
-def _bias(index: GraphIndex, layer: NodeProto, slot: int, channels: int, dtype: np.dtype) -> np.ndarray:
-    bias = constant(index, layer, slot, "bias")
-    if bias is None:
-        return np.zeros(channels)
-    if bias.shape != (channels,):
-        raise FoldRefused("channel_mismatch", f"bias of shape {bias.shape} for {channels} channels")
-    if bias.dtype != dtype:
-        raise FoldRefused("dtype_mismatch", f"bias dtype {bias.dtype} differs from weight dtype {dtype}")
-    return bias.astype(np.float64)
+def _producer(value: str, index: GraphIndex, op_type: str) -> NodeProto | None:
+    producer = index.producers.get(value)
+    return producer if is_op(producer, op_type) and producer.output[0] == value else None
 
 
-def _check_channels(affine: ChannelAffine, channels: int, layer: str) -> None:
-    if affine.channels != channels:
-        raise FoldRefused(
-            "channel_mismatch", f"BN has {affine.channels} channels but {layer} produces {channels}"
-        )
-
-
-class ConvBn:
-    """Conv (1/2/3-D, any group, stride, dilation) -> BN: weight ``[C_out, C_in/g, k...]``, axis 0."""
+class ConvBn(_ForwardUnit):
+    """Conv (1/2/3-D, any group, stride, dilation) -> run: weight ``[C_out, C_in/g, k...]``, axis 0."""
 
     name = "conv-bn"
 
-    def plan(self, bn: NodeProto, affine: ChannelAffine, index: GraphIndex) -> Rewrite | None:
-        conv = _layer(bn, index, "Conv")
+    def layer(self, value: str, index: GraphIndex) -> Layer | None:
+        conv = _producer(value, index, "Conv")
         if conv is None:
             return None
-        weight = constant(index, conv, 1, "weight")
-        dtype = float_dtype(weight, "weight")
-        if weight.ndim < 3:
-            raise FoldRefused("unsupported_shape", f"Conv weight has rank {weight.ndim}")
-        _check_channels(affine, weight.shape[0], index.node_label(conv))
-        bias = _bias(index, conv, 2, weight.shape[0], dtype)
+        weight = weight_of(conv, index, min_rank=3)
+        return Layer(conv, weight, ChannelSpace(1, weight.ndim, weight.shape[0]), value)
+
+    def fold(self, layer: Layer, run: AffineRun, space: ChannelSpace, mapper: NodeProto | None,
+             index: GraphIndex) -> Rewrite:
+        conv, weight = layer.node, layer.weight
+        bias = bias_of(conv, index, 2, weight.shape[0], layer.dtype)
         return Rewrite(
             self.name,
+            run,
             conv,
             [
-                TensorUpdate(conv, 1, scale_weight(weight, affine.scale, axis=0), dtype, "weight"),
-                TensorUpdate(conv, 2, affine.apply(bias), dtype, "bias"),
+                TensorUpdate(conv, 1, scale_weight(weight, run.affine.scale, axis=0), layer.dtype, "weight"),
+                TensorUpdate(conv, 2, run.affine.apply(bias), layer.dtype, "bias"),
             ],
             tail=conv,
         )
 
 
-class ConvTransposeBn:
-    """ConvTranspose -> BN: weight ``[C_in, C_out/g, k...]``, so output channel ``o`` of group ``q``
+class ConvTransposeBn(_ForwardUnit):
+    """ConvTranspose -> run: weight ``[C_in, C_out/g, k...]``, so output channel ``o`` of group ``q``
     is column ``o - q*C_out/g`` of the rows that group reads."""
 
     name = "convtranspose-bn"
 
-    def plan(self, bn: NodeProto, affine: ChannelAffine, index: GraphIndex) -> Rewrite | None:
-        deconv = _layer(bn, index, "ConvTranspose")
+    def layer(self, value: str, index: GraphIndex) -> Layer | None:
+        deconv = _producer(value, index, "ConvTranspose")
         if deconv is None:
             return None
-        weight = constant(index, deconv, 1, "weight")
-        dtype = float_dtype(weight, "weight")
+        weight = weight_of(deconv, index, min_rank=3)
         groups = int_attribute(deconv, "group", 1)
-        if weight.ndim < 3 or groups < 1 or weight.shape[0] % groups:
+        if groups < 1 or weight.shape[0] % groups:
             raise FoldRefused("unsupported_shape", f"ConvTranspose weight {weight.shape} with group={groups}")
-        channels = weight.shape[1] * groups
-        _check_channels(affine, channels, index.node_label(deconv))
-        bias = _bias(index, deconv, 2, channels, dtype)
+        return Layer(deconv, weight, ChannelSpace(1, weight.ndim, weight.shape[1] * groups), value)
+
+    def fold(self, layer: Layer, run: AffineRun, space: ChannelSpace, mapper: NodeProto | None,
+             index: GraphIndex) -> Rewrite:
+        deconv, weight = layer.node, layer.weight
+        groups = int_attribute(deconv, "group", 1)
+        bias = bias_of(deconv, index, 2, space.channels, layer.dtype)
+        scaled = scale_weight(weight, run.affine.scale, axis=1, groups=groups)
         return Rewrite(
             self.name,
+            run,
             deconv,
             [
-                TensorUpdate(deconv, 1, scale_weight(weight, affine.scale, axis=1, groups=groups), dtype, "weight"),
-                TensorUpdate(deconv, 2, affine.apply(bias), dtype, "bias"),
+                TensorUpdate(deconv, 1, scaled, layer.dtype, "weight"),
+                TensorUpdate(deconv, 2, run.affine.apply(bias), layer.dtype, "bias"),
             ],
             tail=deconv,
         )
 
 
-class GemmBn:
-    """Gemm -> BN on the 2-D output's axis 1: ``alpha*A*B + beta*C`` with B's output axis by ``transB``.
+class GemmBn(_ForwardUnit):
+    """Gemm -> run on the 2-D output's axis 1: ``alpha*A*B + beta*C`` with B's output axis by ``transB``.
 
     ``beta`` is folded into the new ``C`` and set to 1, so every attribute keeps its meaning."""
 
     name = "gemm-bn"
 
-    def plan(self, bn: NodeProto, affine: ChannelAffine, index: GraphIndex) -> Rewrite | None:
-        gemm = _layer(bn, index, "Gemm")
+    def layer(self, value: str, index: GraphIndex) -> Layer | None:
+        gemm = _producer(value, index, "Gemm")
         if gemm is None:
             return None
-        weight = constant(index, gemm, 1, "B")
-        dtype = float_dtype(weight, "B")
+        weight = weight_of(gemm, index)
         if weight.ndim != 2:
             raise FoldRefused("unsupported_shape", f"Gemm B has rank {weight.ndim}")
         axis = 0 if int_attribute(gemm, "transB", 0) else 1
-        channels = weight.shape[axis]
-        _check_channels(affine, channels, index.node_label(gemm))
+        return Layer(gemm, weight, ChannelSpace(1, 2, weight.shape[axis]), value)
+
+    def fold(self, layer: Layer, run: AffineRun, space: ChannelSpace, mapper: NodeProto | None,
+             index: GraphIndex) -> Rewrite:
+        gemm, weight, dtype = layer.node, layer.weight, layer.dtype
+        channels = space.channels
+        affine = run.affine
         beta = float_attribute(gemm, "beta", 1.0)
         bias = constant(index, gemm, 2, "C")
         if bias is None:
@@ -130,8 +179,10 @@ class GemmBn:
             new_bias = (beta * as_2d) * affine.scale + affine.shift
             if bias.ndim < 2 and new_bias.shape[0] == 1:
                 new_bias = new_bias.reshape(channels)
+        axis = 0 if int_attribute(gemm, "transB", 0) else 1
         return Rewrite(
             self.name,
+            run,
             gemm,
             [
                 TensorUpdate(gemm, 1, scale_weight(weight, affine.scale, axis=axis), dtype, "weight"),
@@ -142,78 +193,71 @@ class GemmBn:
         )
 
 
-class MatMulBn:
-    """2-D ``MatMul(A, W)`` [-> ``Add`` of a per-feature constant] -> BN. The BN channel axis (1) is the
-    MatMul's output-feature axis only when A is provably 2-D; matching sizes alone prove nothing."""
+class MatMulBn(_ForwardUnit):
+    """``MatMul(A, W)`` [-> ``Add`` of a per-feature constant] -> run: the features are the output's last
+    axis, so W's last axis scales and the shift becomes (or joins) the bias Add.
 
-    name = "matmul-bn"
+    ``matmul-bn``: a 2-D output read directly, the only case where a BN's channel axis 1 is the feature
+    axis (matching sizes alone prove nothing). ``matmul-nd-bn``: any rank, also through one Transpose,
+    Reshape or Flatten that provably maps the features onto the run's channel axis. Never converts a
+    MatMul to Gemm."""
 
-    def plan(self, bn: NodeProto, affine: ChannelAffine, index: GraphIndex) -> Rewrite | None:
-        producer = index.producers.get(bn.input[0])
-        if producer is None or producer.domain not in ("", "ai.onnx"):
+    def __init__(self, name: str, *, any_rank: bool) -> None:
+        self.name = name
+        self.through_mappers = any_rank
+        self._any_rank = any_rank
+
+    def layer(self, value: str, index: GraphIndex) -> Layer | None:
+        bias_add = _producer(value, index, "Add")
+        slots = None if bias_add is None else elementwise_slots(bias_add, index)
+        matmul = _producer(value if slots is None else bias_add.input[slots[0]], index, "MatMul")
+        if matmul is None:
             return None
-        if producer.op_type == "Add":
-            return self._plan_with_add(bn, producer, affine, index)
-        if producer.op_type != "MatMul":
-            return None
-        matmul = exclusive_producer(index, bn.input[0], bn)
-        weight, dtype = self._weight(matmul, affine, index)
-        return Rewrite(
-            self.name,
-            matmul,
-            [TensorUpdate(matmul, 1, scale_weight(weight, affine.scale, axis=1), dtype, "weight")],
-            appended_bias=(affine.shift, dtype),
-        )
-
-    def _plan_with_add(
-        self, bn: NodeProto, add: NodeProto, affine: ChannelAffine, index: GraphIndex
-    ) -> Rewrite | None:
-        for matmul_slot in (0, 1):
-            matmul = index.producers.get(add.input[matmul_slot])
-            if matmul is not None and matmul.op_type == "MatMul" and matmul.domain in ("", "ai.onnx"):
-                break
+        weight = weight_of(matmul, index)
+        if self._any_rank:
+            rank = tensor_rank(index, matmul.output[0], "the MatMul output")
         else:
+            input_type = index.value_type(matmul.input[0])
+            rank = None if input_type is None else input_type.rank
+            if rank != 2 or weight.ndim != 2:
+                raise FoldRefused(
+                    "matmul_rank",
+                    f"MatMul input rank is {'unknown' if rank is None else rank}, weight rank {weight.ndim}: only "
+                    "in 2-D is a BN's channel axis the feature axis",
+                )
+        space = ChannelSpace(rank - 1, rank, weight.shape[-1])
+        return Layer(matmul, weight, space, value, bias_add if slots is not None else None)
+
+    def accepts(self, layer: Layer, mapper: NodeProto | None) -> bool:
+        return not self._any_rank or mapper is not None or layer.space.rank != 2
+
+    def fold(self, layer: Layer, run: AffineRun, space: ChannelSpace, mapper: NodeProto | None,
+             index: GraphIndex) -> Rewrite | None:
+        matmul, dtype = layer.node, layer.dtype
+        features = run.affine.repeat(space.block)
+        updates = [TensorUpdate(matmul, 1, scale_weight(layer.weight, features.scale, axis=-1), dtype, "weight")]
+        if layer.bias_add is not None:
+            add = layer.bias_add
+            require_sole_reader(matmul.output[0], add, index, "producer")
+            data_slot, bias_slot = elementwise_slots(add, index)
+            bias = index.constants.value(add.input[bias_slot])
+            if bias.dtype != dtype:
+                raise FoldRefused("dtype_mismatch", f"Add constant dtype {bias.dtype} differs from {dtype}")
+            features_bias = link_affine(add, index, layer.space).shift
+            updates.append(TensorUpdate(add, bias_slot, features.apply(features_bias), dtype, "bias"))
+            return Rewrite(self.name, run, matmul, updates, tail=mapper or add)
+        if not np.any(run.affine.shift):
+            return Rewrite(self.name, run, matmul, updates, tail=mapper or matmul)
+        if not run.worth_replacing_by(1):
             return None
-        bias_slot = 1 - matmul_slot
-        if not index.constants.is_constant(add.input[bias_slot]):
-            return None
-        exclusive_producer(index, bn.input[0], bn)
-        exclusive_producer(index, add.input[matmul_slot], add)
-        weight, dtype = self._weight(matmul, affine, index)
-        bias = index.constants.value(add.input[bias_slot])
-        out_rank = 2
-        if bias.ndim > out_rank or any(d != 1 for d in bias.shape[:-1]) or (
-            bias.ndim and bias.shape[-1] not in (1, affine.channels)
-        ):
-            raise FoldRefused(
-                "bias_not_per_channel", f"Add constant of shape {bias.shape} does not broadcast per feature"
-            )
-        if bias.dtype != dtype:
-            raise FoldRefused("dtype_mismatch", f"Add constant dtype {bias.dtype} differs from {dtype}")
-        new_bias = affine.apply(np.broadcast_to(bias.astype(np.float64).reshape(-1), (affine.channels,)))
-        return Rewrite(
-            self.name,
-            matmul,
-            [
-                TensorUpdate(matmul, 1, scale_weight(weight, affine.scale, axis=1), dtype, "weight"),
-                TensorUpdate(add, bias_slot, new_bias, dtype, "bias"),
-            ],
-            tail=add,
-        )
-
-    def _weight(self, matmul: NodeProto, affine: ChannelAffine, index: GraphIndex) -> tuple[np.ndarray, np.dtype]:
-        weight = constant(index, matmul, 1, "weight")
-        dtype = float_dtype(weight, "weight")
-        if weight.ndim != 2:
-            raise FoldRefused("matmul_rank", f"MatMul weight has rank {weight.ndim}; only 2-D folds here")
-        input_type = index.value_type(matmul.input[0])
-        if input_type is None or input_type.rank != 2:
-            rank = "unknown" if input_type is None or input_type.rank is None else input_type.rank
-            raise FoldRefused(
-                "matmul_rank", f"MatMul input rank is {rank}; only in 2-D is the BN channel axis the feature axis"
-            )
-        _check_channels(affine, weight.shape[1], index.node_label(matmul))
-        return weight, dtype
+        shift = Elementwise("Add", run.affine.shift.reshape(space.constant_shape()), dtype, "shift")
+        return Rewrite(self.name, run, matmul, updates, replacement=[shift])
 
 
-FORWARD_PATTERNS = (ConvBn(), ConvTransposeBn(), GemmBn(), MatMulBn())
+FORWARD_PATTERNS = (
+    ConvBn(),
+    ConvTransposeBn(),
+    GemmBn(),
+    MatMulBn("matmul-bn", any_rank=False),
+    MatMulBn("matmul-nd-bn", any_rank=True),
+)
