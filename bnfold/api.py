@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import ModelProto
 
 from bnfold.errors import BnfoldError, InputError
+from bnfold.guard import FoldedModelCheck, Rejections, SiteKey, guarded, mark_guarded, repair
 from bnfold.onnx_front.fold import fold_model, model_totals, totals
-from bnfold.onnx_front.io import PROTOBUF_LIMIT, read_model
-from bnfold.patterns import ALL_PATTERNS, PATTERN_NAMES
-from bnfold.report import FoldReport
+from bnfold.onnx_front.io import (
+    PROTOBUF_LIMIT,
+    check_versions,
+    has_external_tensors,
+    read_model,
+    tensor_bytes,
+    write_model,
+)
+from bnfold.patterns import ALL_PATTERNS, OPT_IN_PATTERNS, PATTERN_NAMES, STANDALONE, STANDALONE_MODES
+from bnfold.report import BnRecord, FoldReport
 from bnfold.verify import VerifyReport, verify_onnx
 
 ModelLike = ModelProto | str | os.PathLike[str]
@@ -25,43 +36,80 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class FoldResult:
-    """The folded model and the report of what was folded, what was left and why."""
+    """The folded model and the report of what was folded, what was left and why.
+
+    For a model read from a path with external data, ``base_dir`` is the input's directory: tensors the
+    fold did not touch are still read from the input's data files, so write the model with :meth:`write`
+    (or :func:`bnfold.write_model` with ``base_dir``), which copies them into the output's own data file.
+    """
 
     model: ModelProto
     report: FoldReport
+    base_dir: Path | None = None
+
+    def write(self, path: str | os.PathLike[str], *, external_data: str | None = None,
+              external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:
+        """:func:`bnfold.write_model` for this result; returns the paths written."""
+        return write_model(self.model, path, external_data=external_data, external_threshold=external_threshold,
+                           base_dir=self.base_dir)
 
 
-def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike]:
-    """A model bnfold may edit, and the untouched original to verify against (the caller's proto or
-    path), so at most one extra copy of the model is ever in memory."""
+def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
+    """A model bnfold may edit, the untouched original to verify against (the caller's proto or path),
+    and the directory external tensors are read from. Read from a path, external tensors stay on disk
+    until a fold needs them, so at most one extra copy of what is folded is ever in memory."""
     if isinstance(model, ModelProto):
+        check_versions(model)
+        if has_external_tensors(model):
+            raise InputError("the model keeps tensors in external files that are not loaded; pass its path, "
+                             "so bnfold reads them from the model's own directory")
         copy = ModelProto()
         copy.CopyFrom(model)
-        return copy, model
+        return copy, model, None
     if isinstance(model, str | os.PathLike):
-        return read_model(model), model
+        editable = read_model(model, load_external_data=False)
+        return editable, model, Path(model).parent if has_external_tensors(editable) else None
     raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
-def _original(model: ModelLike) -> ModelProto:
-    return model if isinstance(model, ModelProto) else read_model(model)
+@contextlib.contextmanager
+def _checkable(folded: ModelProto, base_dir: Path | None) -> Iterator[ModelProto | Path]:
+    """``folded`` itself, or a temporary file of it with external data, which the checker and onnxruntime
+    read without a serialized copy in memory: for inputs that came with external data (some tensors may
+    still be in the input's files), and for models too large for one protobuf message."""
+    if base_dir is None and tensor_bytes(folded) < PROTOBUF_LIMIT:
+        yield folded
+        return
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
+        path = Path(staging) / "folded.onnx"
+        write_model(folded, path, external_threshold=0, base_dir=base_dir)
+        yield path
 
 
-def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | None = None) -> list[str]:
-    """Validate pattern names (an unknown name is an error, never silently ignored)."""
+def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | None = None,
+                     standalone: str | None = None) -> list[str]:
+    """Validate pattern names (an unknown name is an error, never silently ignored).
+
+    Opt-in patterns are enabled only by name in ``only`` or, for ``standalone-mul-add``, by
+    ``standalone="mul-add"``; ``skip`` wins over both."""
     only_list, skip_list = list(only or ()), list(skip or ())
     unknown = sorted(set(only_list + skip_list) - set(PATTERN_NAMES))
     if unknown:
         raise InputError(f"unknown pattern(s) {', '.join(unknown)}; known: {', '.join(PATTERN_NAMES)}")
-    chosen = only_list or list(PATTERN_NAMES)
+    if standalone is not None and standalone not in STANDALONE_MODES:
+        raise InputError(f"unknown standalone mode {standalone!r}; known: {', '.join(STANDALONE_MODES)}")
+    chosen = only_list or [name for name in PATTERN_NAMES if name not in OPT_IN_PATTERNS]
+    if standalone is not None:
+        chosen.append(STANDALONE.name)
     return [name for name in PATTERN_NAMES if name in chosen and name not in skip_list]
 
 
-def _check(model: ModelProto, what: str) -> None:
-    if model.ByteSize() >= PROTOBUF_LIMIT:
-        return  # the checker needs a serialized copy; large models are checked from their file
+def _check(model: ModelLike, what: str) -> None:
+    """onnx's full check; from the file for a path, so external data and models over 2 GB are covered."""
+    if isinstance(model, ModelProto) and tensor_bytes(model) >= PROTOBUF_LIMIT:
+        return  # a caller's proto this large cannot be serialized for the checker; folded ones are staged
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model if isinstance(model, ModelProto) else os.fspath(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{what} fails onnx.checker: {first_line}") from None
@@ -74,6 +122,7 @@ def fold_onnx(
     only: Iterable[str] | None = None,
     skip: Iterable[str] | None = None,
     allow_overridable: bool = False,
+    standalone: str | None = None,
     inputs: Inputs = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     iterations: int = 3,
@@ -85,37 +134,57 @@ def fold_onnx(
     """Fold every batch norm that can be folded exactly and safely; the input is never modified.
 
     ``only``/``skip`` choose patterns by name (see ``bnfold.patterns.PATTERN_NAMES``).
+    ``standalone="mul-add"`` rewrites each batch norm nothing folds as one Mul and one Add.
     ``allow_overridable`` treats initializers that are also graph inputs as constants. With
     ``verify`` (default) original and folded models are run under onnxruntime with graph
     optimizations disabled and compared; the verdict is ``result.report.verification``.
     Raises :class:`bnfold.errors.InputError` for unusable input.
     """
     started = time.perf_counter()
-    enabled = enabled_patterns(only, skip)
-    folded, original = _editable(model)
+    enabled = enabled_patterns(only, skip, standalone)
+    folded, original, base_dir = _editable(model)
     loaded = time.perf_counter()
     before = model_totals(folded)
-    # Blame the input when it is invalid itself; anything else is bnfold's bug, and nothing is written.
-    try:
-        records = fold_model(folded, ALL_PATTERNS, enabled, allow_overridable=allow_overridable, progress=progress)
-    except Exception as error:
-        _check(_original(original), "the input model")
-        raise BnfoldError(f"internal error while folding ({type(error).__name__}: {error})") from error
-    report = FoldReport(records, totals(before, model_totals(folded)))
-    try:
-        _check(folded, "the folded model")
-    except InputError as error:
-        _check(_original(original), "the input model")
-        raise BnfoldError(f"internal error: {error}") from None
-    report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
-    if verify:
-        verified = time.perf_counter()
-        report.verification = verify_onnx(
-            original, folded, inputs=inputs, input_shapes=input_shapes, iterations=iterations,
-            seed=seed, rtol=rtol, atol=atol, progress=progress,
-        )
-        report.seconds["verify"] = time.perf_counter() - verified
-    return FoldResult(folded, report)
+    unfolded = [folded]  # the model just read serves the first attempt; the guard's refolds read it again
+
+    def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
+        working = unfolded.pop() if unfolded else _editable(model)[0]
+        events: dict[SiteKey, str] = {}
+        # Blame the input when it is invalid itself; anything else is bnfold's bug, and nothing is written.
+        try:
+            records = fold_model(working, guarded(ALL_PATTERNS, rejected, events), enabled,
+                                 allow_overridable=allow_overridable, progress=progress, base_dir=base_dir)
+        except BnfoldError:
+            raise
+        except Exception as error:
+            _check(original, "the input model")
+            raise BnfoldError(f"internal error while folding ({type(error).__name__}: {error})") from error
+        return working, mark_guarded(records, events)
+
+    def problem(candidate: ModelProto) -> str | None:
+        with _checkable(candidate, base_dir) as checkable:
+            return check(checkable)
+
+    check = FoldedModelCheck(original)
+    folded, records = attempt({})
+    with contextlib.ExitStack() as staged:
+        checkable = staged.enter_context(_checkable(folded, base_dir))
+        first_problem = check(checkable)
+        if first_problem is not None:
+            staged.close()
+            _check(original, "the input model")
+            folded, records = repair(attempt, problem, records, first_problem)
+            checkable = staged.enter_context(_checkable(folded, base_dir))
+        report = FoldReport(records, totals(before, model_totals(folded)))
+        report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
+        if verify:
+            verified = time.perf_counter()
+            report.verification = verify_onnx(
+                original, checkable, inputs=inputs, input_shapes=input_shapes, iterations=iterations,
+                seed=seed, rtol=rtol, atol=atol, progress=progress,
+            )
+            report.seconds["verify"] = time.perf_counter() - verified
+    return FoldResult(folded, report, base_dir if has_external_tensors(folded) else None)
 
 
 def inspect_onnx(
@@ -124,9 +193,11 @@ def inspect_onnx(
     only: Iterable[str] | None = None,
     skip: Iterable[str] | None = None,
     allow_overridable: bool = False,
+    standalone: str | None = None,
 ) -> FoldReport:
     """What :func:`fold_onnx` would fold and, for every batch norm it would leave, which rule keeps it."""
-    return fold_onnx(model, verify=False, only=only, skip=skip, allow_overridable=allow_overridable).report
+    return fold_onnx(model, verify=False, only=only, skip=skip, allow_overridable=allow_overridable,
+                     standalone=standalone).report
 
 
 __all__ = ["FoldResult", "VerifyReport", "enabled_patterns", "fold_onnx", "inspect_onnx", "verify_onnx"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,11 @@ import click
 
 from bnfold.api import enabled_patterns, fold_onnx, inspect_onnx
 from bnfold.errors import BnfoldError, InputError, MissingDependencyError
-from bnfold.onnx_front.io import PROTOBUF_LIMIT, write_model
-from bnfold.patterns import PATTERN_NAMES
+from bnfold.guard import GUARD_REJECTED
+from bnfold.interrupts import Interrupted, stop_signals_interrupt
+from bnfold.onnx_front.io import PROTOBUF_LIMIT
+from bnfold.patterns import PATTERN_NAMES, STANDALONE_MODES
+from bnfold.report import FoldReport
 from bnfold.verify import verify_onnx
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -66,6 +70,15 @@ def _status(enabled: bool) -> Callable[[str], None] | None:
     return lambda message: click.echo(f"\r\033[K{message}", err=True, nl=False)
 
 
+def _warn_guarded(report: FoldReport) -> None:
+    """A site the per-pattern guard left is a bnfold bug the user should report, even though the rest of
+    the model folded; say so on stderr, where it does not disturb --json."""
+    for record in report.left:
+        if record.reason == GUARD_REJECTED:
+            where = f"{record.scope}/{record.bn}" if record.scope else record.bn
+            click.echo(f"bnfold: warning: {where}: {record.message}", err=True)
+
+
 def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
     click.echo(json.dumps(payload, indent=2, default=float) if as_json else text)
 
@@ -91,17 +104,23 @@ class _Command(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with stop_signals_interrupt():
+                return super().invoke(ctx)
         except MissingDependencyError as error:
             self._fail(error, EXIT_BAD_INPUT)
         except InputError as error:
             self._fail(error, EXIT_BAD_INPUT)
         except BnfoldError as error:
             self._fail(error, EXIT_BAD_INPUT if not str(error).startswith("internal") else EXIT_INTERNAL)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (click.exceptions.Exit, click.Abort):
             raise
-        except KeyboardInterrupt:
-            self._fail("interrupted; nothing was written", 130)
+        except click.ClickException as error:
+            usage = isinstance(error, click.UsageError) and error.ctx is not None
+            hint = f" (see '{error.ctx.command_path} --help')" if usage else ""
+            self._fail(f"{error.format_message().rstrip('.')}{hint}", error.exit_code)
+        except KeyboardInterrupt as interrupt:
+            signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+            self._fail(f"interrupted by {signal.Signals(signum).name}; no partial output was left", 128 + signum)
         except Exception as error:  # noqa: BLE001 - the last line of defence against a traceback
             if os.environ.get("BNFOLD_DEBUG"):
                 raise
@@ -115,6 +134,10 @@ class _Command(click.Group):
 
 
 _patterns_help = f"Pattern names: {', '.join(PATTERN_NAMES)}."
+_standalone_option = click.option(
+    "--standalone", type=click.Choice(STANDALONE_MODES),
+    help="Rewrite each batch norm that folds into no layer as one Mul and one Add (off by default).",
+)
 
 
 def _verify_options(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,6 +170,7 @@ def main() -> None:
               help="Compare original and folded under onnxruntime (optimizations off); not written if they differ.")
 @click.option("--only", multiple=True, help=f"Fold only these patterns. {_patterns_help}")
 @click.option("--skip", multiple=True, help="Do not fold these patterns.")
+@_standalone_option
 @click.option("--allow-overridable", is_flag=True,
               help="Treat initializers that are also graph inputs as constants.")
 @click.option("--overwrite-input", is_flag=True, help="Allow the output to replace the input file.")
@@ -158,7 +182,8 @@ def main() -> None:
 @click.option("--allow-train-mode", is_flag=True, help="PyTorch: fold a train-mode model as its eval behaviour.")
 @_verify_options
 def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], skip: tuple[str, ...],
-         allow_overridable: bool, overwrite_input: bool, external_data: str | None, external_threshold: int,
+         standalone: str | None, allow_overridable: bool, overwrite_input: bool, external_data: str | None,
+         external_threshold: int,
          trust_pickle: bool, export_onnx: str | None, allow_train_mode: bool, inputs: str | None,
          input_shapes: tuple[str, ...], iterations: int, seed: int, rtol: float | None, atol: float | None,
          as_json: bool) -> None:
@@ -181,16 +206,18 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
         except VerificationFailed as failure:
             report, written = failure.report, []
     else:
-        enabled_patterns(only, skip)
+        enabled_patterns(only, skip, standalone)
         if isinstance(shapes, list):
             raise click.BadParameter("ONNX inputs need named shapes (name:1x3x224x224)", param_hint="--input-shape")
-        result = fold_onnx(source, verify=verify, only=only, skip=skip, allow_overridable=allow_overridable,
+        result = fold_onnx(source, verify=verify, only=only, skip=skip, standalone=standalone,
+                           allow_overridable=allow_overridable,
                            inputs=inputs, input_shapes=shapes, iterations=iterations, seed=seed,
                            rtol=rtol, atol=atol, progress=progress)
         report = result.report
+        _warn_guarded(report)
         verified_ok = report.verification is None or report.verification.passed
-        written = write_model(result.model, target, external_data=external_data,
-                              external_threshold=external_threshold) if verified_ok else []
+        written = result.write(target, external_data=external_data,
+                               external_threshold=external_threshold) if verified_ok else []
     passed = report.verification is None or report.verification.passed
     payload = {"input": str(source), "output": str(target), "written": [str(p) for p in written], **report.to_dict()}
     note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification failed)"
@@ -202,12 +229,14 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
 @click.argument("model", type=click.Path())
 @click.option("--only", multiple=True, help=f"Consider only these patterns. {_patterns_help}")
 @click.option("--skip", multiple=True, help="Do not consider these patterns.")
+@_standalone_option
 @click.option("--allow-overridable", is_flag=True, help="Treat initializers that are also graph inputs as constants.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], allow_overridable: bool,
-            as_json: bool) -> None:
+def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], standalone: str | None,
+            allow_overridable: bool, as_json: bool) -> None:
     """Show what would fold in MODEL and why each other batch norm stays. Writes nothing."""
-    report = inspect_onnx(model, only=only, skip=skip, allow_overridable=allow_overridable)
+    report = inspect_onnx(model, only=only, skip=skip, standalone=standalone, allow_overridable=allow_overridable)
+    _warn_guarded(report)
     _emit(as_json, {"input": model, **report.to_dict()}, report.render())
 
 

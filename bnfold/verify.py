@@ -84,6 +84,7 @@ from onnx import ModelProto, TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from bnfold.errors import InputError
+from bnfold.onnx_front.io import check_versions, read_model
 from bnfold.report import render_table
 
 ModelSource = ModelProto | str | os.PathLike[str]
@@ -262,15 +263,20 @@ class _TensorSpec:
 
 
 def _load_interface(role: str, source: ModelSource) -> ModelProto:
-    """The model's proto; from a path without external data, which only the engines need."""
+    """The model's proto; from a path without external data, which only the engines need, but with every
+    external location checked first, so no engine is ever pointed outside the model's directory."""
     if isinstance(source, ModelProto):
+        try:
+            check_versions(source)
+        except InputError as error:
+            raise InputError(f"the {role} model: {error}") from None
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise InputError(f"the {role} model must be an onnx.ModelProto or a path, got {type(source).__name__}")
     try:
-        return onnx.load(os.fspath(source), load_external_data=False)
-    except Exception as error:  # noqa: BLE001 - any reason a file is unreadable is the user's to fix
-        raise InputError(f"cannot read the {role} model {os.fspath(source)}: {_first_line(error)}") from None
+        return read_model(source, load_external_data=False)
+    except InputError as error:
+        raise InputError(f"the {role} model {error}") from None
 
 
 def _graph_inputs(model: ModelProto) -> list[_TensorSpec]:
@@ -420,6 +426,13 @@ def _user_feeds(inputs: InputsArg, specs: list[_TensorSpec]) -> list[dict[str, n
 
 def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     try:
+        with open(path, "rb") as handle:
+            is_zip = handle.read(2) == b"PK"  # every zip, the empty archive included
+    except OSError as error:
+        raise InputError(f"cannot read inputs {os.fspath(path)}: {error.strerror or error}") from None
+    if not is_zip:  # np.load would try it as a pickle, and refuse it with a message about pickles
+        raise InputError(f"{os.fspath(path)}: expected a .npz archive of named arrays (np.savez)")
+    try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise InputError(f"{os.fspath(path)}: expected a .npz archive of named arrays")
@@ -485,6 +498,7 @@ def _open_runners(
 def _ort_session(source: ModelSource) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors reach the user once, through bnfold; warnings would break the one line
     # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
     model = source.SerializeToString() if isinstance(source, ModelProto) else os.fspath(source)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

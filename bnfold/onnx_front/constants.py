@@ -34,12 +34,12 @@ def _np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def _constant_node_value(node: NodeProto) -> np.ndarray:
+def _constant_node_value(node: NodeProto, index: GraphIndex) -> np.ndarray:
     attribute = node.attribute[0] if len(node.attribute) == 1 else None
-    if attribute is None:
-        raise FoldRefused("non_constant_params", f"Constant node {node.name!r} is malformed")
+    if attribute is None or attribute.ref_attr_name:
+        raise FoldRefused("non_constant_params", f"Constant node {node.name!r} is malformed or set by its caller")
     if attribute.name == "value":
-        return numpy_helper.to_array(attribute.t)
+        return index.tensor_array(attribute.t)
     scalars = {
         "value_float": lambda a: np.array(a.f, dtype=np.float32),
         "value_floats": lambda a: np.array(list(a.floats), dtype=np.float32),
@@ -145,6 +145,9 @@ class ConstantResolver:
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
 
+    def forget_all(self) -> None:
+        self._cache.clear()
+
     def _resolve(self, name: str, depth: int) -> np.ndarray:
         index = self._index
         if name in index.initializers:
@@ -162,7 +165,7 @@ class ConstantResolver:
         if producer.domain not in ("", "ai.onnx"):
             raise FoldRefused("non_constant_params", f"{name!r} comes from custom op {producer.op_type}")
         if producer.op_type == "Constant":
-            return _constant_node_value(producer)
+            return _constant_node_value(producer, index)
         return self._evaluate(producer, depth)
 
     def _evaluate(self, node: NodeProto, depth: int) -> np.ndarray:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import ModelProto
 
-from bnfold.onnx_front.graph import GraphIndex, NameAllocator, opset_version, subgraphs
+from bnfold.onnx_front.graph import GraphIndex, subgraphs
 from bnfold.onnx_front.rewrite import fold_node, is_batchnorm
-from bnfold.onnx_front.types import infer_types
-from bnfold.patterns.base import Pattern
+from bnfold.onnx_front.traversal import fold_all_graphs
+from bnfold.patterns import OPT_IN_PATTERNS
+from bnfold.patterns.base import AFFINE_CHAIN, Pattern
+from bnfold.patterns.runs import is_link
 from bnfold.report import BnRecord, Totals
 
 Progress = Callable[[str, int, int], None]
@@ -24,30 +27,58 @@ def fold_model(
     *,
     allow_overridable: bool = False,
     progress: Progress | None = None,
+    base_dir: Path | None = None,
 ) -> list[BnRecord]:
-    """Fold ``model`` in place and return one record per batch norm of the main graph."""
-    index = GraphIndex(
-        model.graph,
-        infer_types(model),
-        NameAllocator([model.graph]),
-        opset=opset_version(model),
-        allow_overridable=allow_overridable,
-    )
-    records = fold_graph(index, patterns, set(enabled), progress)
-    index.commit()
-    return records
+    """Fold ``model`` in place: its main graph, every subgraph and every model-local function (see
+    :mod:`bnfold.onnx_front.traversal`). One record per batch norm; those of subgraphs and functions carry
+    their ``scope``. ``base_dir`` is the directory a lazily read model's external tensors are in."""
+    chosen = set(enabled)
+    overall = _OverallProgress(progress, model_totals(model)[0]) if progress is not None else None
+
+    def fold_one(index: GraphIndex) -> list[BnRecord]:
+        return fold_graph(index, patterns, chosen, overall.graph() if overall is not None else None)
+
+    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir)
+
+
+class _OverallProgress:
+    """:func:`fold_graph` counts one graph at a time; the user sees one count over the whole model."""
+
+    def __init__(self, report: Progress, total: int) -> None:
+        self._report = report
+        self._total = total
+        self._done = 0
+
+    def graph(self) -> Progress:
+        start = self._done
+
+        def report(stage: str, done: int, _graph_total: int) -> None:
+            self._done = start + done
+            self._report(stage, self._done, self._total)
+
+        return report
 
 
 def fold_graph(
     index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str], progress: Progress | None = None
 ) -> list[BnRecord]:
-    """Fold the batch norms of one graph, in graph order, so a chain's later BN sees the earlier fold."""
-    batchnorms = [node for node in index.nodes if is_batchnorm(node)]
-    records = []
-    for done, bn in enumerate(batchnorms, start=1):
-        records.append(fold_node(bn, index, patterns, enabled))
-        if progress is not None:
-            progress("fold", done, len(batchnorms))
+    """Fold the affine runs of one graph, visiting batch norms (and, with ``affine-chain``, Mul/Add/Sub/Div
+    by constants) in graph order, so a later node of a chain sees the earlier folds. Opt-in patterns
+    take part only when enabled by name."""
+    chains = AFFINE_CHAIN in enabled
+    active = [p for p in patterns if p.name in enabled or p.name not in OPT_IN_PATTERNS]
+    anchors = [node for node in index.nodes if is_link(node, index, chains)]
+    total = sum(is_batchnorm(node) for node in anchors)  # progress counts batch norms, as the model totals do
+    records: list[BnRecord] = []
+    done = 0
+    for anchor in anchors:
+        counted = is_batchnorm(anchor)
+        # Earlier folds may have removed this node, or rewritten it into a node they placed.
+        if not index.is_removed(anchor) and id(anchor) not in index.placed:
+            records.extend(fold_node(anchor, index, active, enabled))
+        done += counted
+        if progress is not None and counted:
+            progress("fold", done, total)
     return records
 
 
@@ -63,9 +94,8 @@ def model_totals(model: ModelProto) -> tuple[int, int, int]:
     """(batch norms, nodes, parameter bytes) over every graph, subgraph and function of ``model``."""
     counts = [0, 0, 0]
 
-    def visit(graph: onnx.GraphProto) -> None:
-        counts[2] += sum(_tensor_bytes(t) for t in graph.initializer)
-        for node in graph.node:
+    def visit_nodes(nodes: Iterable[onnx.NodeProto]) -> None:
+        for node in nodes:
             counts[1] += 1
             counts[0] += is_batchnorm(node)
             if node.op_type == "Constant":
@@ -73,10 +103,13 @@ def model_totals(model: ModelProto) -> tuple[int, int, int]:
             for subgraph in subgraphs(node):
                 visit(subgraph)
 
+    def visit(graph: onnx.GraphProto) -> None:
+        counts[2] += sum(_tensor_bytes(t) for t in graph.initializer)
+        visit_nodes(graph.node)
+
     visit(model.graph)
     for function in model.functions:
-        counts[1] += len(function.node)
-        counts[0] += sum(is_batchnorm(n) for n in function.node)
+        visit_nodes(function.node)
     return counts[0], counts[1], counts[2]
 
 

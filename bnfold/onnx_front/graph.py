@@ -1,20 +1,30 @@
 """An editable index over one ONNX graph: producers, consumers, constants and safe rewrites.
 
-Tensors are converted to numpy only when a fold touches them. Weights used by more than one node are
-cloned under a fresh name, never changed in place; values a rewrite disconnects are removed at
-:meth:`GraphIndex.commit` only if nothing else reads them.
+Tensors are converted to numpy only when a fold touches them; one kept in an external file is read then,
+through :mod:`bnfold.onnx_front.external`'s checks. Weights used by more than one node are cloned under a
+fresh name, never changed in place; values a rewrite disconnects are removed at :meth:`GraphIndex.commit`
+only if nothing else reads them.
+
+A subgraph (``If`` branch, ``Loop``/``Scan`` body) gets its own index with ``outer`` set to the enclosing
+one: outer values resolve as constants through it, and a node whose subgraph reads an outer value counts
+as a reader of that value in the outer graph. A fold inside never edits an outer tensor: the new tensor
+becomes an initializer of the subgraph itself, so the outer one stays intact for its other readers (and
+the outer sweep drops it once :meth:`GraphIndex.refresh_reads` shows nothing reads it any more).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
 
+from bnfold.errors import InputError
 from bnfold.onnx_front.constants import ConstantResolver
+from bnfold.onnx_front.external import external_array, is_external
 from bnfold.onnx_front.types import ValueType
 
 
@@ -77,6 +87,7 @@ class GraphIndex:
         allow_overridable: bool = False,
         outer: GraphIndex | None = None,
         scope: str = "",
+        base_dir: Path | None = None,
     ) -> None:
         self.graph = graph
         self.types = types
@@ -84,6 +95,7 @@ class GraphIndex:
         self.opset = opset
         self.allow_overridable = allow_overridable
         self.scope = scope
+        self.base_dir = base_dir if base_dir is not None or outer is None else outer.base_dir
         self.initializers: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = {o.name for o in graph.output}
@@ -97,6 +109,8 @@ class GraphIndex:
         self._removed: set[int] = set()
         self._maybe_dead: set[str] = set()
         self._vanished: set[str] = set()
+        # Nodes a rewrite created or re-typed: the driver does not fold them again in the same pass.
+        self.placed: set[int] = set()
 
     # -- queries ---------------------------------------------------------------------------------
     def _reads(self, node: NodeProto) -> list[str]:
@@ -120,11 +134,23 @@ class GraphIndex:
 
     def tensor_value(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+            self._arrays[name] = self.tensor_array(self.initializers[name])
         return self._arrays[name]
+
+    def tensor_array(self, tensor: TensorProto) -> np.ndarray:
+        """The value of any tensor of this graph, an external one read from ``base_dir`` after its checks."""
+        if not is_external(tensor):
+            return numpy_helper.to_array(tensor)
+        if self.base_dir is None:
+            raise InputError(f"tensor {tensor.name!r} keeps its data in an external file, but the model's "
+                             f"directory is unknown; load the model from its path")
+        return external_array(tensor, self.base_dir)
 
     def value_type(self, name: str) -> ValueType | None:
         return self.types.get(name)
+
+    def is_removed(self, node: NodeProto) -> bool:
+        return id(node) in self._removed
 
     def node_label(self, node: NodeProto) -> str:
         return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
@@ -152,6 +178,7 @@ class GraphIndex:
         for name in node.output:
             if self.producers.get(name) is node:
                 del self.producers[name]
+                self._vanished.add(name)
         for name in self._reads(node):
             self.consumers[name].remove(node)
             self._maybe_dead.add(name)
@@ -167,14 +194,15 @@ class GraphIndex:
         )
         if exclusive:
             self.initializers[old].CopyFrom(numpy_helper.from_array(value, old))
-            self._arrays[old] = value
+            # The proto holds the value now; a second numpy copy of every folded weight would double
+            # the memory a large model needs. A later read converts it again.
+            self._arrays.pop(old, None)
             self.constants.forget(old)
             return old
         name = self.names.fresh(base)
         tensor = numpy_helper.from_array(value, name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = self.graph.initializer[-1]
-        self._arrays[name] = value
         self.set_input(node, slot, name)
         return name
 
@@ -185,8 +213,31 @@ class GraphIndex:
             self._maybe_dead.add(name)
         for name in node.output:
             self.producers.pop(name, None)
+            self._vanished.add(name)
         node.CopyFrom(replacement)
         self._register(node)
+        self.placed.add(id(node))
+
+    def insert_after(self, anchor: NodeProto, node: NodeProto) -> NodeProto:
+        """Add ``node`` right after ``anchor`` (keeps topological order); returns the node as stored."""
+        position = next(i for i, n in enumerate(self.nodes) if n is anchor) + 1
+        self.graph.node.insert(position, node)
+        stored = self.graph.node[position]
+        self.nodes.insert(position, stored)
+        self._register(stored)
+        self.placed.add(id(stored))
+        return stored
+
+    def refresh_reads(self, node: NodeProto) -> None:
+        """Re-register what ``node`` reads after a fold inside one of its subgraphs; outer values the
+        subgraph stopped reading become candidates for the dead-value sweep."""
+        before = {name for name, readers in self.consumers.items() if any(r is node for r in readers)}
+        for name in before:
+            self.consumers[name] = [r for r in self.consumers[name] if r is not node]
+        reads = self._reads(node)
+        for name in reads:
+            self.consumers[name].append(node)
+        self._maybe_dead.update(before - set(reads))
 
     # -- commit ----------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -210,13 +261,15 @@ class GraphIndex:
                     del self.graph.initializer[position]
             for name in dead:
                 del self.initializers[name]
-                self._arrays.pop(name, None)
         if self._vanished:
             stale = [v for v in self.graph.value_info if v.name in self._vanished and v.name not in self.producers]
             for info in stale:
                 self.graph.value_info.remove(info)
             self._vanished.clear()
         self._maybe_dead.clear()
+        # Every value is in the protos now; cached arrays would hold a copy of each tensor read.
+        self._arrays.clear()
+        self.constants.forget_all()
 
     def _sweep_dead_values(self) -> None:
         pending = sorted(self._maybe_dead)
@@ -231,7 +284,7 @@ class GraphIndex:
             pending.extend(i for i in self._reads(producer))
 
 
-def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+def opset_version(model: onnx.ModelProto | onnx.FunctionProto, domain: str = "") -> int:
     for entry in model.opset_import:
         if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
             return int(entry.version)

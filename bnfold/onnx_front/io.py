@@ -1,5 +1,11 @@
-"""Reading and writing ONNX files safely: one-line errors for bad input, atomic writes, and external
-data that may only come from the model's own directory."""
+"""Reading and writing ONNX files safely: one-line errors for bad input, atomic writes, and external data
+that may only come from the model's own directory (the rules are in :mod:`bnfold.onnx_front.external`).
+
+A model read with ``load_external_data=False`` keeps its external tensors on disk: their ``location``s stay
+relative to the directory it was read from, which the caller passes on as ``base_dir``. Reads then fetch one
+tensor on demand, and :func:`write_model` copies the tensors nobody touched from their source file in chunks,
+so a model over 2 GB never needs to be in memory.
+"""
 
 from __future__ import annotations
 
@@ -7,73 +13,47 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import ModelProto, TensorProto
-from onnx.external_data_helper import (
-    convert_model_to_external_data,
-    load_external_data_for_model,
-)
+from google.protobuf.message import DecodeError, EncodeError, Message
+from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
 
 from bnfold.errors import InputError, OutputError
-from bnfold.onnx_front.graph import subgraphs
+from bnfold.interrupts import deferred_interrupts
+from bnfold.onnx_front.external import (
+    copy_external,
+    external_ref,
+    is_external,
+    model_tensors,
+    payload_bytes,
+    read_external,
+)
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**24
+# Smaller tensors stay inline in the .onnx file, as onnx's own converter does.
+EXTERNAL_MIN_BYTES = 1024
+# Tensors at least this large start on this boundary in the data file, so onnxruntime can memory-map them
+# (64 KiB is Windows' mapping granularity and a multiple of every page size; onnx caps padding at it too).
+ALIGNMENT = 64 << 10
 
 
-def _all_tensors(model: ModelProto):
-    def from_graph(graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
-            for subgraph in subgraphs(node):
-                yield from from_graph(subgraph)
+def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> ModelProto:
+    """Load an ONNX file; raise ``InputError`` with one line on any problem.
 
-    yield from from_graph(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
-
-
-def _external_location(tensor: TensorProto) -> str | None:
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
-
-
-def _check_external_data(model: ModelProto, base: Path, source: Path) -> bool:
-    """Refuse any external location outside the model's directory before a byte of it is read."""
-    found = False
-    resolved_base = base.resolve()
-    for tensor in _all_tensors(model):
-        location = _external_location(tensor)
-        if location is None:
-            continue
-        found = True
-        if not location or os.path.isabs(location) or Path(location).drive:
-            raise InputError(f"{source}: tensor {tensor.name!r} has external data at an absolute path ({location!r})")
-        target = (resolved_base / location).resolve()
-        if resolved_base != target.parent and resolved_base not in target.parents:
-            raise InputError(f"{source}: tensor {tensor.name!r} points outside the model's directory ({location!r})")
-        if not target.is_file():
-            raise InputError(f"{source}: external data file {location!r} for tensor {tensor.name!r} is missing")
-    return found
-
-
-def read_model(path: str | os.PathLike[str]) -> ModelProto:
-    """Load an ONNX file with its external data; raise ``InputError`` with one line on any problem."""
+    Every external tensor's location is checked before anything is read. With ``load_external_data=False``
+    the tensors stay on disk (see the module docstring); their base directory is ``Path(path).parent``.
+    """
     source = Path(path)
     if not source.exists():
         raise InputError(f"{source}: no such file")
     if source.is_dir():
         raise InputError(f"{source}: is a directory, not an ONNX file")
+    if not source.is_file():  # a FIFO or a device would block the read or never end it
+        raise InputError(f"{source}: not a regular file")
     try:
         data = source.read_bytes()
     except OSError as error:
@@ -88,31 +68,42 @@ def read_model(path: str | os.PathLike[str]) -> ModelProto:
     del data
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{source}: not an ONNX model (no graph or IR version)")
-    if _check_external_data(model, source.parent, source):
-        try:
-            load_external_data_for_model(model, str(source.parent))
-        except (OSError, ValueError) as error:
-            raise InputError(f"{source}: cannot read external data ({error})") from None
-        for tensor in _all_tensors(model):
-            expected = _expected_bytes(tensor)
-            if expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
-                raise InputError(f"{source}: external data for tensor {tensor.name!r} is truncated")
+    try:
+        check_versions(model)
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
+    external = [tensor for tensor in model_tensors(model) if is_external(tensor)]
+    try:
+        for tensor in external:
+            external_ref(tensor, source.parent)
+        if load_external_data:
+            for tensor in external:
+                _set_inline(tensor, read_external(tensor, source.parent))
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
     return model
 
 
-def _expected_bytes(tensor: TensorProto) -> int | None:
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
-    if tensor.data_type in (TensorProto.STRING,) or itemsize == 0:
-        return None
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (count + 1) // 2
-    return count * itemsize
+def check_versions(model: ModelProto) -> None:
+    """Refuse a model newer than the installed onnx: its checker and shape inference cannot vouch for it."""
+    if model.ir_version > onnx.IR_VERSION:
+        raise InputError(f"IR version {model.ir_version} is newer than the installed onnx {onnx.__version__} "
+                         f"supports ({onnx.IR_VERSION})")
+    latest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version > latest:
+            raise InputError(f"opset {entry.version} is newer than the installed onnx {onnx.__version__} "
+                             f"supports ({latest})")
+
+
+def has_external_tensors(model: ModelProto) -> bool:
+    return any(is_external(tensor) for tensor in model_tensors(model))
+
+
+def tensor_bytes(model: ModelProto) -> int:
+    """Bytes of all tensor data, in memory or in external files, from dims and dtypes. It stands in for
+    ``ByteSize()``, which under upb serializes the whole model to count (and fails at 2 GiB)."""
+    return sum(payload_bytes(tensor) or 0 for tensor in model_tensors(model))
 
 
 def write_model(
@@ -121,12 +112,16 @@ def write_model(
     *,
     external_data: str | None = None,
     external_threshold: int = PROTOBUF_LIMIT,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Write ``model`` atomically: a temporary file in the destination directory, fsync, rename.
+    """Write ``model`` atomically: a temporary directory next to the destination, fsync, rename.
 
-    Models at or above ``external_threshold`` bytes are written with their tensors in one external
-    data file (``external_data``, default ``<name>.data``) next to the output. Returns the paths
-    written. On failure nothing at the destination changes and no temporary file remains.
+    Models whose tensors have ``external_threshold`` bytes or more (counting those still on disk, see
+    :func:`tensor_bytes`), or that protobuf cannot hold in one message, are written with every
+    tensor of ``EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
+    ``external_data`` (a plain file name; default ``<name>.data``). Smaller models are one file. ``base_dir``
+    is where a lazily read model's external tensors are (its source directory). ``model`` is not modified.
+    Returns the paths written; on failure nothing at the destination changes and no temporary file remains.
     """
     destination = Path(path)
     directory = destination.parent if str(destination.parent) else Path(".")
@@ -134,34 +129,197 @@ def write_model(
         raise OutputError(f"{destination}: directory {directory} does not exist")
     if destination.is_dir():
         raise OutputError(f"{destination}: is a directory")
+    location = external_data or f"{destination.name}.data"
+    _check_data_file_name(location, destination)
+    on_disk = [tensor for tensor in model_tensors(model) if is_external(tensor)]
+    if on_disk and base_dir is None:
+        raise OutputError(f"{destination}: the model keeps tensors in external files; pass the directory it was "
+                          f"read from as base_dir")
+    source_dir = Path(base_dir) if base_dir is not None else directory
+    for tensor in on_disk:
+        external_ref(tensor, source_dir)
+    staging: Path | None = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory))
-    except OSError as error:
-        raise OutputError(f"{destination}: cannot write to {directory} ({error.strerror or error})") from None
-    try:
+        try:
+            # Deferred, so an interrupt cannot fall between creating the directory and knowing to remove it.
+            with deferred_interrupts():
+                staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory))
+        except OSError as error:
+            raise OutputError(f"{destination}: cannot write to {directory} ({error.strerror or error})") from None
         staged = staging / destination.name
         moves: list[tuple[Path, Path]] = []
-        if model.ByteSize() >= external_threshold:
-            location = external_data or f"{destination.name}.data"
-            if os.path.basename(location) != location:
-                raise OutputError(f"{destination}: external data name {location!r} must be a plain file name")
-            convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location, size_threshold=1024)
-            onnx.save_model(model, str(staged))
-            moves.append((staging / location, directory / location))
-        else:
-            with open(staged, "wb") as handle:
-                handle.write(model.SerializeToString())
+        serialized = None if tensor_bytes(model) >= external_threshold else _one_message(model, source_dir)
+        if serialized is None:
+            with open(staging / location, "wb") as data_file:
+                serialized = _copy_model(model, _DataFileWriter(data_file, location, source_dir)).SerializeToString()
+                if data_file.tell():  # no tensor was large enough: no data file
+                    moves.append((staging / location, directory / location))
+        staged.write_bytes(serialized)
+        del serialized
         moves.append((staged, destination))
         for source, _ in moves:
             _fsync(source)
-        for source, target in moves:
-            os.replace(source, target)
+        with deferred_interrupts():  # a model and its data file are replaced together or not at all
+            for source, target in moves:
+                os.replace(source, target)
         _fsync_directory(directory)
         return [target for _, target in moves]
     except OSError as error:
         raise OutputError(f"{destination}: write failed ({error.strerror or error}); nothing was replaced") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _one_message(model: ModelProto, base_dir: Path) -> bytes | None:
+    """The whole model as one protobuf message; None if protobuf refuses it (2 GiB, when the graph itself
+    weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
+    try:
+        if not has_external_tensors(model):
+            return model.SerializeToString()
+        return _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir)).SerializeToString()
+    except EncodeError:
+        return None
+
+
+def _check_data_file_name(location: str, destination: Path) -> None:
+    if (not location or location in (".", "..") or os.path.basename(location) != location or "\\" in location
+            or "/" in location):
+        raise OutputError(f"{destination}: external data name {location!r} must be a plain file name")
+    if location == destination.name:
+        raise OutputError(f"{destination}: external data name {location!r} is the model file itself")
+
+
+def _set_inline(tensor: TensorProto, data: bytes) -> None:
+    tensor.raw_data = data
+    tensor.data_location = TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
+def _inline_copy(tensor: TensorProto, base_dir: Path) -> TensorProto | None:
+    if not is_external(tensor):
+        return None
+    copy = _metadata_copy(tensor)
+    copy.raw_data = read_external(tensor, base_dir)
+    return copy
+
+
+def _metadata_copy(tensor: TensorProto) -> TensorProto:
+    copy = TensorProto()
+    _copy_fields(tensor, copy, skip={"raw_data", "external_data", "data_location"})
+    return copy
+
+
+class _DataFileWriter:
+    """Moves the payload of every tensor of ``EXTERNAL_MIN_BYTES`` or more into one data file, in the order
+    the tensors are visited, so equal models give byte-identical files."""
+
+    def __init__(self, handle: BinaryIO, location: str, base_dir: Path) -> None:
+        self._handle = handle
+        self._location = location
+        self._base_dir = base_dir
+
+    def __call__(self, tensor: TensorProto) -> TensorProto | None:
+        if is_external(tensor):
+            length = external_ref(tensor, self._base_dir).length
+        elif tensor.HasField("raw_data"):
+            length = len(tensor.raw_data)
+        else:
+            return None  # typed fields (float_data, ...): rare and small, left as they are
+        if length < EXTERNAL_MIN_BYTES:
+            return _inline_copy(tensor, self._base_dir)
+        handle = self._handle
+        if length >= ALIGNMENT:
+            handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
+        offset = handle.tell()
+        if is_external(tensor):
+            copy_external(tensor, self._base_dir, handle)
+        else:
+            handle.write(tensor.raw_data)
+        stored = _metadata_copy(tensor)
+        stored.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self._location), ("offset", str(offset)), ("length", str(length))):
+            entry = stored.external_data.add()
+            entry.key, entry.value = key, value
+        return stored
+
+
+# --- a copy of the model with some tensors replaced ------------------------------------------------------
+# Clearing a field does not give memory back (protobuf's arena keeps it until the message dies), so the
+# model is never edited and restored: the copy takes everything but the replaced tensors' payloads.
+
+Replace = Callable[[TensorProto], TensorProto | None]
+
+
+def _copy_fields(source: Message, target: Message, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, str | bytes | int | float):
+            setattr(target, field.name, value)
+        else:
+            getattr(target, field.name).extend(value)
+
+
+def _copy_tensor(source: TensorProto, target: TensorProto, replace: Replace) -> None:
+    target.CopyFrom(replace(source) or source)
+
+
+def _copy_sparse(source: SparseTensorProto, target: SparseTensorProto, replace: Replace) -> None:
+    _copy_fields(source, target, skip={"values", "indices"})
+    _copy_tensor(source.values, target.values, replace)
+    _copy_tensor(source.indices, target.indices, replace)
+
+
+def _copy_attribute(source: AttributeProto, target: AttributeProto, replace: Replace) -> None:
+    _copy_fields(source, target, skip={"t", "tensors", "g", "graphs", "sparse_tensor", "sparse_tensors"})
+    if source.HasField("t"):
+        _copy_tensor(source.t, target.t, replace)
+    for tensor in source.tensors:
+        _copy_tensor(tensor, target.tensors.add(), replace)
+    if source.HasField("sparse_tensor"):
+        _copy_sparse(source.sparse_tensor, target.sparse_tensor, replace)
+    for sparse in source.sparse_tensors:
+        _copy_sparse(sparse, target.sparse_tensors.add(), replace)
+    if source.HasField("g"):
+        _copy_graph(source.g, target.g, replace)
+    for graph in source.graphs:
+        _copy_graph(graph, target.graphs.add(), replace)
+
+
+def _copy_nodes(source: list[NodeProto], target, replace: Replace) -> None:
+    for node in source:
+        copy = target.add()
+        _copy_fields(node, copy, skip={"attribute"})
+        for attribute in node.attribute:
+            _copy_attribute(attribute, copy.attribute.add(), replace)
+
+
+def _copy_graph(source: GraphProto, target: GraphProto, replace: Replace) -> None:
+    _copy_fields(source, target, skip={"initializer", "sparse_initializer", "node"})
+    for tensor in source.initializer:
+        _copy_tensor(tensor, target.initializer.add(), replace)
+    for sparse in source.sparse_initializer:
+        _copy_sparse(sparse, target.sparse_initializer.add(), replace)
+    _copy_nodes(source.node, target.node, replace)
+
+
+def _copy_function(source: FunctionProto, target: FunctionProto, replace: Replace) -> None:
+    _copy_fields(source, target, skip={"node"})
+    _copy_nodes(source.node, target.node, replace)
+
+
+def _copy_model(model: ModelProto, replace: Replace) -> ModelProto:
+    """``model`` with each tensor ``t`` replaced by ``replace(t)`` unless that is None; in
+    :func:`~bnfold.onnx_front.external.model_tensors` order."""
+    copy = ModelProto()
+    _copy_fields(model, copy, skip={"graph", "functions"})
+    _copy_graph(model.graph, copy.graph, replace)
+    for function in model.functions:
+        _copy_function(function, copy.functions.add(), replace)
+    return copy
 
 
 def _fsync(path: Path) -> None:

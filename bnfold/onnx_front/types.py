@@ -1,7 +1,9 @@
 """Element types and static shapes of every value in a model, from onnx's own shape inference.
 
-Inference runs on a skeleton of the model: large initializers are replaced by graph inputs of the same
-type and shape, so the weights are never copied or serialized just to learn ranks and dtypes.
+Inference runs on a skeleton of the model: large initializers and ``Constant`` tensors, of the main graph
+and of every subgraph, are replaced by main-graph inputs of the same type and shape, so the weights are never
+copied or serialized just to learn ranks and dtypes. Subgraph values (``If`` branches, ``Loop``/``Scan``
+bodies) get their types from the same run.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from onnx import GraphProto, ModelProto, TensorProto, ValueInfoProto
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto
 
 # Initializers at most this many elements stay in the skeleton: shape inference needs the values of
 # small integer tensors such as Reshape targets, never those of weights.
@@ -43,24 +45,75 @@ def _element_count(tensor: TensorProto) -> int:
     return count
 
 
+def _is_large(tensor: TensorProto) -> bool:
+    return _element_count(tensor) > _KEPT_ELEMENTS or tensor.data_location == TensorProto.EXTERNAL
+
+
+def _stand_in(tensor: TensorProto, name: str) -> ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims)
+
+
+def _large_constant(node: NodeProto) -> TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    attribute = node.attribute[0]
+    if attribute.name != "value" or attribute.ref_attr_name or not _is_large(attribute.t):
+        return None
+    return attribute.t
+
+
+def _skeleton_graph(source: GraphProto, target: GraphProto, lifted: list[ValueInfoProto]) -> None:
+    """Copy ``source`` without its large tensors: each becomes a stand-in input of the main graph
+    (names are unique model-wide, so a subgraph sees it as an outer-scope value of the same type)."""
+    target.name = source.name
+    target.input.extend(source.input)
+    target.output.extend(source.output)
+    target.value_info.extend(source.value_info)
+    declared = {i.name for i in source.input}
+    for tensor in source.initializer:
+        if not _is_large(tensor):
+            target.initializer.append(tensor)
+        elif tensor.name not in declared:
+            lifted.append(_stand_in(tensor, tensor.name))
+    for node in source.node:
+        constant = _large_constant(node)
+        if constant is not None:
+            lifted.append(_stand_in(constant, node.output[0]))
+            continue
+        if any(_has_graph(a) for a in node.attribute):
+            _skeleton_node(node, target.node.add(), lifted)
+        else:
+            target.node.append(node)
+
+
+def _has_graph(attribute: onnx.AttributeProto) -> bool:
+    return attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
+
+def _skeleton_node(node: NodeProto, copy: NodeProto, lifted: list[ValueInfoProto]) -> None:
+    copy.name, copy.op_type, copy.domain, copy.overload = node.name, node.op_type, node.domain, node.overload
+    copy.input.extend(node.input)
+    copy.output.extend(node.output)
+    for attribute in node.attribute:
+        if not _has_graph(attribute):
+            copy.attribute.append(attribute)
+            continue
+        skeleton = copy.attribute.add()
+        skeleton.name, skeleton.type = attribute.name, attribute.type
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            _skeleton_graph(attribute.g, skeleton.g, lifted)
+        for graph in attribute.graphs:
+            _skeleton_graph(graph, skeleton.graphs.add(), lifted)
+
+
 def _skeleton(model: ModelProto) -> ModelProto:
     skeleton = ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
-    graph = skeleton.graph
-    source = model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.input.extend(source.input)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    declared = {i.name for i in source.input}
-    for tensor in source.initializer:
-        if _element_count(tensor) <= _KEPT_ELEMENTS and tensor.data_location != TensorProto.EXTERNAL:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    lifted: list[ValueInfoProto] = []
+    _skeleton_graph(model.graph, skeleton.graph, lifted)
+    skeleton.graph.input.extend(lifted)
     return skeleton
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, InputError, OutputError
+from bnfold.interrupts import deferred_interrupts
 from bnfold.report import FoldReport
 from bnfold.torch_front.checks import Verification, VerificationSet, compare, exact_math
 from bnfold.torch_front.running import Inputs, random_inputs
@@ -210,18 +211,26 @@ def _save(save: Callable[[], None]) -> None:
 @contextlib.contextmanager
 def _atomic(destination: Path) -> Iterator[Path]:
     """A temporary path beside ``destination``; renamed over it only if the block succeeds."""
-    handle, name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=destination.suffix or ".tmp", dir=destination.parent
-    )
-    os.close(handle)
-    temporary = Path(name)
+    temporary: Path | None = None
     try:
+        # Deferred, so an interrupt cannot fall between creating the file and knowing to remove it.
+        with deferred_interrupts():
+            handle, name = tempfile.mkstemp(
+                prefix=f".{destination.name}.", suffix=destination.suffix or ".tmp", dir=destination.parent
+            )
+            os.close(handle)
+            temporary = Path(name)
         yield temporary
         with temporary.open("rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, destination)
+    except OSError as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {destination}: {error.strerror or error}") from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         raise
     with contextlib.suppress(OSError):
         directory = os.open(destination.parent, os.O_RDONLY)

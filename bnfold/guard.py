@@ -1,0 +1,191 @@
+"""The per-pattern guard: one bad rewrite never costs the whole model, and is never written.
+
+Every pattern runs wrapped in :class:`GuardedPattern`: an exception escaping its plan (a bnfold bug) leaves
+that site unfolded instead of aborting the fold. When the folded model as a whole fails ``onnx.checker`` or
+onnxruntime cannot load it (while it can load the original), :func:`repair` finds the folds responsible by
+refolding with some of them rejected, and returns the model with only those left unfolded. Every site the
+guard leaves is recorded with reason ``guard_rejected`` and a message naming the pattern.
+
+How the culprits are found: first each pattern's folds are applied on their own (the folds of every other
+pattern rejected); a pattern whose folds alone give a valid model is innocent. Within a guilty pattern the
+folds are bisected, applying half of them at a time, down to the single folds that break the model. That
+costs one refold per pattern plus about ``2 k log2(n)`` for ``k`` bad folds among ``n``. Folds that break
+the model only together are rejected pattern by pattern.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto
+
+from bnfold.affine import FoldRefused
+from bnfold.errors import BnfoldError
+from bnfold.report import BnRecord
+
+GUARD_REJECTED = "guard_rejected"
+
+# A fold site: (scope, node label), as BnRecord has them.
+SiteKey = tuple[str, str]
+Rejections = Mapping[SiteKey, str]
+# Folds the model with the given sites rejected; returns the folded model and its records.
+Attempt = Callable[[Rejections], tuple[ModelProto, list[BnRecord]]]
+# Why a folded model must not be written (first line of the checker's or onnxruntime's complaint), or None.
+Problem = Callable[[ModelProto], "str | None"]
+
+
+class FoldedModelCheck:
+    """Whether a folded model may be written: it passes ``onnx.checker`` (full check), and onnxruntime can
+    load it if it can load ``original``. The onnxruntime load is tried for models in memory only: one staged
+    in a file is over 2 GB or keeps its tensors in external files, and loading it would cost as much memory
+    as the model; verification loads it anyway."""
+
+    def __init__(self, original: ModelProto | str | os.PathLike[str]) -> None:
+        self._original = original
+        self._original_loads: bool | None = None
+
+    def __call__(self, candidate: ModelProto | Path) -> str | None:
+        """Why ``candidate`` must not be written, as a phrase ("fails onnx.checker (...)"), or None."""
+        try:
+            onnx.checker.check_model(candidate if isinstance(candidate, ModelProto) else os.fspath(candidate),
+                                     full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            return f"fails onnx.checker ({_first_line(error)})"
+        if not isinstance(candidate, ModelProto):
+            return None
+        failure = _ort_load_failure(candidate)
+        if failure is None:
+            return None
+        if self._original_loads is None:
+            self._original_loads = _ort_load_failure(self._original) is None
+        return f"onnxruntime cannot load ({failure})" if self._original_loads else None
+
+
+def _ort_load_failure(model: ModelProto | str | os.PathLike[str]) -> str | None:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # the failure is reported once, by bnfold, not logged by onnxruntime too
+    source = model.SerializeToString() if isinstance(model, ModelProto) else os.fspath(model)
+    try:
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - whatever the reason, it cannot be loaded
+        return _first_line(error)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def record_key(record: BnRecord) -> SiteKey:
+    return record.scope, record.bn
+
+
+class GuardedPattern:
+    """``pattern`` with two guarantees: its plan never raises anything but :class:`FoldRefused` or a
+    :class:`BnfoldError` about the input, and it plans nothing that touches a rejected site."""
+
+    def __init__(self, pattern: Any, rejected: Rejections, events: dict[SiteKey, str]) -> None:
+        self._pattern = pattern
+        self._rejected = rejected
+        self._events = events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pattern, name)
+
+    def plan(self, site: Any) -> Any:
+        index = site.index
+        anchor = (index.scope, index.node_label(site.anchor))
+        try:
+            rewrite = self._pattern.plan(site)
+        except (FoldRefused, BnfoldError):
+            raise
+        except Exception as error:  # noqa: BLE001 - a crashing pattern costs its site, not the model
+            message = (f"internal error in pattern {self._pattern.name} ({type(error).__name__}: "
+                       f"{_first_line(error)}); "
+                       f"left unfolded, please report it")
+            self._events[anchor] = message
+            raise FoldRefused(GUARD_REJECTED, message) from None
+        if rewrite is None:
+            return None
+        for node in rewrite.run.nodes:
+            key = (index.scope, index.node_label(node))
+            if key in self._rejected:
+                self._events[anchor] = self._events[key] = self._rejected[key]
+                raise FoldRefused(GUARD_REJECTED, self._rejected[key])
+        return rewrite
+
+
+def guarded(patterns: Any, rejected: Rejections, events: dict[SiteKey, str]) -> list[GuardedPattern]:
+    return [GuardedPattern(pattern, rejected, events) for pattern in patterns]
+
+
+def mark_guarded(records: list[BnRecord], events: Mapping[SiteKey, str]) -> list[BnRecord]:
+    """The records, with every site the guard refused that stayed unfolded given reason ``guard_rejected``
+    (the driver reports the first pattern's reason, which may be another pattern's refusal)."""
+    return [
+        dataclasses.replace(record, reason=GUARD_REJECTED, message=events[record_key(record)])
+        if record.status == "left" and record_key(record) in events else record
+        for record in records
+    ]
+
+
+def repair(attempt: Attempt, problem: Problem, records: list[BnRecord], first_problem: str
+           ) -> tuple[ModelProto, list[BnRecord]]:
+    """The model folded with the folds that make it invalid rejected (see the module docstring).
+
+    ``records`` are those of the invalid fold, whose problem was ``first_problem``. Raises
+    :class:`BnfoldError` (an internal error) if no set of rejections gives a valid model."""
+    folds: dict[str, list[SiteKey]] = {}
+    for record in records:
+        if record.status == "folded":
+            folds.setdefault(record.pattern or "?", []).append(record_key(record))
+    every_fold = [key for keys in folds.values() for key in keys]
+
+    def trial(applied: list[SiteKey]) -> str | None:
+        kept = set(applied)
+        model, _ = attempt({key: "" for key in every_fold if key not in kept})
+        return problem(model)
+
+    def message(pattern: str, why: str) -> str:
+        return (f"internal error: the rewrite of pattern {pattern} gave a model that {why}; "
+                f"left unfolded, please report it")
+
+    def culprits(pattern: str, keys: list[SiteKey], why: str) -> dict[SiteKey, str]:
+        """The folds among ``keys`` (which together give a model that ``why``) that break the model alone;
+        all of ``keys`` if only their combination does."""
+        found: dict[SiteKey, str] = {}
+        if len(keys) > 1:
+            for half in (keys[: len(keys) // 2], keys[len(keys) // 2:]):
+                half_problem = trial(half)
+                if half_problem is not None:
+                    found |= culprits(pattern, half, half_problem)
+        return found or {key: message(pattern, why) for key in keys}
+
+    guilty: dict[str, str] = {}
+    rejected: dict[SiteKey, str] = {}
+    for pattern, keys in folds.items():
+        pattern_problem = first_problem if len(folds) == 1 else trial(keys)
+        if pattern_problem is not None:
+            guilty[pattern] = pattern_problem
+            rejected |= culprits(pattern, keys, pattern_problem)
+    fallbacks = [
+        rejected,
+        {key: message(pattern, why) for pattern, why in guilty.items() for key in folds[pattern]},
+        {key: message(pattern, first_problem) for pattern, keys in folds.items() for key in keys},
+    ]
+    last_problem = first_problem
+    for candidate in fallbacks:
+        if not candidate:
+            continue
+        model, refolded = attempt(candidate)
+        last_problem = problem(model)
+        if last_problem is None:
+            return model, refolded
+    raise BnfoldError(f"internal error: the folded model {last_problem}")

@@ -1,0 +1,184 @@
+"""Tensor data kept in external files: where each tensor's bytes are, checked before a byte is read.
+
+A ``location`` is honoured only if it is relative, stays inside the model's directory once symlinks are
+followed, names a regular file, and the tensor's byte range lies within that file and matches its dtype
+and dims. Anything else raises :class:`InputError` with one line. The checks run again on every read, so a
+model edited after loading cannot send a read elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+from typing import BinaryIO
+
+import numpy as np
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
+
+from bnfold.errors import InputError
+
+COPY_CHUNK = 16 << 20
+_SUB_BYTE_BITS = {
+    getattr(TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
+                       ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+    if hasattr(TensorProto, name)
+}
+
+
+def payload_bytes(tensor: TensorProto) -> int | None:
+    """How many bytes ``tensor``'s raw data has; None for strings and unknown types."""
+    if tensor.data_type == TensorProto.STRING:
+        return None
+    bits = _SUB_BYTE_BITS.get(tensor.data_type)
+    if bits is None:
+        try:
+            bits = 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return (count * bits + 7) // 8
+
+
+def is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto]:
+    if attribute.type == AttributeProto.TENSOR:
+        yield attribute.t
+    elif attribute.type == AttributeProto.TENSORS:
+        yield from attribute.tensors
+    elif attribute.type == AttributeProto.SPARSE_TENSOR:
+        yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+    elif attribute.type == AttributeProto.SPARSE_TENSORS:
+        for sparse in attribute.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+    elif attribute.type == AttributeProto.GRAPH:
+        yield from graph_tensors(attribute.g)
+    elif attribute.type == AttributeProto.GRAPHS:
+        for graph in attribute.graphs:
+            yield from graph_tensors(graph)
+
+
+def graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
+    """Every tensor of ``graph`` and its subgraphs, in a fixed order: initializers, then node attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from _attribute_tensors(attribute)
+
+
+def model_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every tensor of the model: all graphs, then the model-local functions."""
+    yield from graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attribute in node.attribute:
+                yield from _attribute_tensors(attribute)
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """A checked byte range of an existing file inside the model's directory."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def _entry_int(entries: dict[str, str], key: str, tensor: TensorProto) -> int | None:
+    if key not in entries:
+        return None
+    try:
+        value = int(entries[key])
+    except ValueError:
+        raise InputError(f"tensor {tensor.name!r}: external data {key} {entries[key]!r} is not an integer") from None
+    if value < 0:
+        raise InputError(f"tensor {tensor.name!r}: external data {key} {value} is negative")
+    return value
+
+
+def external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
+    """Where ``tensor``'s bytes are, once every rule in the module docstring holds; never reads them."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    name = tensor.name
+    if not location:
+        raise InputError(f"tensor {name!r} is marked as external data but names no file")
+    if os.path.isabs(location) or PureWindowsPath(location).drive or location.startswith("\\"):
+        raise InputError(f"tensor {name!r} has external data at an absolute path ({location!r})")
+    try:
+        base = base_dir.resolve()
+        target = (base / location).resolve()
+        if target == base or not target.is_relative_to(base):
+            raise InputError(f"tensor {name!r} has external data outside the model's directory ({location!r})")
+        if not target.is_file():
+            raise InputError(f"external data file {location!r} of tensor {name!r} is missing or not a regular file")
+        size = target.stat().st_size
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise InputError(f"tensor {name!r}: unusable external data location {location!r} ({error})") from None
+    expected = payload_bytes(tensor)
+    if expected is None:
+        raise InputError(f"tensor {name!r} of data type {tensor.data_type} cannot be stored as external data")
+    offset = _entry_int(entries, "offset", tensor) or 0
+    length = _entry_int(entries, "length", tensor)
+    if offset > size:
+        raise InputError(f"tensor {name!r}: external data offset {offset} is beyond the end of {location!r}")
+    length = size - offset if length is None else length
+    if offset + length > size:
+        raise InputError(f"tensor {name!r}: external data in {location!r} is truncated "
+                         f"({size - offset} of {length} bytes after offset {offset})")
+    if length != expected:
+        raise InputError(f"tensor {name!r}: external data has {length} bytes, its dtype and dims need {expected}")
+    return ExternalRef(target, offset, length)
+
+
+def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
+    try:
+        handle = open(ref.path, "rb")  # noqa: SIM115 - the callers close it
+        handle.seek(ref.offset)
+    except OSError as error:
+        raise InputError(f"tensor {tensor.name!r}: cannot read {ref.path.name!r} ({error.strerror or error})") from None
+    return handle
+
+
+def _read(handle: BinaryIO, size: int, tensor: TensorProto) -> bytes:
+    try:
+        data = handle.read(size)
+    except OSError as error:
+        raise InputError(f"tensor {tensor.name!r}: cannot read its external data ({error.strerror or error})") from None
+    if len(data) != size:
+        raise InputError(f"tensor {tensor.name!r}: its external data file shrank while being read")
+    return data
+
+
+def read_external(tensor: TensorProto, base_dir: Path) -> bytes:
+    ref = external_ref(tensor, base_dir)
+    with _open(ref, tensor) as handle:
+        return _read(handle, ref.length, tensor)
+
+
+def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
+    """The value of an external tensor, read through :func:`read_external`'s checks."""
+    inline = TensorProto(data_type=tensor.data_type, dims=tensor.dims, raw_data=read_external(tensor, base_dir))
+    return numpy_helper.to_array(inline)
+
+
+def copy_external(tensor: TensorProto, base_dir: Path, out: BinaryIO) -> int:
+    """Append ``tensor``'s external bytes to ``out`` in chunks, never holding the whole tensor; returns the
+    length. Reading problems are the input's (``InputError``); writing ones stay ``OSError``."""
+    ref = external_ref(tensor, base_dir)
+    remaining = ref.length
+    with _open(ref, tensor) as handle:
+        while remaining:
+            chunk = _read(handle, min(COPY_CHUNK, remaining), tensor)
+            out.write(chunk)
+            remaining -= len(chunk)
+    return ref.length
