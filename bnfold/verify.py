@@ -100,6 +100,9 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "bfloat16": (5e-2, 1.5e-1),
 }
 
+#: The most bytes one generated input may take: a model that declares more is refused, not allocated.
+GENERATED_INPUT_LIMIT = 4 << 30
+
 ENGINE_ORT = "onnxruntime"
 ENGINE_REFERENCE = "onnx.reference"
 
@@ -312,12 +315,25 @@ def _check_interfaces(original: ModelProto, candidate: ModelProto) -> list[_Tens
         if candidate_types[name] != elem_type:
             raise InputError(f"input '{name}' is {_type_name(elem_type)} in the original "
                              f"but {_type_name(candidate_types[name])} in the candidate")
+    candidate_specs = {spec.name: spec for spec in candidate_inputs}
+    for spec in original_inputs:
+        other = candidate_specs[spec.name]
+        if _shapes_conflict(spec.dims, other.dims):
+            raise InputError(f"input '{spec.name}' has shape {spec.describe_shape()} in the original but "
+                             f"{other.describe_shape()} in the candidate; no input fits both")
     original_outputs = [output.name for output in original.graph.output]
     candidate_outputs = [output.name for output in candidate.graph.output]
     if set(original_outputs) != set(candidate_outputs):
         raise InputError(f"the models return different outputs: original {_names(original_outputs)}, "
                          f"candidate {_names(candidate_outputs)}")
     return original_inputs
+
+
+def _shapes_conflict(first: tuple[int | str | None, ...] | None, second: tuple[int | str | None, ...] | None) -> bool:
+    if first is None or second is None:
+        return False
+    return len(first) != len(second) or any(
+        isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(first, second, strict=True))
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -364,6 +380,11 @@ def _generated_shapes(
             notes.append(f"dynamic dim {label} of input '{spec.name}' set to {size}{origin}")
             shape.append(size)
         shapes[spec.name] = tuple(shape)
+    for spec in specs:
+        size = math.prod(shapes[spec.name]) * spec.dtype.itemsize
+        if size > GENERATED_INPUT_LIMIT:
+            raise InputError(f"input '{spec.name}' of shape {list(shapes[spec.name])} would need {size / 2**30:.3g} "
+                             f"GiB of random values; give a smaller shape in input_shapes, or pass inputs")
     return shapes
 
 
@@ -393,7 +414,7 @@ def _generate(
         for spec in specs:
             shape = shapes[spec.name]
             if spec.dtype.kind == "b":
-                feeds[spec.name] = rng.random(shape) < 0.5
+                feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a scalar otherwise
             elif spec.dtype.kind in "iu":
                 feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
             else:

@@ -531,3 +531,12 @@ def test_a_sequence_of_mappings_is_one_iteration_each():
 def test_unusable_options_raise(kwargs, message):
     with pytest.raises(InputError, match=message):
         verify_onnx(unary("Relu"), unary("Relu"), **kwargs)
+
+
+def test_scalar_bool_input_is_generated_as_an_array():
+    condition = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    out = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.BOOL, [])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Not", ["c"], ["y"])], "g", [condition], [out])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    assert verify_onnx(model, model).passed
