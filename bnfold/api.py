@@ -19,7 +19,7 @@ from bnfold.guard import FoldedModelCheck, Rejections, SiteKey, guarded, mark_gu
 from bnfold.onnx_front.fold import fold_model, model_totals, totals
 from bnfold.onnx_front.io import (
     PROTOBUF_LIMIT,
-    check_versions,
+    check_supported,
     has_external_tensors,
     read_model,
     tensor_bytes,
@@ -59,7 +59,7 @@ def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
     and the directory external tensors are read from. Read from a path, external tensors stay on disk
     until a fold needs them, so at most one extra copy of what is folded is ever in memory."""
     if isinstance(model, ModelProto):
-        check_versions(model)
+        check_supported(model)
         if has_external_tensors(model):
             raise InputError("the model keeps tensors in external files that are not loaded; pass its path, "
                              "so bnfold reads them from the model's own directory")
@@ -110,7 +110,7 @@ def _check(model: ModelLike, what: str) -> None:
         return  # a caller's proto this large cannot be serialized for the checker; folded ones are staged
     try:
         onnx.checker.check_model(model if isinstance(model, ModelProto) else os.fspath(model), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+    except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{what} fails onnx.checker: {first_line}") from None
 

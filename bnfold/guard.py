@@ -52,14 +52,15 @@ class FoldedModelCheck:
 
     def __call__(self, candidate: ModelProto | Path) -> str | None:
         """Why ``candidate`` must not be written, as a phrase ("fails onnx.checker (...)"), or None."""
+        # Serialized once for both checks: for a large model that is a good part of their cost.
+        source = candidate.SerializeToString() if isinstance(candidate, ModelProto) else os.fspath(candidate)
         try:
-            onnx.checker.check_model(candidate if isinstance(candidate, ModelProto) else os.fspath(candidate),
-                                     full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            onnx.checker.check_model(source, full_check=True)
+        except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
             return f"fails onnx.checker ({_first_line(error)})"
-        if not isinstance(candidate, ModelProto):
+        if not isinstance(source, bytes):
             return None
-        failure = _ort_load_failure(candidate)
+        failure = _ort_load_failure(source)
         if failure is None:
             return None
         if self._original_loads is None:
@@ -67,11 +68,12 @@ class FoldedModelCheck:
         return f"onnxruntime cannot load ({failure})" if self._original_loads else None
 
 
-def _ort_load_failure(model: ModelProto | str | os.PathLike[str]) -> str | None:
+def _ort_load_failure(model: bytes | ModelProto | str | os.PathLike[str]) -> str | None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # the failure is reported once, by bnfold, not logged by onnxruntime too
-    source = model.SerializeToString() if isinstance(model, ModelProto) else os.fspath(model)
+    source = model if isinstance(model, bytes) else (
+        model.SerializeToString() if isinstance(model, ModelProto) else os.fspath(model))
     try:
         ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - whatever the reason, it cannot be loaded

@@ -82,9 +82,11 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_batch_normalization import BatchNormalization_9
 
 from bnfold.errors import InputError
-from bnfold.onnx_front.io import check_versions, read_model
+from bnfold.onnx_front.io import check_supported, read_model
 from bnfold.report import render_table
 
 ModelSource = ModelProto | str | os.PathLike[str]
@@ -270,7 +272,7 @@ def _load_interface(role: str, source: ModelSource) -> ModelProto:
     external location checked first, so no engine is ever pointed outside the model's directory."""
     if isinstance(source, ModelProto):
         try:
-            check_versions(source)
+            check_supported(source)
         except InputError as error:
             raise InputError(f"the {role} model: {error}") from None
         return source
@@ -534,11 +536,41 @@ def _ort_runner(role: str, session: ort.InferenceSession) -> Runner:
     return run
 
 
+class _InferenceBatchNormalization(OpRun):
+    """BatchNormalization of opsets 9 to 13 as the spec has it: running statistics, unless the node has the
+    optional outputs that mark training. onnx.reference's own takes the momentum attribute's default value
+    for training mode and always normalizes with the batch's statistics (onnx 1.23)."""
+
+    op_domain = ""
+
+    def _run(self, x: np.ndarray, scale: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray,
+             epsilon: float | None = None, momentum: float | None = None, training_mode: int | None = None,
+             ) -> tuple[np.ndarray, ...]:
+        # training_mode: onnx.reference hands a custom op the latest schema's attributes; before opset 14 the
+        # node cannot set it.
+        if any(self.onnx_node.output[1:]):
+            return BatchNormalization_9._run(self, x, scale, bias, mean, var, epsilon=epsilon, momentum=momentum)
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        eps = 1e-5 if epsilon is None else epsilon
+        y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) + bias.reshape(shape)
+        return (y.astype(x.dtype),)
+
+
+_InferenceBatchNormalization.__name__ = "BatchNormalization"  # how ReferenceEvaluator matches an op to a class
+
+
+def reference_evaluator(model: ModelProto) -> ReferenceEvaluator:
+    """``onnx.reference.ReferenceEvaluator`` for ``model``, with inference-mode BatchNormalization fixed for
+    opsets 9 to 13 (see :class:`_InferenceBatchNormalization`)."""
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    return ReferenceEvaluator(model, new_ops=[_InferenceBatchNormalization] if 9 <= opset <= 13 else None)
+
+
 def _reference_runner(role: str, source: ModelSource) -> Runner:
     try:
         # onnx.load on the path (not a file object) finds external data next to the model.
         model = source if isinstance(source, ModelProto) else onnx.load(os.fspath(source))
-        evaluator = ReferenceEvaluator(model)
+        evaluator = reference_evaluator(model)
     except Exception as error:  # noqa: BLE001 - unsupported operator or unreadable data
         raise InputError(f"{ENGINE_REFERENCE} cannot load the {role} model: {_first_line(error)}") from None
 

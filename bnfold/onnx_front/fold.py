@@ -69,17 +69,61 @@ def fold_graph(
     active = [p for p in patterns if p.name in enabled or p.name not in OPT_IN_PATTERNS]
     anchors = [node for node in index.nodes if is_link(node, index, chains)]
     total = sum(is_batchnorm(node) for node in anchors)  # progress counts batch norms, as the model totals do
-    records: list[BnRecord] = []
+    records = _Records()
     done = 0
     for anchor in anchors:
         counted = is_batchnorm(anchor)
         # Earlier folds may have removed this node, or rewritten it into a node they placed.
         if not index.is_removed(anchor) and id(anchor) not in index.placed:
-            records.extend(fold_node(anchor, index, active, enabled))
+            records.add(fold_node(anchor, index, active, enabled))
         done += counted
         if progress is not None and counted:
             progress("fold", done, total)
-    return records
+    # A fold can open the way for one the sweep already passed (a shift Add it placed now folds into the next
+    # layer; a run it absorbed no longer blocks a reader): sweep again until nothing folds, so that a second
+    # run of bnfold finds nothing to do. Every productive sweep removes a batch norm or a node.
+    for _ in range(_MAX_SWEEPS):
+        if not records.folded_since_last_sweep():
+            break
+        index.placed.clear()
+        for node in [n for n in index.nodes if is_link(n, index, chains)]:
+            if not index.is_removed(node) and id(node) not in index.placed:
+                records.add(fold_node(node, index, active, enabled))
+    return records.in_order
+
+
+_MAX_SWEEPS = 32
+
+
+class _Records:
+    """The records of repeated sweeps, one per batch norm at the place of its first: a batch norm a later sweep
+    folds has its folded record, one every sweep leaves has the last sweep's reason."""
+
+    def __init__(self) -> None:
+        self.in_order: list[BnRecord] = []
+        self._left_at: dict[str, int] = {}
+        self._folded = False
+
+    def add(self, records: list[BnRecord]) -> None:
+        for record in records:
+            earlier = self._left_at.get(record.bn) if record.op_type == "BatchNormalization" else None
+            if record.status == "left":
+                if earlier is None:
+                    self._left_at[record.bn] = len(self.in_order)
+                    self.in_order.append(record)
+                else:  # the latest reason is the one that holds for the graph as it ends up
+                    self.in_order[earlier] = record
+                continue
+            self._folded = True
+            if earlier is None:
+                self.in_order.append(record)
+            else:
+                self.in_order[earlier] = record
+                del self._left_at[record.bn]
+
+    def folded_since_last_sweep(self) -> bool:
+        folded, self._folded = self._folded, False
+        return folded
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:

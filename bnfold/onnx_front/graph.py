@@ -172,6 +172,10 @@ class GraphIndex:
         self._vanished.add(old)
         node.output[slot] = name
         self.producers[name] = node
+        # The node computes what it did, under a new name: a fresh name must not lose the known type, or a
+        # later fold in this run refuses what a second run (inferring types again) would fold.
+        if old in self.types and name not in self.types:
+            self.types[name] = self.types[old]
 
     def remove_node(self, node: NodeProto) -> None:
         self._removed.add(id(node))

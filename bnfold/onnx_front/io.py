@@ -69,7 +69,7 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{source}: not an ONNX model (no graph or IR version)")
     try:
-        check_versions(model)
+        check_supported(model)
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
     external = [tensor for tensor in model_tensors(model) if is_external(tensor)]
@@ -84,8 +84,12 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     return model
 
 
-def check_versions(model: ModelProto) -> None:
-    """Refuse a model newer than the installed onnx: its checker and shape inference cannot vouch for it."""
+def check_supported(model: ModelProto) -> None:
+    """Refuse what no later step could handle: text that is not UTF-8 (protobuf hands it back as bytes), or
+    an IR or opset newer than the installed onnx, whose checker and shape inference cannot vouch for it."""
+    field = _non_utf8_text(model)
+    if field is not None:
+        raise InputError(f"not a valid ONNX model: field {field} holds text that is not UTF-8")
     if model.ir_version > onnx.IR_VERSION:
         raise InputError(f"IR version {model.ir_version} is newer than the installed onnx {onnx.__version__} "
                          f"supports ({onnx.IR_VERSION})")
@@ -94,6 +98,25 @@ def check_versions(model: ModelProto) -> None:
         if entry.domain in ("", "ai.onnx") and entry.version > latest:
             raise InputError(f"opset {entry.version} is newer than the installed onnx {onnx.__version__} "
                              f"supports ({latest})")
+
+
+def _non_utf8_text(message: Message) -> str | None:
+    """The first string field in ``message`` or the messages inside it that is not valid UTF-8, by name."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            values = getattr(message, field.name)
+            if any(isinstance(value, bytes) for value in (values if field.is_repeated else [values])):
+                return field.full_name
+        elif field.type == field.TYPE_MESSAGE:
+            if field.is_repeated:
+                children = getattr(message, field.name)
+            else:
+                children = [getattr(message, field.name)] if message.HasField(field.name) else []
+            for child in children:
+                found = _non_utf8_text(child)
+                if found is not None:
+                    return found
+    return None
 
 
 def has_external_tensors(model: ModelProto) -> bool:

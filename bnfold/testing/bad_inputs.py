@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -43,9 +44,6 @@ class Setup:
 
     args: list[str]
     api: Callable[[], Any] | None  # None: the rule belongs to the command line only
-    # Run with file permission checks in force (a read-only directory, an unreadable file); root needs
-    # its DAC capabilities dropped for that.
-    unprivileged: bool = False
     # Must hold after the run, whatever it printed (e.g. a payload in a pickle never ran).
     after: Callable[[], str | None] = lambda: None
 
@@ -61,7 +59,8 @@ class BadInput:
     says: str = ""
     # The API's exception (exit 2), or None when the API returns (exit 0).
     error: type[BnfoldError] | None = InputError
-    # Extra conditions on where the case can run: "torch", "tmpfs".
+    # Extra conditions on where the case can run: "torch"; "tmpfs" (a small file system, root only);
+    # "unprivileged" (file permissions in force: root runs it with its DAC capabilities dropped).
     needs: tuple[str, ...] = ()
     # Files a successful run (exit 0) writes; any other change to the scratch directory is a failure.
     writes: tuple[str, ...] = ()
@@ -203,6 +202,34 @@ def _fails_checker(directory: Path) -> Path:
     return _save(model, directory / "model.onnx")
 
 
+def _fifo(directory: Path) -> Path:
+    path = directory / "model.onnx"
+    os.mkfifo(path)
+    return path
+
+
+def _unknown_op(directory: Path) -> Path:
+    model = conv_bn()
+    model.graph.node[2].op_type, model.graph.node[2].domain = "Frobnicate", "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    return _save(model, directory / "model.onnx")
+
+
+def _verify_huge(directory: Path) -> Setup:
+    model = conv_bn()
+    for value, channels in ((model.graph.input[0], 3), (model.graph.output[0], 4)):
+        dims = (2**20, channels, 2**10, 2**10)
+        for dim, size in zip(value.type.tensor_type.shape.dim, dims, strict=True):
+            dim.dim_value = size
+    path = _save(model, directory / "model.onnx")
+
+    def api() -> Any:
+        from bnfold import verify_onnx
+
+        return verify_onnx(path, path)
+    return Setup(["verify", str(path), str(path)], api)
+
+
 def _future_opset(directory: Path) -> Path:
     model = conv_bn()
     model.opset_import[0].version = 99
@@ -248,15 +275,6 @@ def _overflowing_dims(directory: Path) -> Path:
 def _int_bn(directory: Path) -> Path:
     params = [np.array([1, 2, 3, 4], np.int64), np.zeros(4, np.int64), np.zeros(4, np.int64), np.ones(4, np.int64)]
     return _save(conv_bn(params=params), directory / "model.onnx")
-
-
-def _bn_reason(reason: str) -> Callable[[Path], Setup]:
-    """A valid model whose BN must stay, for ``reason``: the CLI folds (nothing) and writes the model."""
-    def build(directory: Path) -> Setup:
-        path = {"non_finite_params": _bn_params(_set(0, 2, np.nan)), "nonpositive_variance": _bn_params(
-            _set(3, 1, -1.0))}[reason](directory)
-        return Setup(["fold", str(path), "-o", str(directory / "out.onnx")], _fold_onnx(path))
-    return build
 
 
 def _external(**entries: str) -> Callable[[Path], Setup]:
@@ -319,8 +337,7 @@ def _output_read_only(directory: Path) -> Setup:
     locked.mkdir()
     (locked / "out.onnx").write_bytes(b"previous")
     locked.chmod(0o555)
-    return Setup(["fold", str(path), "-o", str(locked / "out.onnx")], _write(path, locked / "out.onnx"),
-                 unprivileged=True)
+    return Setup(["fold", str(path), "-o", str(locked / "out.onnx")], _write(path, locked / "out.onnx"))
 
 
 def _output_is_input(directory: Path) -> Setup:
@@ -332,15 +349,13 @@ def _output_is_input(directory: Path) -> Setup:
 def _unreadable(directory: Path) -> Setup:
     path = _good(directory)
     path.chmod(0)
-    return Setup(["fold", str(path), "-o", str(directory / "out.onnx")], _fold_onnx(path), unprivileged=True)
+    return Setup(["fold", str(path), "-o", str(directory / "out.onnx")], _fold_onnx(path))
 
 
 def _disk_full(directory: Path) -> Setup:
-    """The output goes to a 64 KiB file system that holds a previous output; the new one (~200 KiB) cannot
+    """The output goes to a 64 KiB file system that holds a previous output; the new one (~110 KiB) cannot
     fit. ``directory / "small"`` must be such a file system (see :func:`small_filesystem`)."""
-    model = conv_bn(channels=16)
-    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((16, 3, 32, 32), np.float32), "W"))
-    path = _save(model, directory / "model.onnx")
+    path = _save(conv_bn(channels=1024), directory / "model.onnx")
     output = directory / "small" / "out.onnx"
     output.write_bytes(b"previous")
     return Setup(["fold", str(path), "-o", str(output), "--no-verify"], _write(path, output))
@@ -498,7 +513,10 @@ CASES: tuple[BadInput, ...] = (
              _fold_case(lambda d: d / "missing.onnx"), says="no such file"),
     BadInput("directory", "file", "a directory instead of a file",
              _fold_case(lambda d: (d / "model.onnx").mkdir() or d / "model.onnx"), says="is a directory"),
-    BadInput("unreadable", "file", "a file without read permission", _unreadable, says="cannot read"),
+    BadInput("unreadable", "file", "a file without read permission", _unreadable, says="not readable|cannot read",
+             needs=("unprivileged",)),
+    BadInput("fifo", "file", "a named pipe (FIFO) instead of a file (reading it would block)", _fold_case(_fifo),
+             says="not a regular file"),
     BadInput("empty", "file", "an empty file", _bytes_case(lambda: b""), says="empty"),
     BadInput("truncated", "file", "a model cut to two thirds of its bytes", _bytes_case(_truncated),
              says="not an ONNX model"),
@@ -514,25 +532,27 @@ CASES: tuple[BadInput, ...] = (
     BadInput("checker", "model", "a node reads a value nothing defines (fails onnx.checker)",
              _fold_case(_fails_checker), says="fails onnx.checker"),
     BadInput("future-opset", "model", "default-domain opset 99, newer than the installed onnx knows",
-             _fold_case(_future_opset), says="opset 99"),
-    BadInput("future-ir", "model", "IR version 99", _fold_case(_future_ir), says="IR version 99"),
+             _fold_case(_future_opset), says="opset 99 is newer"),
+    BadInput("future-ir", "model", "IR version 99", _fold_case(_future_ir), says="IR version 99 is newer"),
+    BadInput("unknown-op", "model", "a node of an op no runtime knows (custom domain)", _fold_case(_unknown_op),
+             says="onnxruntime cannot load the original model"),
     # batch-norm parameters
-    BadInput("bn-nan", "batch norm", "gamma contains NaN (a valid model)", _bn_reason("non_finite_params"),
+    BadInput("bn-nan", "batch norm", "gamma contains NaN (a valid model)", _fold_case(_bn_params(_set(0, 2, np.nan))),
              exit_code=EXIT_OK, says="non_finite_params", error=None, writes=("out.onnx",)),
     BadInput("bn-inf", "batch norm", "running mean contains +inf",
              _fold_case(_bn_params(_set(2, 0, np.inf))), exit_code=EXIT_OK, says="non_finite_params",
              error=None, writes=("out.onnx",)),
-    BadInput("bn-negative-var", "batch norm", "a negative running variance", _bn_reason("nonpositive_variance"),
+    BadInput("bn-negative-var", "batch norm", "a negative running variance", _fold_case(_bn_params(_set(3, 1, -1.0))),
              exit_code=EXIT_OK, says="nonpositive_variance", error=None, writes=("out.onnx",)),
     BadInput("bn-zero-denominator", "batch norm", "var + epsilon = 0 (var 0, epsilon 0)",
              _fold_case(_bn_params(_set(3, 3, 0.0), epsilon=0.0)), exit_code=EXIT_OK,
              says="nonpositive_variance", error=None, writes=("out.onnx",)),
     BadInput("bn-lengths", "batch norm", "gamma has 3 values for 4 channels",
-             _fold_case(_bn_params(lambda p: [p[0][:3], *p[1:]])), says="gamma|scale|channel|dimension"),
-    BadInput("bn-zero-size", "batch norm", "a zero-channel Conv + BN (zero-size tensors)",
-             _fold_case(_zero_channels), says="zero|0 channels|size"),
+             _fold_case(_bn_params(lambda p: [p[0][:3], *p[1:]])), says="fails onnx.checker.*mismatch"),
+    BadInput("bn-zero-size", "batch norm", "a zero-channel Conv + BN (zero-size tensors; a valid model)",
+             _fold_case(_zero_channels), exit_code=EXIT_OK, says="param_shape", error=None, writes=("out.onnx",)),
     BadInput("dims-overflow", "batch norm", "weight dims 2^40 x 2^40 x 2^20 x 3 (product overflows int64)",
-             _fold_case(_overflowing_dims), says="dims|size|data"),
+             _fold_case(_overflowing_dims), says="overflow"),
     BadInput("bn-int", "batch norm", "int64 BN parameters", _fold_case(_int_bn), says="fails onnx.checker"),
     # external data
     BadInput("external-missing", "external data", "the external data file is missing", _external_missing,
@@ -551,7 +571,7 @@ CASES: tuple[BadInput, ...] = (
     BadInput("output-missing-dir", "output", "-o in a directory that does not exist", _output_missing_dir,
              says="does not exist", error=OutputError),
     BadInput("output-read-only", "output", "-o in a read-only directory holding a previous output",
-             _output_read_only, says="Permission denied", error=OutputError),
+             _output_read_only, says="Permission denied", error=OutputError, needs=("unprivileged",)),
     BadInput("output-is-input", "output", "-o names the input", _output_is_input, says="refusing to overwrite"),
     BadInput("output-is-dir", "output", "-o names a directory", _output_is_dir, says="is a directory",
              error=OutputError),
@@ -563,7 +583,9 @@ CASES: tuple[BadInput, ...] = (
     BadInput("verify-output-names", "verify", "the models' outputs have different names",
              _verify_pair(_rename_output), says="different outputs"),
     BadInput("verify-shapes", "verify", "the models declare different input shapes",
-             _verify_pair(_resize_input), says="shape"),
+             _verify_pair(_resize_input), says="shape .* in the candidate"),
+    BadInput("verify-huge-input", "verify", "an input declared 2^20 x 2^20 floats (4 TiB of random values)",
+             _verify_huge, says="GiB of random values"),
     BadInput("inputs-missing", "verify", "--inputs lacks an array the model needs",
              _verify_pair(lambda m: None, _npz(other=_X)), says="lack model input"),
     BadInput("inputs-extra", "verify", "--inputs has an extra array",
@@ -573,7 +595,7 @@ CASES: tuple[BadInput, ...] = (
     BadInput("inputs-shape", "verify", "--inputs array of the wrong shape",
              _verify_pair(lambda m: None, _npz(x=np.zeros((1, 3, 9, 8), np.float32))), says="shape"),
     BadInput("inputs-garbage", "verify", "--inputs is not a .npz archive",
-             _verify_pair(lambda m: None, _raw_inputs(b"not an archive at all")), says="cannot read inputs"),
+             _verify_pair(lambda m: None, _raw_inputs(b"not an archive at all")), says="expected a .npz"),
     BadInput("inputs-pickle", "verify", "--inputs holds a pickled object array (its payload never runs)",
              lambda d: _with_after(_verify_pair(lambda m: None, _pickled_npz)(d), _no_marker(d)),
              says="cannot read inputs|pickle"),
@@ -611,6 +633,8 @@ def snapshot(directory: Path) -> dict[str, str]:
                 entries[relative] = f"link:{os.readlink(path)}"
             elif path.is_dir():
                 entries[relative] = "dir"
+            elif not path.is_file():
+                entries[relative] = "special"
             else:
                 try:
                     entries[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -680,14 +704,9 @@ def unprivileged_prefix() -> list[str] | None:
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
 
 
-def run_cli_subprocess(setup: Setup, cwd: Path, timeout: float = 300) -> Outcome:
+def run_cli_subprocess(case: BadInput, setup: Setup, cwd: Path, timeout: float = 300) -> Outcome:
     """The case through the real command, ``python -m bnfold``, in its own process."""
-    prefix: list[str] = []
-    if setup.unprivileged:
-        found = unprivileged_prefix()
-        if found is None:
-            return Outcome(-1, "", "", problems=["cannot drop root's file permission override (no setpriv)"])
-        prefix = found
+    prefix = _prefix(case)
     completed = subprocess.run(
         [*prefix, sys.executable, "-m", "bnfold", *setup.args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, "BNFOLD_DEBUG": ""}, check=False,
@@ -718,6 +737,8 @@ def available(case: BadInput) -> str | None:
             import torch  # noqa: F401
         except ImportError:
             return "torch is not installed"
+    if "unprivileged" in case.needs and unprivileged_prefix() is None:
+        return "running as root without setpriv: permission bits cannot be put in force"
     return None
 
 
@@ -739,3 +760,34 @@ def scratch(case: BadInput) -> Iterator[Path | None]:
                     if not path.is_symlink():
                         with contextlib.suppress(OSError):
                             path.chmod(0o755)
+
+
+def run_api_subprocess(case: BadInput, timeout: float = 300) -> list[str]:
+    """:func:`run_api` in a child process that builds the case itself (with permission checks in force when
+    the case needs them); its problems."""
+    prefix = _prefix(case)
+    completed = subprocess.run([*prefix, sys.executable, "-m", "bnfold.testing.bad_inputs", case.key],
+                               capture_output=True, text=True, timeout=timeout, check=False)
+    if completed.returncode != 0:
+        return [f"the API check died (exit {completed.returncode}): {completed.stderr.strip()[-300:]}"]
+    return json.loads(completed.stdout)
+
+
+def _prefix(case: BadInput) -> list[str]:
+    if "unprivileged" not in case.needs:
+        return []
+    prefix = unprivileged_prefix()
+    assert prefix is not None, "available() says whether the case can run"
+    return prefix
+
+
+def _api_in_this_process(key: str) -> list[str]:
+    case = next(case for case in CASES if case.key == key)
+    with scratch(case) as directory:
+        if directory is None:
+            return ["no scratch directory for this case"]
+        return run_api(case, case.build(directory))
+
+
+if __name__ == "__main__":
+    print(json.dumps(_api_in_this_process(sys.argv[1])))
