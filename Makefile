@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SAMPLE := models/resnet_small.onnx
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean reliability
 
 # torch is pinned to the CPU build that lies on this machine's disk; the package itself accepts a range.
 $(VENV)/.installed: pyproject.toml
@@ -19,6 +19,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check bnfold tests models cli.py
 	$(BIN)/pytest -q
+
+# The long reliability profile (bad inputs, 5000 random graphs, 5000 byte mutants); rewrites docs/reliability.md.
+reliability: $(VENV)/.installed
+	$(BIN)/python -m bnfold.testing.fuzz
 
 clean:
 	rm -rf $(VENV) build

@@ -19,7 +19,7 @@ import click
 from bnfold.api import enabled_patterns, fold_onnx, inspect_onnx
 from bnfold.errors import BnfoldError, InputError, MissingDependencyError
 from bnfold.guard import GUARD_REJECTED
-from bnfold.interrupts import Interrupted, stop_signals_interrupt
+from bnfold.interrupts import Interrupted, interrupt_on_stop_signals
 from bnfold.onnx_front.io import PROTOBUF_LIMIT
 from bnfold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.report import FoldReport
@@ -104,7 +104,7 @@ class _Command(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with stop_signals_interrupt():
+            with interrupt_on_stop_signals():
                 return super().invoke(ctx)
         except MissingDependencyError as error:
             self._fail(error, EXIT_BAD_INPUT)

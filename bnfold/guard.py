@@ -37,7 +37,7 @@ Rejections = Mapping[SiteKey, str]
 # Folds the model with the given sites rejected; returns the folded model and its records.
 Attempt = Callable[[Rejections], tuple[ModelProto, list[BnRecord]]]
 # Why a folded model must not be written (first line of the checker's or onnxruntime's complaint), or None.
-Problem = Callable[[ModelProto], "str | None"]
+Problem = Callable[[ModelProto], str | None]
 
 
 class FoldedModelCheck:
@@ -110,8 +110,7 @@ class GuardedPattern:
             raise
         except Exception as error:  # noqa: BLE001 - a crashing pattern costs its site, not the model
             message = (f"internal error in pattern {self._pattern.name} ({type(error).__name__}: "
-                       f"{_first_line(error)}); "
-                       f"left unfolded, please report it")
+                       f"{_first_line(error)}); left unfolded, please report it")
             self._events[anchor] = message
             raise FoldRefused(GUARD_REJECTED, message) from None
         if rewrite is None:

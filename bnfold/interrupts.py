@@ -41,7 +41,7 @@ def _restore(previous: dict[int, Any]) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
+def interrupt_on_stop_signals() -> Iterator[None]:
     """Inside the block, SIGTERM raises :class:`Interrupted` just as SIGINT does, so ``finally`` clauses
     run (by default SIGTERM kills the process on the spot and leaves temporary files behind)."""
     previous = _swap_handlers(_raise_interrupted)

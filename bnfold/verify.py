@@ -84,6 +84,7 @@ from onnx import ModelProto, TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_batch_normalization import BatchNormalization_9
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvTranspose
 
 from bnfold.errors import InputError
 from bnfold.onnx_front.io import check_supported, read_model
@@ -559,11 +560,40 @@ class _InferenceBatchNormalization(OpRun):
 _InferenceBatchNormalization.__name__ = "BatchNormalization"  # how ReferenceEvaluator matches an op to a class
 
 
+class _GroupedConvTranspose(OpRun):
+    """ConvTranspose with ``group > 1`` as one ungrouped ConvTranspose per group: onnx.reference's own takes
+    the wrong weight rows, adds the whole bias to every group and keeps one output channel per group
+    (onnx 1.23)."""
+
+    op_domain = ""
+
+    def _run(self, x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, group: int | None = None,
+             **attributes: Any) -> tuple[np.ndarray]:
+        groups = group or 1
+        if groups == 1:
+            return ReferenceConvTranspose._run(self, x, w, b, group=1, **attributes)
+        inputs, outputs = x.shape[1] // groups, w.shape[1]
+        parts = [
+            ReferenceConvTranspose._run(
+                self, x[:, g * inputs:(g + 1) * inputs], w[g * inputs:(g + 1) * inputs],
+                None if b is None else b[g * outputs:(g + 1) * outputs], group=1, **attributes)[0]
+            for g in range(groups)
+        ]
+        return (np.concatenate(parts, axis=1),)
+
+
+_GroupedConvTranspose.__name__ = "ConvTranspose"
+
+
 def reference_evaluator(model: ModelProto) -> ReferenceEvaluator:
-    """``onnx.reference.ReferenceEvaluator`` for ``model``, with inference-mode BatchNormalization fixed for
-    opsets 9 to 13 (see :class:`_InferenceBatchNormalization`)."""
+    """``onnx.reference.ReferenceEvaluator`` for ``model``, with grouped ConvTranspose fixed (see
+    :class:`_GroupedConvTranspose`) and inference-mode BatchNormalization fixed for opsets 9 to 13 (see
+    :class:`_InferenceBatchNormalization`)."""
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
-    return ReferenceEvaluator(model, new_ops=[_InferenceBatchNormalization] if 9 <= opset <= 13 else None)
+    fixes: list[type[OpRun]] = [_GroupedConvTranspose]
+    if 9 <= opset <= 13:
+        fixes.append(_InferenceBatchNormalization)
+    return ReferenceEvaluator(model, new_ops=fixes)
 
 
 def _reference_runner(role: str, source: ModelSource) -> Runner:

@@ -63,8 +63,8 @@ def fold_graph(
     index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str], progress: Progress | None = None
 ) -> list[BnRecord]:
     """Fold the affine runs of one graph, visiting batch norms (and, with ``affine-chain``, Mul/Add/Sub/Div
-    by constants) in graph order, so a later node of a chain sees the earlier folds. Opt-in patterns
-    take part only when enabled by name."""
+    by constants) in graph order, so a later node of a chain sees the earlier folds, and sweeping again while
+    a sweep folds anything. Opt-in patterns take part only when enabled by name."""
     chains = AFFINE_CHAIN in enabled
     active = [p for p in patterns if p.name in enabled or p.name not in OPT_IN_PATTERNS]
     anchors = [node for node in index.nodes if is_link(node, index, chains)]
@@ -81,7 +81,8 @@ def fold_graph(
             progress("fold", done, total)
     # A fold can open the way for one the sweep already passed (a shift Add it placed now folds into the next
     # layer; a run it absorbed no longer blocks a reader): sweep again until nothing folds, so that a second
-    # run of bnfold finds nothing to do. Every productive sweep removes a batch norm or a node.
+    # run of bnfold finds nothing to do. Folds remove batch norms or nodes; the bound is for a rewrite that
+    # would ever trade one node for another.
     for _ in range(_MAX_SWEEPS):
         if not records.folded_since_last_sweep():
             break

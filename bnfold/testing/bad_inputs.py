@@ -434,7 +434,7 @@ def _no_marker(directory: Path) -> Callable[[], str | None]:
     return lambda: "a pickle ran: PICKLE_RAN exists" if (directory / "PICKLE_RAN").exists() else None
 
 
-_X = np.zeros((1, 3, 8, 8), np.float32)
+_INPUT = np.zeros((1, 3, 8, 8), np.float32)
 
 
 def _torch_module(directory: Path) -> Setup:
@@ -497,6 +497,24 @@ def _torch_truncated(directory: Path) -> Setup:
     torch.export.save(torch.export.export(module, (torch.zeros(1, 3, 8, 8),)), path)
     path.write_bytes(path.read_bytes()[:300])
     return _torch_setup(path, directory)
+
+
+def _torch_read_only_output(directory: Path) -> Setup:
+    import torch
+
+    path = directory / "model.ts"
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()),
+                   path)
+    locked = directory / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    output = locked / "out.ts"
+
+    def api() -> Any:
+        from bnfold import fold_torch_file
+
+        return fold_torch_file(path, output, input_shapes=[[1, 3, 8, 8]])
+    return Setup(["fold", str(path), "-o", str(output), "--input-shape", "1x3x8x8"], api)
 
 
 def _torch_state_dict(directory: Path) -> Setup:
@@ -587,11 +605,11 @@ CASES: tuple[BadInput, ...] = (
     BadInput("verify-huge-input", "verify", "an input declared 2^20 x 2^20 floats (4 TiB of random values)",
              _verify_huge, says="GiB of random values"),
     BadInput("inputs-missing", "verify", "--inputs lacks an array the model needs",
-             _verify_pair(lambda m: None, _npz(other=_X)), says="lack model input"),
+             _verify_pair(lambda m: None, _npz(other=_INPUT)), says="lack model input"),
     BadInput("inputs-extra", "verify", "--inputs has an extra array",
-             _verify_pair(lambda m: None, _npz(x=_X, other=_X)), says="not model inputs"),
+             _verify_pair(lambda m: None, _npz(x=_INPUT, other=_INPUT)), says="not model inputs"),
     BadInput("inputs-dtype", "verify", "--inputs array of the wrong dtype (float64)",
-             _verify_pair(lambda m: None, _npz(x=_X.astype(np.float64))), says="dtype float64"),
+             _verify_pair(lambda m: None, _npz(x=_INPUT.astype(np.float64))), says="dtype float64"),
     BadInput("inputs-shape", "verify", "--inputs array of the wrong shape",
              _verify_pair(lambda m: None, _npz(x=np.zeros((1, 3, 9, 8), np.float32))), says="shape"),
     BadInput("inputs-garbage", "verify", "--inputs is not a .npz archive",
@@ -610,6 +628,8 @@ CASES: tuple[BadInput, ...] = (
              says="cannot|not a .pt2", needs=("torch",)),
     BadInput("torchscript-corrupt", "pytorch", "a TorchScript file with damaged members", _torch_corrupt(".ts"),
              says="cannot load|not a .pt2", needs=("torch",)),
+    BadInput("pt-output-read-only", "pytorch", "a TorchScript fold whose -o is in a read-only directory",
+             _torch_read_only_output, says="Permission denied", error=OutputError, needs=("torch", "unprivileged")),
     BadInput("state-dict", "pytorch", "a state dict (no module) with --trust-pickle", _torch_state_dict,
              says="state dict", needs=("torch",)),
 )

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -286,13 +286,13 @@ class Campaign:
     ok: int = 0
     refused: int = 0
     not_equivalent: int = 0
-    failures: list[tuple[str, str]] | None = None  # (how the mutant was made, what went wrong)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (how the mutant was made, what went wrong)
     restarts: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {"mutants": self.mutants, "ok": self.ok, "refused": self.refused,
                 "not_equivalent": self.not_equivalent,
-                "failures": [{"mutant": how, "failure": what} for how, what in self.failures or []],
+                "failures": [{"mutant": how, "failure": what} for how, what in self.failures],
                 "worker_restarts": self.restarts}
 
 
@@ -300,7 +300,7 @@ def campaign(count: int, seed: int = 0, *, isolated: bool = True, keep_failures:
              progress: Callable[[int, int], None] | None = None) -> Campaign:
     """Run ``count`` mutants (in a worker process when ``isolated``); failing mutants are copied to
     ``keep_failures`` for reproduction."""
-    found = Campaign(failures=[])
+    found = Campaign()
     seed_files = seeds()
     with tempfile.TemporaryDirectory(prefix="bnfold-bytes-") as name, (
             IsolatedRunner() if isolated else _InProcess()) as runner:
@@ -316,7 +316,6 @@ def campaign(count: int, seed: int = 0, *, isolated: bool = True, keep_failures:
             elif result.outcome == "not_equivalent":
                 found.not_equivalent += 1
             else:
-                assert found.failures is not None
                 found.failures.append((mutant.how, result.detail))
                 if keep_failures is not None:
                     kept = keep_failures / f"mutant-{seed}-{index}"

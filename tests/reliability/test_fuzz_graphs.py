@@ -4,11 +4,16 @@ and folding its result again changes nothing."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
+from onnx import TensorProto, numpy_helper
 
-from bnfold.testing.graph_fuzz import check, fuzz_cases, generator_problem
+from bnfold.patterns.forward import ConvBn
+from bnfold.testing.bad_inputs import conv_bn
+from bnfold.testing.graph_fuzz import FuzzCase, check, fuzz_cases, generator_problem
 
-QUICK_EXAMPLES = 600
+QUICK_EXAMPLES = 1000
 
 
 @settings(max_examples=QUICK_EXAMPLES, deadline=None,
@@ -20,3 +25,27 @@ def test_random_graphs_fold_safely_exactly_and_idempotently(case):
     assert problem is None, f"the generator made an invalid model: {problem[1]}"
     verdict = check(case)
     assert not verdict.problems, f"{case.describe()}: {verdict.problems}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_oracle_catches_a_fold_that_is_off_by_one_percent(monkeypatch, dtype):
+    """The properties are not vacuous: a conv-bn that scales one channel 1% wrong fails them, in the plain
+    comparison and in the float64 judgement the oracle falls back on."""
+    real = ConvBn.fold
+
+    def off(self, layer, run, space, mapper, index):
+        rewrite = real(self, layer, run, space, mapper, index)
+        rewrite.updates[0].value[0] *= 1.01
+        return rewrite
+
+    monkeypatch.setattr(ConvBn, "fold", off)
+    model = conv_bn(channels=4)
+    if dtype == np.float16:
+        for tensor in model.graph.initializer:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(dtype), tensor.name))
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    rng = np.random.default_rng(0)
+    case = FuzzCase(model, [{"x": rng.standard_normal((1, 3, 8, 8)).astype(dtype)}], {}, ["Conv"],
+                    precision=np.dtype(dtype))
+    assert [p for p in check(case).problems if p.startswith("not equivalent")]

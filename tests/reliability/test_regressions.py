@@ -44,6 +44,19 @@ def test_float64_models_of_opsets_9_to_13_verify_under_the_reference_evaluator(o
     assert report.verification.passed
 
 
+def test_float64_grouped_conv_transpose_verifies_under_the_reference_evaluator():
+    """onnx.reference's grouped ConvTranspose takes the wrong weight rows, adds the whole bias to each group and
+    keeps one channel per group, so verification of a float64 model with one compared against wrong numbers."""
+    g = GraphBuilder(seed=8, dtype=np.float64)
+    x = g.input("x", [2, 4, 3, 3])
+    up = g.node("ConvTranspose", [x, g.weight([4, 3, 2, 2]), g.weight([6])], group=2, strides=[2, 2])
+    model = g.model([g.bn(up, 6)])
+    result = fold_onnx(model)
+    assert count_ops(result.model) == 0
+    assert result.report.verification.engine == "onnx.reference"
+    assert result.report.verification.passed
+
+
 def test_a_shift_a_fold_leaves_folds_on_in_the_same_run():
     """MatMul -> BN leaves the shift as an Add, which folds into the Gemm after it; the driver used to leave
     that to a second run."""
