@@ -4,7 +4,9 @@ Ground truth: the ORIGINAL model evaluated in float64. Every floating-point init
 and graph type of the original (float32 or float16) is converted to float64, exactly (every float32 and
 float16 value is a float64 value), and the graph runs under ``onnx.reference`` (onnxruntime has no float64
 Conv on CPU) on the same inputs as the candidates, the inputs first rounded to the model's dtype. So the
-truth is the original's parameters with exact arithmetic, up to float64 rounding.
+truth is the original's parameters with exact arithmetic, up to float64 rounding. ConvTranspose is computed
+by torch in float64 instead: onnx.reference 1.23 fails on grouped ConvTranspose (``W.reshape((group, k, m))``
+of a weight it has not split by group).
 
 Candidates (the unfolded original, bnfold's and every anchor's folded model) run under onnxruntime CPU at
 ``ORT_DISABLE_ALL`` in their own dtype. Reported per candidate: the RMS error relative to the RMS of the truth,
@@ -34,7 +36,7 @@ def measure(args: list[str]) -> dict[str, Any]:
     model = onnx.load(original)
     truth_model = with_float_type(model, TensorProto.DOUBLE)
     del model
-    truth_evaluator = ReferenceEvaluator(truth_model)
+    truth_evaluator = ReferenceEvaluator(truth_model, new_ops=[_conv_transpose_op()])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     original_session = ort.InferenceSession(str(original), options, providers=["CPUExecutionProvider"])
@@ -58,6 +60,32 @@ def measure(args: list[str]) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001 - an invalid or failing candidate is a finding
             results[name] = {"error": (str(error).strip().splitlines() or [type(error).__name__])[0][:300]}
     return {"inputs": count, "errors": results}
+
+
+def _conv_transpose_op() -> type:
+    """ConvTranspose for onnx.reference, computed by torch in the input's dtype (float64 here)."""
+    import torch
+    from onnx.reference.op_run import OpRun
+
+    class ConvTranspose(OpRun):
+        op_domain = ""
+
+        def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+                 output_padding=None, output_shape=None, pads=None, strides=None):
+            spatial = x.ndim - 2
+            pads = list(pads or [0] * 2 * spatial)
+            if (auto_pad not in (None, "NOTSET") or output_shape is not None
+                    or pads[:spatial] != pads[spatial:]):
+                raise NotImplementedError("this ConvTranspose needs auto_pad, output_shape or asymmetric pads")
+            function = (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                        torch.nn.functional.conv_transpose3d)[spatial - 1]
+            result = function(torch.tensor(x), torch.tensor(w), None if b is None else torch.tensor(b),
+                              stride=tuple(strides or [1] * spatial), padding=tuple(pads[:spatial]),
+                              output_padding=tuple(output_padding or [0] * spatial), groups=group or 1,
+                              dilation=tuple(dilations or [1] * spatial))
+            return (result.numpy(),)
+
+    return ConvTranspose
 
 
 def _errors(session: Any, inputs: list[dict[str, np.ndarray]], truths: list[list[np.ndarray]]) -> dict[str, float]:
