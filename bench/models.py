@@ -25,7 +25,7 @@ from bench.harness import model_bytes
 
 OPSET = 17
 SEED = 0
-# ResNet-101's stage depths: 104 BatchNorms, the BN-heaviest of the classic CNNs at a given size.
+# ResNet-101's stage depths: 104 Conv+BN pairs, twice ResNet-50's for about the same bytes per width.
 SCALE_DEPTHS = (3, 4, 23, 3)
 SCALE_IMAGE_SIZE = 32  # the fold does not depend on it; a small image keeps the equivalence runs cheap
 MB = 10**6
@@ -45,6 +45,7 @@ class Case:
 
 
 def _zoo():
+    # The zoo imports torch, which only the build worker may pay for.
     from bnfold.testing import zoo
 
     return zoo

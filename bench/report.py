@@ -197,7 +197,7 @@ def _goal_summary(results: dict[str, Any]) -> list[str]:
                      f"optimizations against the original with its BASIC fusions): "
                      + (_goal(True) if not outside else f"{_goal(False)} for {', '.join(outside)}."))
     if results["precision"]:
-        worse, compared = [], 0
+        worse, compared, float16_ratios = [], 0, []
         for entry in results["precision"]:
             errors = entry.get("errors", {})
             ours = errors.get("bnfold", {}).get("rms_relative_error")
@@ -205,6 +205,8 @@ def _goal_summary(results: dict[str, Any]) -> list[str]:
                 if not _folds_offline(tool, entry) or ours is None:
                     continue
                 compared += 1
+                if entry["model"]["dtype"] == "float16":
+                    float16_ratios.append(figures["rms_relative_error"] / ours)
                 if ours > PRECISION_MARGIN * figures["rms_relative_error"]:
                     worse.append(f"{entry['model']['name']} vs {_label(tool)} "
                                  f"({ours / figures['rms_relative_error']:.2f}×)")
@@ -212,6 +214,9 @@ def _goal_summary(results: dict[str, Any]) -> list[str]:
                      f"{PRECISION_MARGIN:g}× that of an anchor that folded batch norms of the same model; "
                      f"{compared} comparisons, see Precision): "
                      + (_goal(True) if not worse else f"{_goal(False)}: {', '.join(worse)}."))
+        if float16_ratios:
+            lines.append(f"- **Better on float16:** the anchors' offline folds have {min(float16_ratios):.2f}× to "
+                         f"{max(float16_ratios):.2f}× bnfold's RMS error ({len(float16_ratios)} comparisons).")
     return [*lines, ""] if lines else []
 
 
@@ -309,6 +314,17 @@ def _tools(results: dict[str, Any]) -> list[str]:
         "largest difference used). Times are the median whole-command wall time (× the floor).",
         "",
     ]
+    names = [row["tool"] for row in tools[0]["tools"] if row["tool"] != "floor"]
+    total_bn = sum(entry["model"]["batchnorms"] for entry in tools)
+    total_nodes = sum(entry["model"]["nodes"] for entry in tools)
+    summary = []
+    for tool in names:
+        rows = [_row(entry, tool) for entry in tools]
+        summary.append([_label(tool), f"{sum(row.get('batchnorms', 0) for row in rows)} of {total_bn}",
+                        f"{sum(row.get('nodes', 0) for row in rows)} of {total_nodes}",
+                        f"{sum(row.get('verdict') == 'equivalent' for row in rows)} of {len(rows)}"])
+    lines += ["Over all these models:", "", *_table(["tool", "batch norms left", "nodes left", "outputs equivalent"],
+                                                   summary)]
     for entry in tools:
         model = entry["model"]
         lines += [f"**{model['name']}** — {model['shows']}; {_mb(model['bytes'])} MB, {model['batchnorms']} BN, "

@@ -1,7 +1,8 @@
 """The ``bnfold`` command line: ``fold``, ``inspect``, ``verify``.
 
 Exit codes: 0 success (and equivalent), 1 verification failed, 2 usage error or bad input,
-3 internal error. Errors are one line on stderr; set ``BNFOLD_DEBUG=1`` for a traceback.
+3 internal error, 128 + signal number when SIGINT (130) or SIGTERM (143) stops it. Errors are one line on
+stderr; set ``BNFOLD_DEBUG=1`` for a traceback.
 """
 
 from __future__ import annotations

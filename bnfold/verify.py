@@ -294,16 +294,20 @@ def _graph_inputs(model: ModelProto) -> list[_TensorSpec]:
             continue
         if value.type.WhichOneof("value") != "tensor_type":
             raise InputError(f"input '{value.name}' is not a tensor; only tensor inputs are supported")
-        tensor_type = value.type.tensor_type
-        dims = None
-        if tensor_type.HasField("shape"):
-            dims = tuple(
-                dim.dim_value if dim.WhichOneof("value") == "dim_value"
-                else dim.dim_param if dim.WhichOneof("value") == "dim_param" else None
-                for dim in tensor_type.shape.dim
-            )
-        specs.append(_TensorSpec(value.name, tensor_type.elem_type, dims))
+        specs.append(_spec(value))
     return specs
+
+
+def _spec(value: onnx.ValueInfoProto) -> _TensorSpec:
+    tensor_type = value.type.tensor_type
+    dims = None
+    if tensor_type.HasField("shape"):
+        dims = tuple(
+            dim.dim_value if dim.WhichOneof("value") == "dim_value"
+            else dim.dim_param if dim.WhichOneof("value") == "dim_param" else None
+            for dim in tensor_type.shape.dim
+        )
+    return _TensorSpec(value.name, tensor_type.elem_type, dims)
 
 
 def _check_interfaces(original: ModelProto, candidate: ModelProto) -> list[_TensorSpec]:
@@ -329,6 +333,20 @@ def _check_interfaces(original: ModelProto, candidate: ModelProto) -> list[_Tens
     if set(original_outputs) != set(candidate_outputs):
         raise InputError(f"the models return different outputs: original {_names(original_outputs)}, "
                          f"candidate {_names(candidate_outputs)}")
+    # What the models declare must agree; what they compute is the comparison's to judge.
+    declared = {value.name: _spec(value) for value in candidate.graph.output
+                if value.type.WhichOneof("value") == "tensor_type"}
+    for value in original.graph.output:
+        other = declared.get(value.name)
+        if other is None or value.type.WhichOneof("value") != "tensor_type":
+            continue
+        spec = _spec(value)
+        if spec.elem_type and other.elem_type and spec.elem_type != other.elem_type:
+            raise InputError(f"output '{spec.name}' is {_type_name(spec.elem_type)} in the original "
+                             f"but {_type_name(other.elem_type)} in the candidate")
+        if _shapes_conflict(spec.dims, other.dims):
+            raise InputError(f"output '{spec.name}' has shape {spec.describe_shape()} in the original but "
+                             f"{other.describe_shape()} in the candidate")
     return original_inputs
 
 

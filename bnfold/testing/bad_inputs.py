@@ -398,6 +398,10 @@ def _resize_input(model: onnx.ModelProto) -> None:
     model.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 16
 
 
+def _resize_output(model: onnx.ModelProto) -> None:
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+
+
 def _npz(**arrays: Any) -> Callable[[Path], Path]:
     def make(directory: Path) -> Path:
         path = directory / "inputs.npz"
@@ -600,8 +604,10 @@ CASES: tuple[BadInput, ...] = (
              _verify_pair(_rename_input), says="different inputs"),
     BadInput("verify-output-names", "verify", "the models' outputs have different names",
              _verify_pair(_rename_output), says="different outputs"),
-    BadInput("verify-shapes", "verify", "the models declare different input shapes",
+    BadInput("verify-input-shapes", "verify", "the models declare different input shapes",
              _verify_pair(_resize_input), says="shape .* in the candidate"),
+    BadInput("verify-output-shapes", "verify", "the models declare different output shapes",
+             _verify_pair(_resize_output), says="output 'y' has shape .* in the candidate"),
     BadInput("verify-huge-input", "verify", "an input declared 2^20 x 2^20 floats (4 TiB of random values)",
              _verify_huge, says="GiB of random values"),
     BadInput("inputs-missing", "verify", "--inputs lacks an array the model needs",
