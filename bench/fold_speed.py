@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.harness import ChildRun, median, model_bytes, run_child
 from bench.models import BuiltModel
-from bench.tools import FLOOR, FOLDERS, Tool
+from bench.tools import BNFOLD, FLOOR, FOLDERS, Tool
 
 # Every tool gets this long per run, plus time in proportion to the model (2.5 GB: about 8 minutes).
 TIMEOUT_SECONDS = 120
@@ -57,7 +57,7 @@ def measure_model(model: BuiltModel, tools: tuple[Tool, ...], repeats: int, out_
             shutil.rmtree(target.parent, ignore_errors=True)
             target.parent.mkdir(parents=True)
             child = run_child("fold", [tool.name, model.path, target, "1" if model.external else "0",
-                                       json.dumps(model.fold_options if tool.name == "bnfold" else {})],
+                                       json.dumps(model.fold_options if tool is BNFOLD else {})],
                               scratch, timeout_for(model))
             if child.failure is not None:
                 shutil.rmtree(target.parent, ignore_errors=True)
@@ -170,9 +170,9 @@ def verify_cost(args: list[str]) -> dict[str, Any]:
     create and to run once per iteration, measured the same way in the same process."""
     import tempfile
 
-    import numpy as np
     import onnxruntime as ort
 
+    from bench.latency import random_feeds
     from bnfold import fold_onnx
 
     source, options, iterations = Path(args[0]), json.loads(args[1]), int(args[2])
@@ -193,16 +193,14 @@ def verify_cost(args: list[str]) -> dict[str, Any]:
             created = time.perf_counter()
             session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
             session_seconds += time.perf_counter() - created
-            feeds = {spec.name: np.random.default_rng(0).standard_normal(
-                [dim if isinstance(dim, int) else 1 for dim in spec.shape]).astype(np.float32)
-                for spec in session.get_inputs()}
+            feeds = random_feeds(session)
             # Verification's runs include each session's first, which allocates; so do these.
             for _ in range(iterations):
                 ran = time.perf_counter()
                 session.run(None, feeds)
                 run_seconds += time.perf_counter() - ran
             del session
-    two_runs = session_seconds + run_seconds
+    baseline = session_seconds + run_seconds
     return {
         "fold_total_seconds": total,
         "stages": seconds,
@@ -211,6 +209,6 @@ def verify_cost(args: list[str]) -> dict[str, Any]:
         "iterations": iterations,
         "baseline_session_seconds": session_seconds,
         "baseline_run_seconds": run_seconds,
-        "baseline_seconds": two_runs,
-        "verify_vs_baseline": seconds["verify"] / two_runs,
+        "baseline_seconds": baseline,
+        "verify_vs_baseline": seconds["verify"] / baseline,
     }

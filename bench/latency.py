@@ -3,8 +3,9 @@
 For each model and thread setting (1 intra-op thread, and onnxruntime's default), one worker holds six
 sessions -- original and folded, each at ``ORT_DISABLE_ALL``, ``ORT_ENABLE_BASIC`` and ``ORT_ENABLE_ALL`` --
 and, after a warm-up, runs them in rounds, each round in a fresh random order, so that any drift in machine
-load hits all six alike. Reported: the median (and 10th/90th percentiles) per session, and the median of
-three session creations per model and level.
+load hits all six alike. In a round each session makes untimed settling runs, then a block of timed ones (see
+``SETTLE_RUNS``). Reported: the median (and 10th/90th percentiles) of the timed runs per session, the median
+of three session creations per model and level, and how many cores other processes kept busy meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from bench.models import BuiltModel
 LEVELS = ("disabled", "basic", "all")
 ROLES = ("original", "folded")
 WARMUP_RUNS = 5
+# After switching sessions, runs stay slow for a while: the other sessions' intra-op threads keep spinning, and
+# with several threads onnxruntime needs about seven runs to reach its steady speed (measured on MobileNetV2,
+# 2 cores: 6.5 -> 3.2 ms). So each session's timed runs come in a block after untimed settling runs.
+SETTLE_RUNS = 8
+SETTLE_SECONDS = 0.25
+BLOCK_RUNS = 5
 SESSION_CREATIONS = 3
 THREAD_SETTINGS = (1, 0)  # 0: onnxruntime's default (one thread per physical core)
 
@@ -42,12 +49,11 @@ def _session_options(level: str, threads: int) -> Any:
 
 
 def measure(args: list[str]) -> dict[str, Any]:
-    """Worker task ``latency ORIGINAL FOLDED THREADS SECONDS MIN_RUNS MAX_RUNS``."""
+    """Worker task ``latency ORIGINAL FOLDED THREADS SECONDS MIN_ROUNDS MAX_ROUNDS``."""
     import onnxruntime as ort
 
-    load_before = round(os.getloadavg()[0], 2)
     paths = {"original": args[0], "folded": args[1]}
-    threads, budget, min_runs, max_runs = int(args[2]), float(args[3]), int(args[4]), int(args[5])
+    threads, budget, min_rounds, max_rounds = int(args[2]), float(args[3]), int(args[4]), int(args[5])
     variants = [(role, level) for level in LEVELS for role in ROLES]
     sessions: dict[tuple[str, str], Any] = {}
     creations: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
@@ -58,37 +64,68 @@ def measure(args: list[str]) -> dict[str, Any]:
             sessions[variant] = ort.InferenceSession(paths[role], _session_options(level, threads),
                                                      providers=["CPUExecutionProvider"])
             creations[variant].append(time.perf_counter() - started)
-    feeds = _feeds(sessions[variants[0]])
-    for session in sessions.values():
+    feeds = random_feeds(sessions[variants[0]])
+    run_seconds = {}
+    for variant, session in sessions.items():
         for _ in range(WARMUP_RUNS):
+            started = time.perf_counter()
             session.run(None, feeds)
-    started = time.perf_counter()
-    for session in sessions.values():
-        session.run(None, feeds)
-    per_round = time.perf_counter() - started
-    rounds = int(min(max_runs, max(min_runs, budget / per_round)))
+        run_seconds[variant] = time.perf_counter() - started
+    round_seconds = sum(max(SETTLE_RUNS * run, SETTLE_SECONDS) + BLOCK_RUNS * run for run in run_seconds.values())
+    rounds = int(min(max_rounds, max(min_rounds, budget / round_seconds)))
     timings: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
     order = list(variants)
     shuffle = random.Random(0).shuffle
+    others = _OtherProcessesCpu()
     for _ in range(rounds):
         shuffle(order)
         for variant in order:
             session = sessions[variant]
-            ran = time.perf_counter()
-            session.run(None, feeds)
-            timings[variant].append(time.perf_counter() - ran)
+            settle_until = time.perf_counter() + SETTLE_SECONDS
+            for _ in range(SETTLE_RUNS):
+                session.run(None, feeds)
+            while time.perf_counter() < settle_until:
+                session.run(None, feeds)
+            for _ in range(BLOCK_RUNS):
+                ran = time.perf_counter()
+                session.run(None, feeds)
+                timings[variant].append(time.perf_counter() - ran)
     return {
         "threads": threads,
-        "runs": rounds,
-        # The machine may be shared: the 1-minute load average around the measurement, for the reader to judge.
-        "load_before": load_before,
-        "load_after": round(os.getloadavg()[0], 2),
+        "runs": rounds * BLOCK_RUNS,
+        # On a shared machine other processes compete for the cores; how many they kept busy on average.
+        "other_processes_cores": others.cores(),
         "latency_ms": {f"{role}/{level}": _stats(timings[(role, level)]) for role, level in variants},
         "session_seconds": {f"{role}/{level}": median(creations[(role, level)]) for role, level in variants},
     }
 
 
-def _feeds(session: Any) -> dict[str, np.ndarray]:
+class _OtherProcessesCpu:
+    """CPU time the rest of the machine used since construction, in cores: all busy time in /proc/stat minus
+    this process's own (every thread of it)."""
+
+    def __init__(self) -> None:
+        self._started = (time.perf_counter(), _busy_seconds(), _own_seconds())
+
+    def cores(self) -> float:
+        wall, busy, own = self._started
+        return max(0.0, ((_busy_seconds() - busy) - (_own_seconds() - own)) / (time.perf_counter() - wall))
+
+
+def _busy_seconds() -> float:
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def random_feeds(session: Any) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for ``session``, dynamic dimensions set to 1."""
     rng = np.random.default_rng(0)
     feeds = {}
     for spec in session.get_inputs():
@@ -104,8 +141,8 @@ def _stats(seconds: list[float]) -> dict[str, float]:
             "p90": float(np.percentile(milliseconds, 90))}
 
 
-def measure_model(original: BuiltModel, folded: Path, folded_check: dict[str, Any], seconds: float, min_runs: int,
-                  max_runs: int, scratch: Path, log: Any) -> dict[str, Any]:
+def measure_model(original: BuiltModel, folded: Path, folded_check: dict[str, Any], seconds: float,
+                  rounds: tuple[int, int], scratch: Path, log: Any) -> dict[str, Any]:
     """Both thread settings for one model; the gains the issue asks about, as ratios folded/original - 1."""
     entry: dict[str, Any] = {
         "model": original.to_dict(),
@@ -113,7 +150,7 @@ def measure_model(original: BuiltModel, folded: Path, folded_check: dict[str, An
         "threads": [],
     }
     for threads in THREAD_SETTINGS:
-        child = run_child("latency", [original.path, folded, threads, seconds, min_runs, max_runs], scratch,
+        child = run_child("latency", [original.path, folded, threads, seconds, *rounds], scratch,
                           timeout=60 + 20 * seconds)
         if child.failure is not None:
             entry["threads"].append({"threads": threads, "error": child.failure})

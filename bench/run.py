@@ -40,9 +40,10 @@ class Mode:
     precision_cases: tuple[str, ...]
     scale_mb: tuple[float, ...]
     headline_mb: float  # the scale point the headline figures, the --verify cost and the profile are taken on
+    verify_cases: tuple[str, ...]  # models whose runs, not their session creation, dominate --verify
     repeats: int
     latency_seconds: float  # per model and thread setting, shared by its six sessions
-    latency_runs: tuple[int, int]  # at least, at most
+    latency_rounds: tuple[int, int]  # at least, at most
     precision_inputs: int
     verify_iterations: int
 
@@ -55,9 +56,10 @@ FULL = Mode(
     precision_cases=("resnet50", "mobilenet_v2", "unet", "mlp", "bn_before_conv", "affine_chain", "standalone_bn"),
     scale_mb=(1, 4, 16, 64, 200, 600, 2500),
     headline_mb=200,
+    verify_cases=("resnet50",),
     repeats=3,
-    latency_seconds=12,
-    latency_runs=(20, 2000),
+    latency_seconds=14,
+    latency_rounds=(3, 100),
     precision_inputs=3,
     verify_iterations=3,
 )
@@ -68,9 +70,10 @@ QUICK = Mode(
     precision_cases=("bn_before_conv",),
     scale_mb=(1, 16, 64),
     headline_mb=64,
+    verify_cases=("mobilenet_v2",),
     repeats=1,
-    latency_seconds=2,
-    latency_runs=(10, 500),
+    latency_seconds=3,
+    latency_rounds=(2, 20),
     precision_inputs=2,
     verify_iterations=3,
 )
@@ -85,6 +88,7 @@ class Bench:
         self.scratch = scratch
         self.models_dir = scratch / "models"
         self.outputs_dir = scratch / "outputs"
+        self.verify_entries: list[dict[str, Any]] = []
         self.started = time.perf_counter()
 
     def log(self, message: str) -> None:
@@ -116,6 +120,8 @@ def run_tools(bench: Bench, cases: dict[str, BuiltModel]) -> dict[str, dict[str,
     entries = fold_speed.measure_models([cases[name] for name in bench.mode.cases], bench.repeats_for,
                                         bench.outputs_dir, bench.scratch, bench.log, keep_outputs=True)
     bench.save("tools", entries)
+    for name in bench.mode.verify_cases:
+        _verify_cost(bench, cases[name])
     return {entry["model"]["name"]: entry for entry in entries}
 
 
@@ -129,9 +135,8 @@ def run_latency(bench: Bench, cases: dict[str, BuiltModel], tool_entries: dict[s
             entries.append({"model": cases[name].to_dict(), "error": f"bnfold's output is {bnfold_row.get('verdict')}"})
             continue
         folded = fold_speed.output_path(cases[name], BNFOLD, bench.outputs_dir)
-        low, high = bench.mode.latency_runs
-        entries.append(latency.measure_model(cases[name], folded, bnfold_row, bench.mode.latency_seconds, low, high,
-                                             bench.scratch, bench.log))
+        entries.append(latency.measure_model(cases[name], folded, bnfold_row, bench.mode.latency_seconds,
+                                             bench.mode.latency_rounds, bench.scratch, bench.log))
     bench.save("latency", entries)
 
 
@@ -173,7 +178,7 @@ def run_scale(bench: Bench) -> None:
     """Fold time and memory from 1 MB to the largest size, each tool against the floor; on the headline size
     also the cost of --verify and the profile of the fold path. Each model is deleted once measured."""
     bench.log("scale: fold time and peak memory against model size")
-    entries, verify_entries, profile_entry = [], [], None
+    entries, profile_entry = [], None
     for size_mb in _affordable_sizes(bench):
         (model,) = bench.build([f"scale:{size_mb:g}"])
         entry = fold_speed.measure_models([model], bench.repeats_for, bench.outputs_dir, bench.scratch, bench.log,
@@ -181,11 +186,10 @@ def run_scale(bench: Bench) -> None:
         entry["target_mb"] = size_mb
         entries.append(entry)
         if size_mb == bench.mode.headline_mb:
-            verify_entries.append(_verify_cost(bench, model))
+            _verify_cost(bench, model)
             profile_entry = _profile(bench, model)
         shutil.rmtree(model.path.parent, ignore_errors=True)
         bench.save("scale", entries)
-    bench.save("verify", verify_entries)
     if profile_entry is not None:
         bench.save("profile", profile_entry)
 
@@ -199,7 +203,7 @@ def _affordable_sizes(bench: Bench) -> list[float]:
     return sizes
 
 
-def _verify_cost(bench: Bench, model: BuiltModel) -> dict[str, Any]:
+def _verify_cost(bench: Bench, model: BuiltModel) -> None:
     bench.log(f"  --verify cost on {model.name}")
     child = run_child("verify-cost", [model.path, json.dumps(model.fold_options), bench.mode.verify_iterations],
                       bench.scratch, timeout=fold_speed.timeout_for(model) * 3)
@@ -209,7 +213,8 @@ def _verify_cost(bench: Bench, model: BuiltModel) -> dict[str, Any]:
     else:
         bench.log(f"    verify {entry['stages']['verify']:.2f} s vs two sessions and "
                   f"{bench.mode.verify_iterations}x two runs {entry['baseline_seconds']:.2f} s")
-    return entry
+    bench.verify_entries.append(entry)
+    bench.save("verify", bench.verify_entries)
 
 
 def _profile(bench: Bench, model: BuiltModel) -> dict[str, Any]:
