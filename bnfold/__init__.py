@@ -13,14 +13,19 @@ from bnfold.errors import BnfoldError, InputError, MissingDependencyError, Outpu
 from bnfold.onnx_front.io import read_model, write_model
 from bnfold.patterns import PATTERN_NAMES
 from bnfold.report import BnRecord, FoldReport, Totals
-from bnfold.verify import VerifyReport, verify_onnx
 
 __version__ = "0.1.0"
 
 _TORCH_API = {"fold_module", "fold_torch_file"}
+# Imported on first use: verification brings in onnxruntime and onnx's reference evaluator.
+_VERIFY_API = {"VerifyReport", "verify_onnx"}
 
 
 def __getattr__(name: str) -> Any:
+    if name in _VERIFY_API:
+        from bnfold import verify
+
+        return getattr(verify, name)
     if name in _TORCH_API:
         try:
             import torch  # noqa: F401

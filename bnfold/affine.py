@@ -158,8 +158,9 @@ def scale_weight(
     weight: np.ndarray, factors: np.ndarray, axis: int, groups: int = 1
 ) -> np.ndarray:
     """``weight`` (any float dtype) times per-channel ``factors`` on its channel axis, in float64."""
-    weight64 = np.asarray(weight).astype(np.float64)
-    return weight64 * channel_factors(weight64.shape, factors, axis, groups)
+    weight = np.asarray(weight)
+    # One pass: numpy widens each element to float64 as it multiplies, with no float64 copy of the weight.
+    return np.multiply(weight, channel_factors(weight.shape, factors, axis, groups), dtype=np.float64)
 
 
 def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
@@ -189,6 +190,8 @@ def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """Round float64 ``values`` once to ``dtype``; refuse if a finite value would become infinite."""
     with np.errstate(over="ignore", invalid="ignore"):
         cast = np.asarray(values).astype(dtype)
+    if np.issubdtype(cast.dtype, np.inexact) and not np.isinf(cast).any():
+        return cast  # nothing became infinite: the common case, decided without a float64 pass
     overflowed = ~np.isfinite(cast.astype(np.float64)) & np.isfinite(values)
     if np.any(overflowed):
         raise FoldRefused(

@@ -7,7 +7,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +20,19 @@ from bnfold.onnx_front.io import (
     PROTOBUF_LIMIT,
     check_supported,
     has_external_tensors,
-    read_model,
+    inline_own_tensors,
+    read_model_lazy,
     tensor_bytes,
     write_model,
 )
 from bnfold.patterns import ALL_PATTERNS, OPT_IN_PATTERNS, PATTERN_NAMES, STANDALONE, STANDALONE_MODES
 from bnfold.report import BnRecord, FoldReport
-from bnfold.verify import VerifyReport, verify_onnx
 
 ModelLike = ModelProto | str | os.PathLike[str]
 Inputs = Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | str | os.PathLike[str] | None
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass
 class FoldResult:
     """The folded model and the report of what was folded, what was left and why.
 
@@ -43,21 +41,38 @@ class FoldResult:
     (or :func:`bnfold.write_model` with ``base_dir``), which copies them into the output's own data file.
     """
 
-    model: ModelProto
-    report: FoldReport
-    base_dir: Path | None = None
+    def __init__(self, model: ModelProto, report: FoldReport, base_dir: Path | None = None,
+                 source: Path | None = None) -> None:
+        self._model = model
+        self.report = report
+        self._base_dir = base_dir
+        # The input file, while the model still reads tensors the fold did not touch from it (see
+        # io.read_model_lazy): they are brought into memory only if someone asks for the model.
+        self._source = source
+
+    @property
+    def model(self) -> ModelProto:
+        if self._source is not None:
+            inline_own_tensors(self._model, self._source)
+            self._source = None
+        return self._model
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self._base_dir if self._source is not None or has_external_tensors(self._model) else None
 
     def write(self, path: str | os.PathLike[str], *, external_data: str | None = None,
               external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:
         """:func:`bnfold.write_model` for this result; returns the paths written."""
-        return write_model(self.model, path, external_data=external_data, external_threshold=external_threshold,
+        return write_model(self._model, path, external_data=external_data, external_threshold=external_threshold,
                            base_dir=self.base_dir)
 
 
 def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
     """A model bnfold may edit, the untouched original to verify against (the caller's proto or path),
-    and the directory external tensors are read from. Read from a path, external tensors stay on disk
-    until a fold needs them, so at most one extra copy of what is folded is ever in memory."""
+    and the directory external tensors are read from. Read from a path, large tensors stay on disk until a
+    fold needs them (see :func:`bnfold.onnx_front.io.read_model_lazy`), so at most one copy of what is folded
+    is ever in memory."""
     if isinstance(model, ModelProto):
         check_supported(model)
         if has_external_tensors(model):
@@ -67,22 +82,22 @@ def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
         copy.CopyFrom(model)
         return copy, model, None
     if isinstance(model, str | os.PathLike):
-        editable = read_model(model, load_external_data=False)
+        editable = read_model_lazy(model)
         return editable, model, Path(model).parent if has_external_tensors(editable) else None
     raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
 @contextlib.contextmanager
-def _checkable(folded: ModelProto, base_dir: Path | None) -> Iterator[ModelProto | Path]:
-    """``folded`` itself, or a temporary file of it with external data, which the checker and onnxruntime
-    read without a serialized copy in memory: for inputs that came with external data (some tensors may
-    still be in the input's files), and for models too large for one protobuf message."""
+def _staged(folded: ModelProto, base_dir: Path | None) -> Iterator[ModelProto | Path]:
+    """``folded`` itself, or a temporary file of it, which onnxruntime reads without a serialized copy in
+    memory: for models read from a path (some tensors are still in the input's files), and for models too
+    large for one protobuf message."""
     if base_dir is None and tensor_bytes(folded) < PROTOBUF_LIMIT:
         yield folded
         return
     with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
         path = Path(staging) / "folded.onnx"
-        write_model(folded, path, external_threshold=0, base_dir=base_dir)
+        write_model(folded, path, base_dir=base_dir)
         yield path
 
 
@@ -145,6 +160,7 @@ def fold_onnx(
     folded, original, base_dir = _editable(model)
     loaded = time.perf_counter()
     before = model_totals(folded)
+    check = FoldedModelCheck(folded, base_dir)
     unfolded = [folded]  # the model just read serves the first attempt; the guard's refolds read it again
 
     def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
@@ -161,30 +177,25 @@ def fold_onnx(
             raise BnfoldError(f"internal error while folding ({type(error).__name__}: {error})") from error
         return working, mark_guarded(records, events)
 
-    def problem(candidate: ModelProto) -> str | None:
-        with _checkable(candidate, base_dir) as checkable:
-            return check(checkable)
-
-    check = FoldedModelCheck(original)
     folded, records = attempt({})
-    with contextlib.ExitStack() as staged:
-        checkable = staged.enter_context(_checkable(folded, base_dir))
-        first_problem = check(checkable)
-        if first_problem is not None:
-            staged.close()
-            _check(original, "the input model")
-            folded, records = repair(attempt, problem, records, first_problem)
-            checkable = staged.enter_context(_checkable(folded, base_dir))
-        report = FoldReport(records, totals(before, model_totals(folded)))
-        report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
-        if verify:
-            verified = time.perf_counter()
+    first_problem = check(folded)
+    if first_problem is not None:
+        _check(original, "the input model")
+        folded, records = repair(attempt, check, records, first_problem)
+    report = FoldReport(records, totals(before, model_totals(folded)))
+    report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
+    if verify:
+        from bnfold.verify import verify_onnx  # onnxruntime and onnx.reference: only when verifying
+
+        verified = time.perf_counter()
+        with _staged(folded, base_dir) as candidate:
             report.verification = verify_onnx(
-                original, checkable, inputs=inputs, input_shapes=input_shapes, iterations=iterations,
+                original, candidate, inputs=inputs, input_shapes=input_shapes, iterations=iterations,
                 seed=seed, rtol=rtol, atol=atol, progress=progress,
             )
-            report.seconds["verify"] = time.perf_counter() - verified
-    return FoldResult(folded, report, base_dir if has_external_tensors(folded) else None)
+        report.seconds["verify"] = time.perf_counter() - verified
+    source = Path(model) if isinstance(model, str | os.PathLike) else None
+    return FoldResult(folded, report, base_dir, source)
 
 
 def inspect_onnx(
@@ -200,4 +211,4 @@ def inspect_onnx(
                      standalone=standalone).report
 
 
-__all__ = ["FoldResult", "VerifyReport", "enabled_patterns", "fold_onnx", "inspect_onnx", "verify_onnx"]
+__all__ = ["FoldResult", "enabled_patterns", "fold_onnx", "inspect_onnx"]

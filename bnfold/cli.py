@@ -24,7 +24,6 @@ from bnfold.interrupts import Interrupted, interrupt_on_stop_signals
 from bnfold.onnx_front.io import PROTOBUF_LIMIT
 from bnfold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.report import FoldReport
-from bnfold.verify import verify_onnx
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip archives (.pt2, TorchScript, torch.save) and raw pickles
@@ -254,6 +253,8 @@ def verify(original: str, candidate: str, inputs: str | None, input_shapes: tupl
     for path in (original, candidate):
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: not a file")
+    from bnfold.verify import verify_onnx
+
     report = verify_onnx(original, candidate, inputs=inputs, input_shapes=shapes, iterations=iterations,
                          seed=seed, rtol=rtol, atol=atol, progress=_progress(not as_json))
     _emit(as_json, report.to_dict(), report.render())

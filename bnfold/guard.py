@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 from onnx import ModelProto
 
 from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError
+from bnfold.onnx_front.external import is_external, model_tensors, payload_bytes
+from bnfold.onnx_front.wire import copy_fields
 from bnfold.report import BnRecord
 
 GUARD_REJECTED = "guard_rejected"
+# Initializers this large are weights, which the checks need only the type and shape of; smaller ones may
+# be shapes or axes whose values shape inference reads.
+LARGE_TENSOR_BYTES = 1024
 
 # A fold site: (scope, node label), as BnRecord has them.
 SiteKey = tuple[str, str]
@@ -42,40 +47,106 @@ Problem = Callable[[ModelProto], str | None]
 
 class FoldedModelCheck:
     """Whether a folded model may be written: it passes ``onnx.checker`` (full check), and onnxruntime can
-    load it if it can load ``original``. The onnxruntime load is tried for models in memory only: one staged
-    in a file is over 2 GB or keeps its tensors in external files, and loading it would cost as much memory
-    as the model; verification loads it anyway."""
+    load it if it can load ``original``.
 
-    def __init__(self, original: ModelProto | str | os.PathLike[str]) -> None:
-        self._original = original
-        self._original_loads: bool | None = None
+    Both look at the model's structure, not its weights: large initializers of the main graph are declared
+    as graph inputs of their type and shape instead (:func:`weightless`), so a check costs milliseconds
+    whatever the model's size, and tensors still on disk are not read. onnxruntime is asked only when the
+    fold made a node onnxruntime may have no kernel for: one whose operator and input and output types
+    (:func:`kernel_signatures`) appear nowhere in the original. A model with tensors on disk outside the main
+    graph's initializers is staged in a file for the checker, without the onnxruntime load (verification
+    loads it anyway)."""
 
-    def __call__(self, candidate: ModelProto | Path) -> str | None:
+    def __init__(self, original: ModelProto, base_dir: Path | None) -> None:
+        """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``)."""
+        self._original_skeleton = weightless(original)
+        self._base_dir = base_dir
+
+    def __call__(self, candidate: ModelProto) -> str | None:
         """Why ``candidate`` must not be written, as a phrase ("fails onnx.checker (...)"), or None."""
-        # Serialized once for both checks: for a large model that is a good part of their cost.
-        source = candidate.SerializeToString() if isinstance(candidate, ModelProto) else os.fspath(candidate)
+        skeleton = weightless(candidate)
+        if skeleton is None:
+            return self._check_staged(candidate)
+        serialized = skeleton.SerializeToString()
         try:
-            onnx.checker.check_model(source, full_check=True)
+            onnx.checker.check_model(serialized, full_check=True)
         except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
             return f"fails onnx.checker ({_first_line(error)})"
-        if not isinstance(source, bytes):
+        original = self._original_skeleton
+        if original is None or kernel_signatures(skeleton) <= kernel_signatures(original):
             return None
-        failure = _ort_load_failure(source)
-        if failure is None:
+        failure = _ort_load_failure(serialized)
+        if failure is None or _ort_load_failure(original.SerializeToString()) is not None:
             return None
-        if self._original_loads is None:
-            self._original_loads = _ort_load_failure(self._original) is None
-        return f"onnxruntime cannot load ({failure})" if self._original_loads else None
+        return f"onnxruntime cannot load ({failure})"
+
+    def _check_staged(self, candidate: ModelProto) -> str | None:
+        from bnfold.onnx_front.io import write_model
+
+        with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
+            path = Path(staging) / "folded.onnx"
+            write_model(candidate, path, external_threshold=0, base_dir=self._base_dir)
+            try:
+                onnx.checker.check_model(os.fspath(path), full_check=True)
+            except Exception as error:  # noqa: BLE001 - as above
+                return f"fails onnx.checker ({_first_line(error)})"
+        return None
 
 
-def _ort_load_failure(model: bytes | ModelProto | str | os.PathLike[str]) -> str | None:
+def weightless(model: ModelProto) -> ModelProto | None:
+    """``model`` with each main-graph initializer of ``LARGE_TENSOR_BYTES`` or more (or kept on disk)
+    replaced by a graph input of its type and shape; None if tensors on disk remain elsewhere."""
+    skeleton = ModelProto()
+    skeleton.CopyFrom(_without_initializers(model))
+    declared = {value.name for value in model.graph.input}
+    for tensor in model.graph.initializer:
+        if not is_external(tensor) and (payload_bytes(tensor) or 0) < LARGE_TENSOR_BYTES:
+            skeleton.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                           list(tensor.dims)))
+    if any(is_external(tensor) for tensor in model_tensors(skeleton)):
+        return None
+    return skeleton
+
+
+def _without_initializers(model: ModelProto) -> ModelProto:
+    shell = ModelProto()
+    copy_fields(model, shell, skip={"graph"})
+    copy_fields(model.graph, shell.graph, skip={"initializer"})
+    return shell
+
+
+def kernel_signatures(model: ModelProto) -> set[tuple[str, str, frozenset[int], frozenset[int]]]:
+    """What onnxruntime picks a kernel by, for every node of every graph: domain, operator, and the element
+    types of its inputs and outputs (0 where inference cannot tell)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    signatures: set[tuple[str, str, frozenset[int], frozenset[int]]] = set()
+
+    def visit(graph: onnx.GraphProto, outer: dict[str, int]) -> None:
+        types = dict(outer)
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            types[value.name] = value.type.tensor_type.elem_type
+        types.update((tensor.name, tensor.data_type) for tensor in graph.initializer)
+        for node in graph.node:
+            signatures.add((node.domain, node.op_type, frozenset(types.get(name, 0) for name in node.input if name),
+                            frozenset(types.get(name, 0) for name in node.output if name)))
+            for attribute in node.attribute:
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    visit(subgraph, types)
+
+    visit(inferred.graph, {})
+    return signatures
+
+
+def _ort_load_failure(model: bytes) -> str | None:
+    import onnxruntime as ort  # only when a fold needs it: the import alone costs a tenth of a second
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # the failure is reported once, by bnfold, not logged by onnxruntime too
-    source = model if isinstance(model, bytes) else (
-        model.SerializeToString() if isinstance(model, ModelProto) else os.fspath(model))
     try:
-        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - whatever the reason, it cannot be loaded
         return _first_line(error)
     return None

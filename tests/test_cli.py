@@ -136,15 +136,15 @@ def test_verify_uses_given_inputs_and_input_shapes(model_path, tmp_path):
 
 
 def test_fold_that_fails_verification_writes_nothing(model_path, tmp_path, monkeypatch):
-    import bnfold.api
+    import bnfold.verify
 
-    real = bnfold.api.verify_onnx
+    real = bnfold.verify.verify_onnx
 
     def strict(*args, **kwargs):
         kwargs["atol"], kwargs["rtol"] = 0.0, 0.0
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bnfold.api, "verify_onnx", strict)
+    monkeypatch.setattr(bnfold.verify, "verify_onnx", strict)
     out = tmp_path / "f.onnx"
     out.write_bytes(b"previous")
     result = invoke("fold", model_path, "-o", out)

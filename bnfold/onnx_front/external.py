@@ -8,7 +8,9 @@ model edited after loading cannot send a read elsewhere.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -115,13 +117,18 @@ def external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
     if os.path.isabs(location) or PureWindowsPath(location).drive or location.startswith("\\"):
         raise InputError(f"tensor {name!r} has external data at an absolute path ({location!r})")
     try:
-        base = base_dir.resolve()
-        target = (base / location).resolve()
-        if target == base or not target.is_relative_to(base):
+        # Strings, not Paths: a large model has thousands of tensors, and this runs on every read.
+        base = os.path.realpath(base_dir)
+        target = os.path.realpath(os.path.join(base, location))
+        if target == base or os.path.commonpath([base, target]) != base:
             raise InputError(f"tensor {name!r} has external data outside the model's directory ({location!r})")
-        if not target.is_file():
+        try:
+            status = os.stat(target)
+        except FileNotFoundError:
+            status = None
+        if status is None or not stat.S_ISREG(status.st_mode):
             raise InputError(f"external data file {location!r} of tensor {name!r} is missing or not a regular file")
-        size = target.stat().st_size
+        size = status.st_size
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
         raise InputError(f"tensor {name!r}: unusable external data location {location!r} ({error})") from None
     expected = payload_bytes(tensor)
@@ -137,7 +144,7 @@ def external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
                          f"({size - offset} of {length} bytes after offset {offset})")
     if length != expected:
         raise InputError(f"tensor {name!r}: external data has {length} bytes, its dtype and dims need {expected}")
-    return ExternalRef(target, offset, length)
+    return ExternalRef(Path(target), offset, length)
 
 
 def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
@@ -167,18 +174,70 @@ def read_external(tensor: TensorProto, base_dir: Path) -> bytes:
 
 def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     """The value of an external tensor, read through :func:`read_external`'s checks."""
-    inline = TensorProto(data_type=tensor.data_type, dims=tensor.dims, raw_data=read_external(tensor, base_dir))
-    return numpy_helper.to_array(inline)
+    dtype = _NATIVE_DTYPES.get(tensor.data_type)
+    if dtype is None:  # onnx's own conversion knows the exotic dtypes (bfloat16, float8, int4, ...)
+        inline = TensorProto(data_type=tensor.data_type, dims=tensor.dims, raw_data=read_external(tensor, base_dir))
+        return numpy_helper.to_array(inline)
+    ref = external_ref(tensor, base_dir)
+    value = np.empty(tuple(tensor.dims), dtype=dtype)
+    with _open(ref, tensor) as handle:
+        try:
+            filled = handle.readinto(memoryview(value.reshape(-1).view(np.uint8)))
+        except OSError as error:
+            raise InputError(f"tensor {tensor.name!r}: cannot read its external data ({error.strerror or error})"
+                             ) from None
+    if filled != ref.length:
+        raise InputError(f"tensor {tensor.name!r}: its external data file shrank while being read")
+    return value
 
 
 def copy_external(tensor: TensorProto, base_dir: Path, out: BinaryIO) -> int:
-    """Append ``tensor``'s external bytes to ``out`` in chunks, never holding the whole tensor; returns the
-    length. Reading problems are the input's (``InputError``); writing ones stay ``OSError``."""
+    """Append ``tensor``'s external bytes to ``out``, in the kernel where it can, else in chunks, never
+    holding the whole tensor; returns the length. Reading problems are the input's (``InputError``); writing
+    ones stay ``OSError``."""
     ref = external_ref(tensor, base_dir)
-    remaining = ref.length
     with _open(ref, tensor) as handle:
+        if _kernel_copy(handle, ref, out, tensor):
+            return ref.length
+        remaining = ref.length
         while remaining:
             chunk = _read(handle, min(COPY_CHUNK, remaining), tensor)
             out.write(chunk)
             remaining -= len(chunk)
     return ref.length
+
+
+def _kernel_copy(handle: BinaryIO, ref: ExternalRef, out: BinaryIO, tensor: TensorProto) -> bool:
+    """``os.copy_file_range`` from the tensor's range to ``out``'s position: no copy through user space (and on
+    file systems that share extents, none at all). False, having copied nothing, where it is unavailable."""
+    copier = getattr(os, "copy_file_range", None)
+    if copier is None or not ref.length:
+        return False
+    try:
+        target = out.fileno()
+    except (OSError, ValueError):  # not a file
+        return False
+    out.flush()
+    copied = 0
+    try:
+        while copied < ref.length:
+            step = copier(handle.fileno(), target, ref.length - copied, ref.offset + copied)
+            if step == 0:
+                raise InputError(f"tensor {tensor.name!r}: its external data file shrank while being read")
+            copied += step
+    except OSError as error:
+        if copied or error.errno not in _NO_KERNEL_COPY:
+            raise
+        return False
+    return True
+
+
+# copy_file_range refuses some pairs of files (across file systems on older kernels, special files); those
+# are copied through user space instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
+_NATIVE_DTYPES = {
+    getattr(TensorProto, name): np.dtype(dtype).newbyteorder("<")
+    for name, dtype in (("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16), ("INT8", np.int8),
+                        ("UINT8", np.uint8), ("INT16", np.int16), ("UINT16", np.uint16), ("INT32", np.int32),
+                        ("UINT32", np.uint32), ("INT64", np.int64), ("UINT64", np.uint64))
+}

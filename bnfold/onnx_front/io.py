@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import onnx
-from google.protobuf.message import DecodeError, EncodeError, Message
+from google.protobuf.message import DecodeError, Message
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
 
 from bnfold.errors import InputError, OutputError
@@ -31,6 +31,7 @@ from bnfold.onnx_front.external import (
     payload_bytes,
     read_external,
 )
+from bnfold.onnx_front.wire import WireError, copy_fields, read_skeleton, write_inline
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -47,13 +48,7 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     Every external tensor's location is checked before anything is read. With ``load_external_data=False``
     the tensors stay on disk (see the module docstring); their base directory is ``Path(path).parent``.
     """
-    source = Path(path)
-    if not source.exists():
-        raise InputError(f"{source}: no such file")
-    if source.is_dir():
-        raise InputError(f"{source}: is a directory, not an ONNX file")
-    if not source.is_file():  # a FIFO or a device would block the read or never end it
-        raise InputError(f"{source}: not a regular file")
+    source = _regular_file(path)
     try:
         data = source.read_bytes()
     except OSError as error:
@@ -66,6 +61,33 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     except (DecodeError, ValueError, RuntimeError):
         raise InputError(f"{source}: not an ONNX model (the protobuf does not parse)") from None
     del data
+    return _checked(model, source, load_external_data)
+
+
+def read_model_lazy(path: str | os.PathLike[str]) -> ModelProto:
+    """:func:`read_model` with ``load_external_data=False``, and the main graph's large inline tensors left
+    in the file too: they become external references to the file itself (see :mod:`bnfold.onnx_front.wire`),
+    read only when a fold needs them. Their base directory is ``Path(path).parent``."""
+    source = _regular_file(path)
+    try:
+        model = read_skeleton(source, EXTERNAL_MIN_BYTES)
+    except (WireError, DecodeError, ValueError, RuntimeError, OSError):
+        return read_model(source, load_external_data=False)  # which names the problem, if there is one
+    return _checked(model, source, load_external_data=False)
+
+
+def _regular_file(path: str | os.PathLike[str]) -> Path:
+    source = Path(path)
+    if not source.exists():
+        raise InputError(f"{source}: no such file")
+    if source.is_dir():
+        raise InputError(f"{source}: is a directory, not an ONNX file")
+    if not source.is_file():  # a FIFO or a device would block the read or never end it
+        raise InputError(f"{source}: not a regular file")
+    return source
+
+
+def _checked(model: ModelProto, source: Path, load_external_data: bool) -> ModelProto:
     if not model.HasField("graph") or model.ir_version <= 0:
         raise InputError(f"{source}: not an ONNX model (no graph or IR version)")
     try:
@@ -82,6 +104,17 @@ def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
     return model
+
+
+def inline_own_tensors(model: ModelProto, source: Path) -> None:
+    """Read back into ``model`` the tensors :func:`read_model_lazy` left in ``source`` itself."""
+    for tensor in model.graph.initializer:
+        if is_external(tensor) and _location(tensor) == source.name:
+            _set_inline(tensor, read_external(tensor, source.parent))
+
+
+def _location(tensor: TensorProto) -> str | None:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
 
 
 def check_supported(model: ModelProto) -> None:
@@ -171,14 +204,14 @@ def write_model(
             raise OutputError(f"{destination}: cannot write to {directory} ({error.strerror or error})") from None
         staged = staging / destination.name
         moves: list[tuple[Path, Path]] = []
-        serialized = None if tensor_bytes(model) >= external_threshold else _one_message(model, source_dir)
-        if serialized is None:
+        one_message = tensor_bytes(model) < external_threshold and _write_one_message(model, staged, source_dir)
+        if not one_message:
             with open(staging / location, "wb") as data_file:
                 serialized = _copy_model(model, _DataFileWriter(data_file, location, source_dir)).SerializeToString()
                 if data_file.tell():  # no tensor was large enough: no data file
                     moves.append((staging / location, directory / location))
-        staged.write_bytes(serialized)
-        del serialized
+            staged.write_bytes(serialized)
+            del serialized
         moves.append((staged, destination))
         for source, _ in moves:
             _fsync(source)
@@ -194,15 +227,13 @@ def write_model(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _one_message(model: ModelProto, base_dir: Path) -> bytes | None:
-    """The whole model as one protobuf message; None if protobuf refuses it (2 GiB, when the graph itself
-    weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
-    try:
-        if not has_external_tensors(model):
-            return model.SerializeToString()
-        return _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir)).SerializeToString()
-    except EncodeError:
-        return None
+def _write_one_message(model: ModelProto, path: Path, base_dir: Path) -> bool:
+    """Write the whole model to ``path`` as one protobuf message, streaming the main graph's tensors; False,
+    having written nothing, if it would be 2 GiB or more, which protobuf refuses to read (this happens when
+    the graph itself weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
+    rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
+    with open(path, "wb") as handle:
+        return write_inline(model, rest, handle, base_dir, limit=2**31 - 1)
 
 
 def _check_data_file_name(location: str, destination: Path) -> None:
@@ -229,7 +260,7 @@ def _inline_copy(tensor: TensorProto, base_dir: Path) -> TensorProto | None:
 
 def _metadata_copy(tensor: TensorProto) -> TensorProto:
     copy = TensorProto()
-    _copy_fields(tensor, copy, skip={"raw_data", "external_data", "data_location"})
+    copy_fields(tensor, copy, skip={"raw_data", "external_data", "data_location"})
     return copy
 
 
@@ -274,30 +305,18 @@ class _DataFileWriter:
 Replace = Callable[[TensorProto], TensorProto | None]
 
 
-def _copy_fields(source: Message, target: Message, skip: set[str]) -> None:
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        if isinstance(value, Message):
-            getattr(target, field.name).CopyFrom(value)
-        elif isinstance(value, str | bytes | int | float):
-            setattr(target, field.name, value)
-        else:
-            getattr(target, field.name).extend(value)
-
-
 def _copy_tensor(source: TensorProto, target: TensorProto, replace: Replace) -> None:
     target.CopyFrom(replace(source) or source)
 
 
 def _copy_sparse(source: SparseTensorProto, target: SparseTensorProto, replace: Replace) -> None:
-    _copy_fields(source, target, skip={"values", "indices"})
+    copy_fields(source, target, skip={"values", "indices"})
     _copy_tensor(source.values, target.values, replace)
     _copy_tensor(source.indices, target.indices, replace)
 
 
 def _copy_attribute(source: AttributeProto, target: AttributeProto, replace: Replace) -> None:
-    _copy_fields(source, target, skip={"t", "tensors", "g", "graphs", "sparse_tensor", "sparse_tensors"})
+    copy_fields(source, target, skip={"t", "tensors", "g", "graphs", "sparse_tensor", "sparse_tensors"})
     if source.HasField("t"):
         _copy_tensor(source.t, target.t, replace)
     for tensor in source.tensors:
@@ -315,14 +334,14 @@ def _copy_attribute(source: AttributeProto, target: AttributeProto, replace: Rep
 def _copy_nodes(source: list[NodeProto], target, replace: Replace) -> None:
     for node in source:
         copy = target.add()
-        _copy_fields(node, copy, skip={"attribute"})
+        copy_fields(node, copy, skip={"attribute"})
         for attribute in node.attribute:
             _copy_attribute(attribute, copy.attribute.add(), replace)
 
 
-def _copy_graph(source: GraphProto, target: GraphProto, replace: Replace) -> None:
-    _copy_fields(source, target, skip={"initializer", "sparse_initializer", "node"})
-    for tensor in source.initializer:
+def _copy_graph(source: GraphProto, target: GraphProto, replace: Replace, initializers: bool = True) -> None:
+    copy_fields(source, target, skip={"initializer", "sparse_initializer", "node"})
+    for tensor in source.initializer if initializers else ():
         _copy_tensor(tensor, target.initializer.add(), replace)
     for sparse in source.sparse_initializer:
         _copy_sparse(sparse, target.sparse_initializer.add(), replace)
@@ -330,16 +349,17 @@ def _copy_graph(source: GraphProto, target: GraphProto, replace: Replace) -> Non
 
 
 def _copy_function(source: FunctionProto, target: FunctionProto, replace: Replace) -> None:
-    _copy_fields(source, target, skip={"node"})
+    copy_fields(source, target, skip={"node"})
     _copy_nodes(source.node, target.node, replace)
 
 
-def _copy_model(model: ModelProto, replace: Replace) -> ModelProto:
+def _copy_model(model: ModelProto, replace: Replace, initializers: bool = True) -> ModelProto:
     """``model`` with each tensor ``t`` replaced by ``replace(t)`` unless that is None; in
-    :func:`~bnfold.onnx_front.external.model_tensors` order."""
+    :func:`~bnfold.onnx_front.external.model_tensors` order. Without the main graph's initializers unless
+    ``initializers``."""
     copy = ModelProto()
-    _copy_fields(model, copy, skip={"graph", "functions"})
-    _copy_graph(model.graph, copy.graph, replace)
+    copy_fields(model, copy, skip={"graph", "functions"})
+    _copy_graph(model.graph, copy.graph, replace, initializers)
     for function in model.functions:
         _copy_function(function, copy.functions.add(), replace)
     return copy

@@ -53,14 +53,39 @@ def leftovers(directory: Path) -> list[str]:
 
 # --- disk full ---------------------------------------------------------------------------------------
 
-def full_disk_on_write(monkeypatch) -> None:
-    """Every Path.write_bytes stores half its bytes, then fails as a full disk does."""
-    def write_half(path: pathlib.Path, data: bytes) -> int:
-        with open(path, "wb") as handle:
-            handle.write(data[: len(data) // 2])
+class _FillingDisk:
+    """A file whose writes store half their bytes, then fail as a full disk does."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def write(self, data) -> int:
+        self._handle.write(bytes(data)[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def full_disk_on_write(monkeypatch) -> None:
+    """Every write of the output, through Path.write_bytes or a file bnfold opens, fills the disk."""
+    def write_half(path: pathlib.Path, data: bytes) -> int:
+        with open(path, "wb") as handle:
+            _FillingDisk(handle).write(data)
+        return 0
+
+    def open_filling(path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by the wrapper
+        return _FillingDisk(handle) if "w" in mode else handle
+
     monkeypatch.setattr(pathlib.Path, "write_bytes", write_half)
+    monkeypatch.setattr(bnfold_io, "open", open_filling, raising=False)
 
 
 def full_disk_on_fsync(monkeypatch) -> None:

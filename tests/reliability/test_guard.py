@@ -84,15 +84,46 @@ def test_a_crashing_pattern_costs_only_its_site(monkeypatch):
 
 
 def test_a_model_onnxruntime_cannot_load_is_repaired_too(monkeypatch):
-    """The checker passes; onnxruntime refuses every model with a bias conv-bn created (stood in for by a
-    fake loader, since a real such rewrite would be a bug onnx's checker misses)."""
+    """The checker passes; the bias conv-bn creates counts as a node of a new kernel signature, and
+    onnxruntime refuses every model with it (both stood in for by fakes, since a real such rewrite would be
+    a bug onnx's checker misses)."""
+    real_signatures = bnfold.guard.kernel_signatures
+
+    def signatures(model):
+        new = {("test", "NewKernel", frozenset(), frozenset())} if b"conv2.bias" in model.SerializeToString() else set()
+        return real_signatures(model) | new
+
     def load_failure(source):
         return "no kernel (injected)" if isinstance(source, bytes) and b"conv2.bias" in source else None
 
+    monkeypatch.setattr(bnfold.guard, "kernel_signatures", signatures)
     monkeypatch.setattr(bnfold.guard, "_ort_load_failure", load_failure)
     records = by_name(fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False))
     assert records["bn2"].reason == GUARD_REJECTED and "onnxruntime cannot load" in records["bn2"].message
     assert [records[name].status for name in ("bn1", "bn3", "bn_gemm")] == ["folded"] * 3
+
+
+def test_onnxruntime_is_not_asked_when_the_fold_makes_no_new_kind_of_node(monkeypatch):
+    """Conv+BN and Gemm+BN folds change weights and add biases of the layer's own type: every kernel the
+    folded model needs, the original already needed, so loading it in onnxruntime proves nothing new."""
+    def load_failure(source):
+        raise AssertionError("onnxruntime was asked")
+
+    monkeypatch.setattr(bnfold.guard, "_ort_load_failure", load_failure)
+    records = by_name(fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False))
+    assert {record.status for record in records.values()} == {"folded"}
+
+
+def test_a_new_kind_of_node_is_loaded_in_onnxruntime(monkeypatch):
+    """The backward fold's remainder is an Add, which the original has nowhere: onnxruntime loads the result."""
+    asked = []
+    real = bnfold.guard._ort_load_failure
+    monkeypatch.setattr(bnfold.guard, "_ort_load_failure", lambda source: asked.append(source) or real(source))
+    g = GraphBuilder(seed=5)
+    bn = g.bn(g.input("x", [1, 3, 6, 6]), 3, name="bn")
+    model = g.model([g.node("Conv", [bn, g.weight([5, 3, 3, 3])], pads=[1, 1, 1, 1])])
+    records = by_name(fold_onnx(model, verify=False))
+    assert records["bn"].status == "folded" and len(asked) == 1
 
 
 def test_the_cli_warns_on_stderr_and_writes_the_repaired_model(monkeypatch, tmp_path):
