@@ -15,12 +15,13 @@ from onnx import ModelProto
 
 from bnfold.errors import BnfoldError, InputError
 from bnfold.guard import FoldedModelCheck, Rejections, SiteKey, guarded, mark_guarded, repair
+from bnfold.onnx_front.external import HeldTensors
 from bnfold.onnx_front.fold import fold_model, model_totals, totals
 from bnfold.onnx_front.io import (
     PROTOBUF_LIMIT,
     check_supported,
     has_external_tensors,
-    inline_own_tensors,
+    inline_main_tensors,
     read_model_lazy,
     tensor_bytes,
     write_model,
@@ -42,19 +43,21 @@ class FoldResult:
     """
 
     def __init__(self, model: ModelProto, report: FoldReport, base_dir: Path | None = None,
-                 source: Path | None = None) -> None:
+                 source: Path | None = None, held: HeldTensors | None = None) -> None:
         self._model = model
         self.report = report
         self._base_dir = base_dir
-        # The input file, while the model still reads tensors the fold did not touch from it (see
-        # io.read_model_lazy): they are brought into memory only if someone asks for the model.
+        # Until someone asks for the model, the tensors the fold did not touch stay in the input file
+        # (``source``, see io.read_model_lazy) and the ones it wrote stay numpy arrays (``held``).
         self._source = source
+        self._held = held or {}
 
     @property
     def model(self) -> ModelProto:
-        if self._source is not None:
-            inline_own_tensors(self._model, self._source)
-            self._source = None
+        """The folded model, every tensor of its main graph in memory (external data stays external)."""
+        if self._source is not None or self._held:
+            inline_main_tensors(self._model, self._source, self._held)
+            self._source, self._held = None, {}
         return self._model
 
     @property
@@ -65,7 +68,7 @@ class FoldResult:
               external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:
         """:func:`bnfold.write_model` for this result; returns the paths written."""
         return write_model(self._model, path, external_data=external_data, external_threshold=external_threshold,
-                           base_dir=self.base_dir)
+                           base_dir=self.base_dir, held=self._held)
 
 
 def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
@@ -88,16 +91,16 @@ def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
 
 
 @contextlib.contextmanager
-def _staged(folded: ModelProto, base_dir: Path | None) -> Iterator[ModelProto | Path]:
+def _staged(folded: ModelProto, base_dir: Path | None, held: HeldTensors) -> Iterator[ModelProto | Path]:
     """``folded`` itself, or a temporary file of it, which onnxruntime reads without a serialized copy in
-    memory: for models read from a path (some tensors are still in the input's files), and for models too
-    large for one protobuf message."""
-    if base_dir is None and tensor_bytes(folded) < PROTOBUF_LIMIT:
+    memory: for models read from a path (some tensors are still in the input's files), with held tensors,
+    and for models too large for one protobuf message."""
+    if base_dir is None and not held and tensor_bytes(folded) < PROTOBUF_LIMIT:
         yield folded
         return
     with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
         path = Path(staging) / "folded.onnx"
-        write_model(folded, path, base_dir=base_dir)
+        write_model(folded, path, base_dir=base_dir, held=held)
         yield path
 
 
@@ -163,13 +166,18 @@ def fold_onnx(
     check = FoldedModelCheck(folded, base_dir)
     unfolded = [folded]  # the model just read serves the first attempt; the guard's refolds read it again
 
+    # The values the latest attempt held outside its model; the model the guard settles on is the latest.
+    latest_held: HeldTensors = {}
+
     def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
         working = unfolded.pop() if unfolded else _editable(model)[0]
         events: dict[SiteKey, str] = {}
+        latest_held.clear()
         # Blame the input when it is invalid itself; anything else is bnfold's bug, and nothing is written.
         try:
             records = fold_model(working, guarded(ALL_PATTERNS, rejected, events), enabled,
-                                 allow_overridable=allow_overridable, progress=progress, base_dir=base_dir)
+                                 allow_overridable=allow_overridable, progress=progress, base_dir=base_dir,
+                                 held=latest_held)
         except BnfoldError:
             raise
         except Exception as error:
@@ -188,14 +196,14 @@ def fold_onnx(
         from bnfold.verify import verify_onnx  # onnxruntime and onnx.reference: only when verifying
 
         verified = time.perf_counter()
-        with _staged(folded, base_dir) as candidate:
+        with _staged(folded, base_dir, latest_held) as candidate:
             report.verification = verify_onnx(
                 original, candidate, inputs=inputs, input_shapes=input_shapes, iterations=iterations,
                 seed=seed, rtol=rtol, atol=atol, progress=progress,
             )
         report.seconds["verify"] = time.perf_counter() - verified
     source = Path(model) if isinstance(model, str | os.PathLike) else None
-    return FoldResult(folded, report, base_dir, source)
+    return FoldResult(folded, report, base_dir, source, dict(latest_held))
 
 
 def inspect_onnx(

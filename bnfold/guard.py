@@ -32,6 +32,8 @@ from bnfold.onnx_front.wire import copy_fields
 from bnfold.report import BnRecord
 
 GUARD_REJECTED = "guard_rejected"
+# Domain, operator, input and output element types: what onnxruntime chooses a kernel by.
+Signature = tuple[str, str, frozenset[int], frozenset[int]]
 # Initializers this large are weights, which the checks need only the type and shape of; smaller ones may
 # be shapes or axes whose values shape inference reads.
 LARGE_TENSOR_BYTES = 1024
@@ -60,6 +62,7 @@ class FoldedModelCheck:
     def __init__(self, original: ModelProto, base_dir: Path | None) -> None:
         """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``)."""
         self._original_skeleton = weightless(original)
+        self._original_signatures: set[Signature] | None = None
         self._base_dir = base_dir
 
     def __call__(self, candidate: ModelProto) -> str | None:
@@ -73,7 +76,11 @@ class FoldedModelCheck:
         except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
             return f"fails onnx.checker ({_first_line(error)})"
         original = self._original_skeleton
-        if original is None or kernel_signatures(skeleton) <= kernel_signatures(original):
+        if original is None:
+            return None
+        if self._original_signatures is None:
+            self._original_signatures = kernel_signatures(original)
+        if kernel_signatures(skeleton) <= self._original_signatures:
             return None
         failure = _ort_load_failure(serialized)
         if failure is None or _ort_load_failure(original.SerializeToString()) is not None:
@@ -117,11 +124,11 @@ def _without_initializers(model: ModelProto) -> ModelProto:
     return shell
 
 
-def kernel_signatures(model: ModelProto) -> set[tuple[str, str, frozenset[int], frozenset[int]]]:
+def kernel_signatures(model: ModelProto) -> set[Signature]:
     """What onnxruntime picks a kernel by, for every node of every graph: domain, operator, and the element
     types of its inputs and outputs (0 where inference cannot tell)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    signatures: set[tuple[str, str, frozenset[int], frozenset[int]]] = set()
+    signatures: set[Signature] = set()
 
     def visit(graph: onnx.GraphProto, outer: dict[str, int]) -> None:
         types = dict(outer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import BinaryIO
@@ -48,6 +48,34 @@ def payload_bytes(tensor: TensorProto) -> int | None:
 
 def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
+
+
+# Values of main-graph initializers a fold wrote, by name, kept as numpy arrays beside the model instead of in
+# its protobuf: each copy of a 200 MB model's weights into and out of protobuf costs a tenth of a second. The
+# tensor in the model keeps its name, dtype and dims, and no data.
+HeldTensors = dict[str, np.ndarray]
+# Only values this large are held; smaller ones go into the model as usual.
+HELD_MIN_BYTES = 1024
+
+
+def held_value(tensor: TensorProto, held: HeldTensors | None) -> np.ndarray | None:
+    """``tensor``'s value if it is held in ``held``: a tensor of that name without any data of its own."""
+    if not held or tensor.name not in held or is_external(tensor) or tensor.HasField("raw_data"):
+        return None
+    return held[tensor.name]
+
+
+def hold(tensor: TensorProto, value: np.ndarray, name: str, held: HeldTensors) -> None:
+    """Make ``tensor`` a data-less ``name`` of ``value``'s dtype and shape, its value held in ``held``."""
+    tensor.Clear()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+    tensor.dims.extend(value.shape)
+    held[name] = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+
+
+def holdable(value: np.ndarray, held: HeldTensors | None) -> bool:
+    return held is not None and value.nbytes >= HELD_MIN_BYTES and value.dtype in _HOLDABLE_DTYPES
 
 
 def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto]:
@@ -109,6 +137,17 @@ def _entry_int(entries: dict[str, str], key: str, tensor: TensorProto) -> int | 
 
 def external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
     """Where ``tensor``'s bytes are, once every rule in the module docstring holds; never reads them."""
+    return _checked_ref(tensor, base_dir, {})
+
+
+def check_external_refs(tensors: Iterable[TensorProto], base_dir: Path) -> None:
+    """:func:`external_ref` for many tensors at once, each file located once."""
+    located: dict[str, tuple[str, int]] = {}
+    for tensor in tensors:
+        _checked_ref(tensor, base_dir, located)
+
+
+def _checked_ref(tensor: TensorProto, base_dir: Path, located: dict[str, tuple[str, int]]) -> ExternalRef:
     entries = {entry.key: entry.value for entry in tensor.external_data}
     location = entries.get("location", "")
     name = tensor.name
@@ -116,21 +155,9 @@ def external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
         raise InputError(f"tensor {name!r} is marked as external data but names no file")
     if os.path.isabs(location) or PureWindowsPath(location).drive or location.startswith("\\"):
         raise InputError(f"tensor {name!r} has external data at an absolute path ({location!r})")
-    try:
-        # Strings, not Paths: a large model has thousands of tensors, and this runs on every read.
-        base = os.path.realpath(base_dir)
-        target = os.path.realpath(os.path.join(base, location))
-        if target == base or os.path.commonpath([base, target]) != base:
-            raise InputError(f"tensor {name!r} has external data outside the model's directory ({location!r})")
-        try:
-            status = os.stat(target)
-        except FileNotFoundError:
-            status = None
-        if status is None or not stat.S_ISREG(status.st_mode):
-            raise InputError(f"external data file {location!r} of tensor {name!r} is missing or not a regular file")
-        size = status.st_size
-    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
-        raise InputError(f"tensor {name!r}: unusable external data location {location!r} ({error})") from None
+    if location not in located:
+        located[location] = _locate(location, base_dir, name)
+    target, size = located[location]
     expected = payload_bytes(tensor)
     if expected is None:
         raise InputError(f"tensor {name!r} of data type {tensor.data_type} cannot be stored as external data")
@@ -145,6 +172,26 @@ def external_ref(tensor: TensorProto, base_dir: Path) -> ExternalRef:
     if length != expected:
         raise InputError(f"tensor {name!r}: external data has {length} bytes, its dtype and dims need {expected}")
     return ExternalRef(Path(target), offset, length)
+
+
+def _locate(location: str, base_dir: Path, name: str) -> tuple[str, int]:
+    """The file ``location`` names, symlinks followed, and its size, if it is a regular file inside
+    ``base_dir``."""
+    try:
+        # Strings, not Paths: a large model has thousands of tensors, and this runs on every read.
+        base = os.path.realpath(base_dir)
+        target = os.path.realpath(os.path.join(base, location))
+        if target == base or os.path.commonpath([base, target]) != base:
+            raise InputError(f"tensor {name!r} has external data outside the model's directory ({location!r})")
+        try:
+            status = os.stat(target)
+        except FileNotFoundError:
+            status = None
+        if status is None or not stat.S_ISREG(status.st_mode):
+            raise InputError(f"external data file {location!r} of tensor {name!r} is missing or not a regular file")
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise InputError(f"tensor {name!r}: unusable external data location {location!r} ({error})") from None
+    return target, status.st_size
 
 
 def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
@@ -232,6 +279,7 @@ def _kernel_copy(handle: BinaryIO, ref: ExternalRef, out: BinaryIO, tensor: Tens
     return True
 
 
+_HOLDABLE_DTYPES = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)}
 # copy_file_range refuses some pairs of files (across file systems on older kernels, special files); those
 # are copied through user space instead.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}

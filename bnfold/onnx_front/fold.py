@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from bnfold.onnx_front.external import HeldTensors
 from bnfold.onnx_front.graph import GraphIndex, subgraphs
 from bnfold.onnx_front.rewrite import fold_node, is_batchnorm
 from bnfold.onnx_front.traversal import fold_all_graphs
@@ -28,17 +29,19 @@ def fold_model(
     allow_overridable: bool = False,
     progress: Progress | None = None,
     base_dir: Path | None = None,
+    held: HeldTensors | None = None,
 ) -> list[BnRecord]:
     """Fold ``model`` in place: its main graph, every subgraph and every model-local function (see
     :mod:`bnfold.onnx_front.traversal`). One record per batch norm; those of subgraphs and functions carry
-    their ``scope``. ``base_dir`` is the directory a lazily read model's external tensors are in."""
+    their ``scope``. ``base_dir`` is the directory a lazily read model's external tensors are in; values the
+    fold writes into the main graph go to ``held`` if given (see ``external.HeldTensors``)."""
     chosen = set(enabled)
     overall = _OverallProgress(progress, model_totals(model)[0]) if progress is not None else None
 
     def fold_one(index: GraphIndex) -> list[BnRecord]:
         return fold_graph(index, patterns, chosen, overall.graph() if overall is not None else None)
 
-    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir)
+    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir, held=held)
 
 
 class _OverallProgress:

@@ -24,7 +24,7 @@ from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helpe
 
 from bnfold.errors import InputError
 from bnfold.onnx_front.constants import ConstantResolver
-from bnfold.onnx_front.external import external_array, is_external
+from bnfold.onnx_front.external import HeldTensors, external_array, held_value, hold, holdable, is_external
 from bnfold.onnx_front.types import ValueType
 
 
@@ -88,8 +88,11 @@ class GraphIndex:
         outer: GraphIndex | None = None,
         scope: str = "",
         base_dir: Path | None = None,
+        held: HeldTensors | None = None,
     ) -> None:
         self.graph = graph
+        # Where written values go instead of the proto (main graph only, see external.HeldTensors).
+        self.held = held
         self.types = types
         self.names = names
         self.opset = opset
@@ -139,6 +142,9 @@ class GraphIndex:
 
     def tensor_array(self, tensor: TensorProto) -> np.ndarray:
         """The value of any tensor of this graph, an external one read from ``base_dir`` after its checks."""
+        value = held_value(tensor, self.held)
+        if value is not None:
+            return value
         if not is_external(tensor):
             return numpy_helper.to_array(tensor)
         if self.base_dir is None:
@@ -197,18 +203,25 @@ class GraphIndex:
             and list(node.input).count(old) == 1
         )
         if exclusive:
-            self.initializers[old].CopyFrom(numpy_helper.from_array(value, old))
+            self._store(self.initializers[old], value, old)
             # The proto holds the value now; a second numpy copy of every folded weight would double
             # the memory a large model needs. A later read converts it again.
             self._arrays.pop(old, None)
             self.constants.forget(old)
             return old
         name = self.names.fresh(base)
-        tensor = numpy_helper.from_array(value, name)
+        tensor = TensorProto()
+        self._store(tensor, value, name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = self.graph.initializer[-1]
         self.set_input(node, slot, name)
         return name
+
+    def _store(self, tensor: TensorProto, value: np.ndarray, name: str) -> None:
+        if holdable(value, self.held):
+            hold(tensor, value, name, self.held)
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(value, name))
 
     def turn_into(self, node: NodeProto, replacement: NodeProto) -> None:
         """Replace ``node`` by ``replacement`` at the same position (keeps topological order)."""

@@ -24,8 +24,11 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 from bnfold.errors import InputError, OutputError
 from bnfold.interrupts import deferred_interrupts
 from bnfold.onnx_front.external import (
+    HeldTensors,
+    check_external_refs,
     copy_external,
     external_ref,
+    held_value,
     is_external,
     model_tensors,
     payload_bytes,
@@ -96,8 +99,7 @@ def _checked(model: ModelProto, source: Path, load_external_data: bool) -> Model
         raise InputError(f"{source}: {error}") from None
     external = [tensor for tensor in model_tensors(model) if is_external(tensor)]
     try:
-        for tensor in external:
-            external_ref(tensor, source.parent)
+        check_external_refs(external, source.parent)
         if load_external_data:
             for tensor in external:
                 _set_inline(tensor, read_external(tensor, source.parent))
@@ -106,10 +108,14 @@ def _checked(model: ModelProto, source: Path, load_external_data: bool) -> Model
     return model
 
 
-def inline_own_tensors(model: ModelProto, source: Path) -> None:
-    """Read back into ``model`` the tensors :func:`read_model_lazy` left in ``source`` itself."""
+def inline_main_tensors(model: ModelProto, source: Path | None, held: HeldTensors) -> None:
+    """Bring into ``model`` the main-graph tensors :func:`read_model_lazy` left in ``source`` itself and the
+    values a fold held outside it."""
     for tensor in model.graph.initializer:
-        if is_external(tensor) and _location(tensor) == source.name:
+        value = held_value(tensor, held)
+        if value is not None:
+            tensor.raw_data = value.tobytes()
+        elif source is not None and is_external(tensor) and _location(tensor) == source.name:
             _set_inline(tensor, read_external(tensor, source.parent))
 
 
@@ -135,17 +141,12 @@ def check_supported(model: ModelProto) -> None:
 
 def _non_utf8_text(message: Message) -> str | None:
     """The first string field in ``message`` or the messages inside it that is not valid UTF-8, by name."""
-    for field in message.DESCRIPTOR.fields:
+    for field, value in message.ListFields():  # set fields only: a model has thousands of messages
         if field.type == field.TYPE_STRING:
-            values = getattr(message, field.name)
-            if any(isinstance(value, bytes) for value in (values if field.is_repeated else [values])):
+            if any(isinstance(text, bytes) for text in (value if field.is_repeated else [value])):
                 return field.full_name
         elif field.type == field.TYPE_MESSAGE:
-            if field.is_repeated:
-                children = getattr(message, field.name)
-            else:
-                children = [getattr(message, field.name)] if message.HasField(field.name) else []
-            for child in children:
+            for child in value if field.is_repeated else [value]:
                 found = _non_utf8_text(child)
                 if found is not None:
                     return found
@@ -169,6 +170,7 @@ def write_model(
     external_data: str | None = None,
     external_threshold: int = PROTOBUF_LIMIT,
     base_dir: str | os.PathLike[str] | None = None,
+    held: HeldTensors | None = None,
 ) -> list[Path]:
     """Write ``model`` atomically: a temporary directory next to the destination, fsync, rename.
 
@@ -176,7 +178,8 @@ def write_model(
     :func:`tensor_bytes`), or that protobuf cannot hold in one message, are written with every
     tensor of ``EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
     ``external_data`` (a plain file name; default ``<name>.data``). Smaller models are one file. ``base_dir``
-    is where a lazily read model's external tensors are (its source directory). ``model`` is not modified.
+    is where a lazily read model's external tensors are (its source directory); ``held`` has the values of
+    tensors a fold kept outside the model (see ``external.HeldTensors``). ``model`` is not modified.
     Returns the paths written; on failure nothing at the destination changes and no temporary file remains.
     """
     destination = Path(path)
@@ -204,10 +207,12 @@ def write_model(
             raise OutputError(f"{destination}: cannot write to {directory} ({error.strerror or error})") from None
         staged = staging / destination.name
         moves: list[tuple[Path, Path]] = []
-        one_message = tensor_bytes(model) < external_threshold and _write_one_message(model, staged, source_dir)
+        one_message = (tensor_bytes(model) < external_threshold
+                       and _write_one_message(model, staged, source_dir, held))
         if not one_message:
             with open(staging / location, "wb") as data_file:
-                serialized = _copy_model(model, _DataFileWriter(data_file, location, source_dir)).SerializeToString()
+                writer = _DataFileWriter(data_file, location, source_dir, held)
+                serialized = _copy_model(model, writer).SerializeToString()
                 if data_file.tell():  # no tensor was large enough: no data file
                     moves.append((staging / location, directory / location))
             staged.write_bytes(serialized)
@@ -227,13 +232,13 @@ def write_model(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_one_message(model: ModelProto, path: Path, base_dir: Path) -> bool:
+def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: HeldTensors | None) -> bool:
     """Write the whole model to ``path`` as one protobuf message, streaming the main graph's tensors; False,
     having written nothing, if it would be 2 GiB or more, which protobuf refuses to read (this happens when
     the graph itself weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
     rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
     with open(path, "wb") as handle:
-        return write_inline(model, rest, handle, base_dir, limit=2**31 - 1)
+        return write_inline(model, rest, handle, base_dir, held, limit=2**31 - 1)
 
 
 def _check_data_file_name(location: str, destination: Path) -> None:
@@ -268,13 +273,17 @@ class _DataFileWriter:
     """Moves the payload of every tensor of ``EXTERNAL_MIN_BYTES`` or more into one data file, in the order
     the tensors are visited, so equal models give byte-identical files."""
 
-    def __init__(self, handle: BinaryIO, location: str, base_dir: Path) -> None:
+    def __init__(self, handle: BinaryIO, location: str, base_dir: Path, held: HeldTensors | None) -> None:
         self._handle = handle
         self._location = location
         self._base_dir = base_dir
+        self._held = held
 
     def __call__(self, tensor: TensorProto) -> TensorProto | None:
-        if is_external(tensor):
+        value = held_value(tensor, self._held)
+        if value is not None:
+            length = value.nbytes
+        elif is_external(tensor):
             length = external_ref(tensor, self._base_dir).length
         elif tensor.HasField("raw_data"):
             length = len(tensor.raw_data)
@@ -286,15 +295,17 @@ class _DataFileWriter:
         if length >= ALIGNMENT:
             handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
         offset = handle.tell()
-        if is_external(tensor):
+        if value is not None:
+            handle.write(memoryview(value).cast("B"))
+        elif is_external(tensor):
             copy_external(tensor, self._base_dir, handle)
         else:
             handle.write(tensor.raw_data)
         stored = _metadata_copy(tensor)
         stored.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self._location), ("offset", str(offset)), ("length", str(length))):
+        for key, text in (("location", self._location), ("offset", str(offset)), ("length", str(length))):
             entry = stored.external_data.add()
-            entry.key, entry.value = key, value
+            entry.key, entry.value = key, text
         return stored
 
 

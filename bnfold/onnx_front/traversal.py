@@ -14,6 +14,7 @@ from pathlib import Path
 
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto
 
+from bnfold.onnx_front.external import HeldTensors
 from bnfold.onnx_front.functions import (
     attribute_references,
     body_graph,
@@ -31,12 +32,14 @@ FoldOne = Callable[[GraphIndex], list[BnRecord]]
 
 
 def fold_all_graphs(
-    model: ModelProto, fold_one: FoldOne, *, allow_overridable: bool, base_dir: Path | None
+    model: ModelProto, fold_one: FoldOne, *, allow_overridable: bool, base_dir: Path | None,
+    held: HeldTensors | None = None,
 ) -> list[BnRecord]:
-    """Apply ``fold_one`` to every graph of ``model`` (in place) and commit; the records of all of them."""
+    """Apply ``fold_one`` to every graph of ``model`` (in place) and commit; the records of all of them.
+    Values written into the main graph go to ``held`` if given (see ``external.HeldTensors``)."""
     types = infer_types(model)
     index = GraphIndex(model.graph, types, NameAllocator([model.graph]), opset=opset_version(model),
-                       allow_overridable=allow_overridable, base_dir=base_dir)
+                       allow_overridable=allow_overridable, base_dir=base_dir, held=held)
     records = fold_tree(index, fold_one)
     index.commit()
     for function in model.functions:

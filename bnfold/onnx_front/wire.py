@@ -17,7 +17,14 @@ from typing import BinaryIO
 from google.protobuf.message import DecodeError, Message
 from onnx import GraphProto, ModelProto, TensorProto
 
-from bnfold.onnx_front.external import copy_external, external_ref, is_external, payload_bytes
+from bnfold.onnx_front.external import (
+    HeldTensors,
+    copy_external,
+    external_ref,
+    held_value,
+    is_external,
+    payload_bytes,
+)
 
 # Field numbers from onnx.proto.
 _MODEL_GRAPH = 7
@@ -173,10 +180,15 @@ def _split(message: Message, number: int) -> tuple[bytes, bytes]:
 class _Payload:
     """One initializer as it will be written: encoded metadata around its raw data, wherever that is."""
 
-    def __init__(self, tensor: TensorProto, base_dir: Path) -> None:
+    def __init__(self, tensor: TensorProto, base_dir: Path, held: HeldTensors | None) -> None:
         self.tensor = tensor
         self.base_dir = base_dir
-        if is_external(tensor):
+        self.value = held_value(tensor, held)
+        if self.value is not None:
+            self.raw_length = self.value.nbytes
+            metadata = tensor
+            self.inline = True
+        elif is_external(tensor):
             self.raw_length = external_ref(tensor, base_dir).length
             metadata = TensorProto()
             copy_fields(tensor, metadata, {"raw_data", "external_data", "data_location"})
@@ -201,7 +213,9 @@ class _Payload:
             return
         out.write(self.below)
         out.write(self.raw_header)
-        if self.inline:
+        if self.value is not None:
+            out.write(memoryview(self.value).cast("B"))
+        elif self.inline:
             raw = self.tensor.raw_data
             if len(raw) != self.raw_length:
                 raise ValueError(f"tensor {self.tensor.name!r} has {len(raw)} bytes of raw data, its dims need "
@@ -212,12 +226,14 @@ class _Payload:
         out.write(self.above)
 
 
-def write_inline(model: ModelProto, rest: ModelProto, out: BinaryIO, base_dir: Path, limit: int) -> bool:
+def write_inline(model: ModelProto, rest: ModelProto, out: BinaryIO, base_dir: Path, held: HeldTensors | None,
+                 limit: int) -> bool:
     """Write ``model`` to ``out`` as one protobuf message, each main-graph initializer streamed from memory
-    or from disk (external tensors are read from ``base_dir``). ``rest`` is the model without main-graph
+    or from disk (external tensors are read from ``base_dir``, held ones from ``held``). ``rest`` is the model
+    without main-graph
     initializers and with every other external tensor inlined. False, having written nothing, if the
     message would have ``limit`` bytes or more."""
-    payloads = [_Payload(tensor, base_dir) for tensor in model.graph.initializer]
+    payloads = [_Payload(tensor, base_dir, held) for tensor in model.graph.initializer]
     graph_below, graph_above = _split(rest.graph, _GRAPH_INITIALIZER)
     initializer_headers = [_header(_GRAPH_INITIALIZER, payload.length) for payload in payloads]
     graph_length = len(graph_below) + len(graph_above) + sum(

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto
 
-from bnfold.affine import FoldRefused
+from bnfold.affine import FoldRefused, ScaledWeight
 from bnfold.onnx_front.graph import GraphIndex
 from bnfold.patterns.runs import AffineRun
 
@@ -41,7 +41,7 @@ class TensorUpdate:
 
     node: NodeProto
     slot: int
-    value: np.ndarray
+    value: np.ndarray | ScaledWeight
     dtype: np.dtype
     role: str
 

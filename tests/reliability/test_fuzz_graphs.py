@@ -4,6 +4,8 @@ and folding its result again changes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -35,7 +37,9 @@ def test_the_oracle_catches_a_fold_that_is_off_by_one_percent(monkeypatch, dtype
 
     def off(self, layer, run, space, mapper, index):
         rewrite = real(self, layer, run, space, mapper, index)
-        rewrite.updates[0].value[0] *= 1.01
+        wrong = np.array(rewrite.updates[0].value)
+        wrong[0] *= 1.01
+        rewrite.updates[0] = dataclasses.replace(rewrite.updates[0], value=wrong)
         return rewrite
 
     monkeypatch.setattr(ConvBn, "fold", off)
