@@ -347,8 +347,10 @@ def render(results: dict[str, Any]) -> str:
         "onnx.reference, corrected by bnfold for the two operators found wrong (BatchNormalization-9..13, "
         "grouped ConvTranspose); any other onnx.reference bug would show as a verification failure (exit 1, "
         "nothing written) or, if it happened to hit both models alike, go unnoticed.",
-        "- The onnxruntime load check of the guard runs for models held in memory (under 2 GiB, no external "
-        "data); larger ones get `onnx.checker` from their staged file, and onnxruntime only when verifying.",
+        "- The guard checks the folded graph without its weights (large initializers declared as inputs), at any "
+        "size; onnxruntime loads it only when a fold made a node whose operator and types the original has nowhere "
+        "(a kernel onnxruntime may lack). Tensors kept on disk inside subgraphs or functions send the model to "
+        "`onnx.checker` from a staged file, and to onnxruntime only when verifying.",
         "",
     ]
     return "\n".join(lines)
