@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from bnfold.onnx_front.io import (
     has_external_tensors,
     inline_main_tensors,
     read_model_lazy,
+    staged_file,
     tensor_bytes,
     write_model,
 )
@@ -98,9 +98,7 @@ def _staged(folded: ModelProto, base_dir: Path | None, held: HeldTensors) -> Ite
     if base_dir is None and not held and tensor_bytes(folded) < PROTOBUF_LIMIT:
         yield folded
         return
-    with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
-        path = Path(staging) / "folded.onnx"
-        write_model(folded, path, base_dir=base_dir, held=held)
+    with staged_file(folded, base_dir, held) as path:
         yield path
 
 
@@ -163,11 +161,11 @@ def fold_onnx(
     folded, original, base_dir = _editable(model)
     loaded = time.perf_counter()
     before = model_totals(folded)
-    check = FoldedModelCheck(folded, base_dir)
     unfolded = [folded]  # the model just read serves the first attempt; the guard's refolds read it again
 
     # The values the latest attempt held outside its model; the model the guard settles on is the latest.
     latest_held: HeldTensors = {}
+    check = FoldedModelCheck(folded, base_dir, latest_held)
 
     def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
         working = unfolded.pop() if unfolded else _editable(model)[0]

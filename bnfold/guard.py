@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from onnx import ModelProto
 
 from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError
-from bnfold.onnx_front.external import is_external, model_tensors, payload_bytes
+from bnfold.onnx_front.external import HeldTensors, is_external, model_tensors, payload_bytes
 from bnfold.onnx_front.wire import copy_fields
 from bnfold.report import BnRecord
 
@@ -59,11 +58,14 @@ class FoldedModelCheck:
     graph's initializers is staged in a file for the checker, without the onnxruntime load (verification
     loads it anyway)."""
 
-    def __init__(self, original: ModelProto, base_dir: Path | None) -> None:
-        """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``)."""
+    def __init__(self, original: ModelProto, base_dir: Path | None, held: HeldTensors) -> None:
+        """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``);
+        ``held`` the values each candidate keeps outside its proto (see ``external.HeldTensors``)."""
         self._original_skeleton = weightless(original)
         self._original_signatures: set[Signature] | None = None
+        self._original_loads: bool | None = None
         self._base_dir = base_dir
+        self._held = held
 
     def __call__(self, candidate: ModelProto) -> str | None:
         """Why ``candidate`` must not be written, as a phrase ("fails onnx.checker (...)"), or None."""
@@ -83,16 +85,16 @@ class FoldedModelCheck:
         if kernel_signatures(skeleton) <= self._original_signatures:
             return None
         failure = _ort_load_failure(serialized)
-        if failure is None or _ort_load_failure(original.SerializeToString()) is not None:
+        if failure is None:
             return None
-        return f"onnxruntime cannot load ({failure})"
+        if self._original_loads is None:
+            self._original_loads = _ort_load_failure(original.SerializeToString()) is None
+        return f"onnxruntime cannot load ({failure})" if self._original_loads else None
 
     def _check_staged(self, candidate: ModelProto) -> str | None:
-        from bnfold.onnx_front.io import write_model
+        from bnfold.onnx_front.io import staged_file
 
-        with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
-            path = Path(staging) / "folded.onnx"
-            write_model(candidate, path, external_threshold=0, base_dir=self._base_dir)
+        with staged_file(candidate, self._base_dir, self._held, external_threshold=0) as path:
             try:
                 onnx.checker.check_model(os.fspath(path), full_check=True)
             except Exception as error:  # noqa: BLE001 - as above

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -230,6 +230,17 @@ def write_model(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(model: ModelProto, base_dir: Path | None, held: HeldTensors | None = None, *,
+                external_threshold: int = PROTOBUF_LIMIT) -> Iterator[Path]:
+    """``model`` written (see :func:`write_model`) to a temporary file, for the checker or onnxruntime to
+    read from disk; removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
+        path = Path(staging) / "folded.onnx"
+        write_model(model, path, external_threshold=external_threshold, base_dir=base_dir, held=held)
+        yield path
 
 
 def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: HeldTensors | None) -> bool:

@@ -239,3 +239,39 @@ def files_equal(a: Path, b: Path, chunk: int = 64 << 20) -> bool:
             if block != right.read(chunk):
                 return False
     return True
+
+
+def test_held_weights_reach_the_checker_of_a_model_staged_for_its_subgraph_tensors(tmp_path: Path, monkeypatch):
+    """An untouched tensor on disk inside an If branch sends the guard's checker to a staged file; the
+    weights the fold holds as arrays must be in it, or the checker would judge a model without them."""
+    g = GraphBuilder(seed=4)
+    x = g.input("x", [1, 16, 8, 8])
+    cond = g.input("cond", [1], onnx.TensorProto.BOOL)
+    folded = g.bn(g.node("Conv", [x, g.weight([32, 16, 3, 3], name="W1")], name="conv1"), 32, name="bn1")
+    table = numpy_helper.from_array(np.arange(512, dtype=np.float32).reshape(1, 512), "table")
+    branches = {
+        name: helper.make_graph([helper.make_node("Identity", ["table"], [f"{name}_out"])], name, [],
+                                [helper.make_tensor_value_info(f"{name}_out", FLOAT, [1, 512])], [table])
+        for name in ("then", "else")}
+    g.nodes.append(helper.make_node("If", [cond], ["picked"], then_branch=branches["then"],
+                                    else_branch=branches["else"]))
+    outputs = [helper.make_tensor_value_info(folded, FLOAT, [1, 32, 6, 6]),
+               helper.make_tensor_value_info("picked", FLOAT, [1, 512])]
+    model = helper.make_model(helper.make_graph(g.nodes, "staged", g.inputs, outputs, g.initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    write_model(model, tmp_path / "model.onnx", external_threshold=0)
+    real_check = onnx.checker.check_model
+    checked: list[onnx.ModelProto] = []
+
+    def recording_check(model, *args, **kwargs):
+        if isinstance(model, str):
+            checked.append(onnx.load(model))
+        return real_check(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", recording_check)
+    result = fold_onnx(tmp_path / "model.onnx", verify=False)
+    assert [(record.bn, record.status) for record in result.report.records] == [("bn1", "folded")]
+    (staged,) = checked
+    folded_w1 = next(t for t in result.model.graph.initializer if t.name == "W1")
+    staged_w1 = next(t for t in staged.graph.initializer if t.name == "W1")
+    np.testing.assert_array_equal(numpy_helper.to_array(staged_w1), numpy_helper.to_array(folded_w1))
