@@ -157,7 +157,8 @@ def channel_factors(weight_shape: Sequence[int], factors: np.ndarray, axis: int,
 def scale_weight(
     weight: np.ndarray, factors: np.ndarray, axis: int, groups: int = 1
 ) -> np.ndarray:
-    """``weight`` (any float dtype) times per-channel ``factors`` on its channel axis, in float64."""
+    """``weight`` (any float dtype) times per-channel ``factors`` on its channel axis, in float64. A weight
+    that is only cast afterwards is better a :class:`ScaledWeight`."""
     weight = np.asarray(weight)
     # One pass: numpy widens each element to float64 as it multiplies, with no float64 copy of the weight.
     return np.multiply(weight, channel_factors(weight.shape, factors, axis, groups), dtype=np.float64)
@@ -174,7 +175,6 @@ class ScaledWeight:
     def __init__(self, weight: np.ndarray, factors: np.ndarray, axis: int, groups: int = 1) -> None:
         self.weight = np.asarray(weight)
         self.factors = channel_factors(self.weight.shape, factors, axis, groups)
-        self.shape = self.weight.shape
 
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         product = np.multiply(self.weight, self.factors, dtype=np.float64)
@@ -201,11 +201,6 @@ class ScaledWeight:
         if overflowed:
             raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
         return out
-
-
-def scaled_weight(weight: np.ndarray, factors: np.ndarray, axis: int, groups: int = 1) -> ScaledWeight:
-    """:func:`scale_weight`, computed when it is cast (see :class:`ScaledWeight`)."""
-    return ScaledWeight(weight, factors, axis, groups)
 
 
 def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:

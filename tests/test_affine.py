@@ -19,7 +19,6 @@ from bnfold.affine import (
     contract_shift,
     contract_shift_transposed,
     scale_weight,
-    scaled_weight,
 )
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
@@ -195,9 +194,9 @@ def test_blockwise_scaling_rounds_exactly_as_the_whole_product(monkeypatch, shap
         expected = cast_checked(scale_weight(weight, factors, axis), np.dtype(dtype), "w")
     except FoldRefused as refusal:
         with pytest.raises(FoldRefused, match=re.escape(refusal.message)):
-            scaled_weight(weight, factors, axis).cast(np.dtype(dtype), "w")
+            ScaledWeight(weight, factors, axis).cast(np.dtype(dtype), "w")
         return
-    actual = cast_checked(scaled_weight(weight, factors, axis), np.dtype(dtype), "w")
+    actual = cast_checked(ScaledWeight(weight, factors, axis), np.dtype(dtype), "w")
     assert actual.dtype == expected.dtype
     np.testing.assert_array_equal(actual, expected)
-    np.testing.assert_array_equal(np.asarray(scaled_weight(weight, factors, axis)), scale_weight(weight, factors, axis))
+    np.testing.assert_array_equal(np.asarray(ScaledWeight(weight, factors, axis)), scale_weight(weight, factors, axis))

@@ -195,8 +195,7 @@ def write_model(
         raise OutputError(f"{destination}: the model keeps tensors in external files; pass the directory it was "
                           f"read from as base_dir")
     source_dir = Path(base_dir) if base_dir is not None else directory
-    for tensor in on_disk:
-        external_ref(tensor, source_dir)
+    check_external_refs(on_disk, source_dir)
     staging: Path | None = None
     try:
         try:

@@ -11,6 +11,7 @@ the input file, an external data file) with the bytes ``SerializeToString`` woul
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,7 +51,7 @@ def _varint(data: mmap.mmap | bytes, position: int, end: int) -> tuple[int, int]
         shift += 7
 
 
-def _fields(data: mmap.mmap | bytes, start: int, end: int):
+def _fields(data: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """``(number, wire_type, field_start, payload_start, payload_end)`` for each field in ``data[start:end]``;
     a length-delimited field's payload is its content, without the length."""
     position = start

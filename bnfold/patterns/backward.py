@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.affine import FoldRefused, contract_shift, contract_shift_transposed, scale_weight
+from bnfold.affine import FoldRefused, ScaledWeight, contract_shift, contract_shift_transposed
 from bnfold.onnx_front.graph import GraphIndex
 from bnfold.patterns.base import Elementwise, Rewrite, Site, TensorUpdate, constant, float_attribute, int_attribute
 from bnfold.patterns.layers import Layer, bias_of, is_op, tensor_rank, weight_of
@@ -117,7 +117,7 @@ class BnConv(_BackwardUnit):
              index: GraphIndex) -> Rewrite | None:
         conv, weight, dtype = layer.node, layer.weight, layer.dtype
         groups = int_attribute(conv, "group", 1)
-        scaled = scale_weight(weight, run.affine.scale, axis=1, groups=groups)
+        scaled = ScaledWeight(weight, run.affine.scale, axis=1, groups=groups)
         updates = [TensorUpdate(conv, 1, scaled, dtype, "weight")]
         shift = run.affine.shift
         if not np.any(shift):
@@ -156,7 +156,7 @@ class BnConvTranspose(_BackwardUnit):
              index: GraphIndex) -> Rewrite | None:
         deconv, weight, dtype = layer.node, layer.weight, layer.dtype
         groups = int_attribute(deconv, "group", 1)
-        updates = [TensorUpdate(deconv, 1, scale_weight(weight, run.affine.scale, axis=0), dtype, "weight")]
+        updates = [TensorUpdate(deconv, 1, ScaledWeight(weight, run.affine.scale, axis=0), dtype, "weight")]
         shift = run.affine.shift
         if not np.any(shift):
             return Rewrite(self.name, run, deconv, updates, reader=reader)
@@ -205,7 +205,7 @@ class BnGemm(_BackwardUnit):
         gemm, weight, dtype = layer.node, layer.weight, layer.dtype
         trans_b = int_attribute(gemm, "transB", 0)
         features = run.affine.repeat(space.block)
-        scaled = scale_weight(weight, features.scale, axis=1 if trans_b else 0)
+        scaled = ScaledWeight(weight, features.scale, axis=1 if trans_b else 0)
         updates = [TensorUpdate(gemm, 1, scaled, dtype, "weight")]
         if not np.any(features.shift):
             return Rewrite(self.name, run, gemm, updates, reader=reader)
@@ -245,7 +245,7 @@ class BnMatMul(_BackwardUnit):
              index: GraphIndex) -> Rewrite | None:
         matmul, weight, dtype = layer.node, layer.weight, layer.dtype
         features = run.affine.repeat(space.block)
-        updates = [TensorUpdate(matmul, 1, scale_weight(weight, features.scale, axis=0), dtype, "weight")]
+        updates = [TensorUpdate(matmul, 1, ScaledWeight(weight, features.scale, axis=0), dtype, "weight")]
         if not np.any(features.shift):
             return Rewrite(self.name, run, matmul, updates, reader=reader)
         moved = features.shift @ weight.astype(np.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from bnfold.affine import FoldRefused, scaled_weight
+from bnfold.affine import FoldRefused, ScaledWeight
 from bnfold.onnx_front.graph import GraphIndex
 from bnfold.patterns.base import Elementwise, Rewrite, Site, TensorUpdate, constant, float_attribute, int_attribute
 from bnfold.patterns.layers import Layer, bias_of, is_op, tensor_rank, weight_of
@@ -103,7 +103,7 @@ class ConvBn(_ForwardUnit):
             run,
             conv,
             [
-                TensorUpdate(conv, 1, scaled_weight(weight, run.affine.scale, axis=0), layer.dtype, "weight"),
+                TensorUpdate(conv, 1, ScaledWeight(weight, run.affine.scale, axis=0), layer.dtype, "weight"),
                 TensorUpdate(conv, 2, run.affine.apply(bias), layer.dtype, "bias"),
             ],
             tail=conv,
@@ -131,7 +131,7 @@ class ConvTransposeBn(_ForwardUnit):
         deconv, weight = layer.node, layer.weight
         groups = int_attribute(deconv, "group", 1)
         bias = bias_of(deconv, index, 2, space.channels, layer.dtype)
-        scaled = scaled_weight(weight, run.affine.scale, axis=1, groups=groups)
+        scaled = ScaledWeight(weight, run.affine.scale, axis=1, groups=groups)
         return Rewrite(
             self.name,
             run,
@@ -185,7 +185,7 @@ class GemmBn(_ForwardUnit):
             run,
             gemm,
             [
-                TensorUpdate(gemm, 1, scaled_weight(weight, affine.scale, axis=axis), dtype, "weight"),
+                TensorUpdate(gemm, 1, ScaledWeight(weight, affine.scale, axis=axis), dtype, "weight"),
                 TensorUpdate(gemm, 2, new_bias, dtype, "bias"),
             ],
             attributes=[(gemm, "beta", 1.0)],
@@ -235,7 +235,7 @@ class MatMulBn(_ForwardUnit):
              index: GraphIndex) -> Rewrite | None:
         matmul, dtype = layer.node, layer.dtype
         features = run.affine.repeat(space.block)
-        updates = [TensorUpdate(matmul, 1, scaled_weight(layer.weight, features.scale, axis=-1), dtype, "weight")]
+        updates = [TensorUpdate(matmul, 1, ScaledWeight(layer.weight, features.scale, axis=-1), dtype, "weight")]
         if layer.bias_add is not None:
             add = layer.bias_add
             require_sole_reader(matmul.output[0], add, index, "producer")
