@@ -10,6 +10,7 @@ nothing heavy, so a worker's own start-up stays out of the tool's figures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,14 +72,15 @@ def run_child(task: str, args: Sequence[str], scratch: Path, timeout: float) -> 
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                    start_new_session=True)
-        try:
-            returncode = process.wait(timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            returncode = process.wait()
-            timed_out = True
+        # Popen.wait(timeout) polls with sleeps of up to 50 ms, which would round every wall time up to the
+        # next poll; a blocking wait with a watchdog thread for the timeout sees the exit at once.
+        expired = threading.Event()
+        watchdog = threading.Timer(timeout, _kill_group, (process, expired))
+        watchdog.start()
+        returncode = process.wait()
         wall = time.perf_counter() - started
+        watchdog.cancel()
+        timed_out = expired.is_set()
     try:
         result = json.loads(result_path.read_text()) if result_path.stat().st_size else {}
     except (OSError, json.JSONDecodeError):
@@ -88,6 +91,12 @@ def run_child(task: str, args: Sequence[str], scratch: Path, timeout: float) -> 
     result_path.unlink(missing_ok=True)
     log_path.unlink(missing_ok=True)
     return ChildRun(wall, returncode, result, tail)
+
+
+def _kill_group(process: subprocess.Popen[bytes], expired: threading.Event) -> None:
+    expired.set()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _last_line(path: Path) -> str:
