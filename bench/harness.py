@@ -10,6 +10,7 @@ nothing heavy, so a worker's own start-up stays out of the tool's figures.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import json
 import os
@@ -56,6 +57,14 @@ class ChildRun:
         if self.returncode < 0:
             return f"killed by {signal.Signals(-self.returncode).name}{tail}"
         return f"exit status {self.returncode}{tail}"
+
+
+def compile_bytecode() -> None:
+    """Compile bnfold's and the benchmark's modules, as ``pip install`` does for an installed package. With
+    ``PYTHONDONTWRITEBYTECODE`` set (as on this project's machines) a checkout would otherwise be compiled
+    from source in every measured process, adding about 70 ms to bnfold's import that no user pays."""
+    for package in ("bnfold", "bench"):
+        compileall.compile_dir(REPO / package, quiet=1)
 
 
 def run_child(task: str, args: Sequence[str], scratch: Path, timeout: float) -> ChildRun:

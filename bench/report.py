@@ -539,7 +539,9 @@ def _method(results: dict[str, Any]) -> list[str]:
         "time is the whole process as a user would wait for it; work time excludes interpreter start-up and the "
         "tool's imports. Peak memory is the process's own `VmHWM`, read as it exits: on Linux a child's "
         "`ru_maxrss` (`wait4`, `RUSAGE_CHILDREN`, even its own `RUSAGE_SELF`) inherits the resident set of the "
-        "process it was forked from, which would add the benchmark driver's memory to every tool.",
+        "process it was forked from, which would add the benchmark driver's memory to every tool. The parent "
+        "waits for each child blocking, not by polling (polls would round times up to 50 ms), and compiles the "
+        "bytecode of bnfold's checkout first, as `pip install` does for an installed package.",
         f"- **Repeats:** {mode.get('repeats', '?')} rounds per model up to 300 MB (one above), tools interleaved "
         "within each round; medians are reported.",
         "- **Anchors as their users run them:** onnxruntime's offline optimizer is a session at `ORT_ENABLE_BASIC` "

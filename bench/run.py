@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import fold_speed, latency, report
-from bench.harness import REPO, machine, run_child
+from bench.harness import REPO, compile_bytecode, machine, run_child
 from bench.models import BuiltModel, describe, float16_variant
 from bench.tools import BNFOLD, FLOOR, FOLDERS
 
@@ -252,6 +252,7 @@ def _run(mode: Mode, out: Path, scratch_root: Path, sections: list[str], argv: l
     missing = [f"{tool.name}: {tool.missing()}" for tool in FOLDERS if tool.missing()]
     scratch = Path(tempfile.mkdtemp(prefix="bnfold-bench-", dir=scratch_root))
     bench = Bench(mode, out, scratch)
+    compile_bytecode()
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
         for note in missing:
