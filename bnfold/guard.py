@@ -74,15 +74,17 @@ class FoldedModelCheck:
             return self._check_staged(candidate)
         serialized = skeleton.SerializeToString()
         try:
-            onnx.checker.check_model(serialized, full_check=True)
+            # The checker's full check is these two steps; run apart, the inferred types serve below too.
+            onnx.checker.check_model(serialized)
+            inferred = onnx.shape_inference.infer_shapes(serialized, check_type=True, strict_mode=True)
         except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
             return f"fails onnx.checker ({_first_line(error)})"
         original = self._original_skeleton
         if original is None:
             return None
         if self._original_signatures is None:
-            self._original_signatures = kernel_signatures(original)
-        if kernel_signatures(skeleton) <= self._original_signatures:
+            self._original_signatures = kernel_signatures(onnx.shape_inference.infer_shapes(original))
+        if kernel_signatures(inferred) <= self._original_signatures:
             return None
         failure = _ort_load_failure(serialized)
         if failure is None:
@@ -126,10 +128,9 @@ def _without_initializers(model: ModelProto) -> ModelProto:
     return shell
 
 
-def kernel_signatures(model: ModelProto) -> set[Signature]:
-    """What onnxruntime picks a kernel by, for every node of every graph: domain, operator, and the element
-    types of its inputs and outputs (0 where inference cannot tell)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+def kernel_signatures(inferred: ModelProto) -> set[Signature]:
+    """What onnxruntime picks a kernel by, for every node of every graph of a model shape inference has run
+    on: domain, operator, and the element types of its inputs and outputs (0 where inference cannot tell)."""
     signatures: set[Signature] = set()
 
     def visit(graph: onnx.GraphProto, outer: dict[str, int]) -> None:

@@ -14,6 +14,15 @@ _FIRST_SUPPORTED_OPSET = 7
 
 def batchnorm_affine(node: NodeProto, index: GraphIndex) -> ChannelAffine:
     """The map ``node`` applies at inference, or ``FoldRefused`` saying why it cannot be trusted."""
+    known = index.batchnorm_affines.get(id(node))
+    if known is not None:
+        return known
+    affine = _read_batchnorm(node, index)
+    index.batchnorm_affines[id(node)] = affine
+    return affine
+
+
+def _read_batchnorm(node: NodeProto, index: GraphIndex) -> ChannelAffine:
     if index.opset < _FIRST_SUPPORTED_OPSET:
         raise FoldRefused("unsupported_opset", f"opset {index.opset} BatchNormalization is not supported")
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

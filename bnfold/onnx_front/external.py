@@ -9,6 +9,7 @@ model edited after loading cannot send a read elsewhere.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -34,16 +35,24 @@ def payload_bytes(tensor: TensorProto) -> int | None:
     """How many bytes ``tensor``'s raw data has; None for strings and unknown types."""
     if tensor.data_type == TensorProto.STRING:
         return None
-    bits = _SUB_BYTE_BITS.get(tensor.data_type)
+    bits = _element_bits(tensor.data_type)
     if bits is None:
-        try:
-            bits = 8 * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            return None
+        return None
     count = 1
     for dim in tensor.dims:
         count *= dim
     return (count * bits + 7) // 8
+
+
+@functools.cache
+def _element_bits(data_type: int) -> int | None:
+    bits = _SUB_BYTE_BITS.get(data_type)
+    if bits is not None:
+        return bits
+    try:
+        return 8 * helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def is_external(tensor: TensorProto) -> bool:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import ModelProto
 
-from bnfold.onnx_front.external import HeldTensors
+from bnfold.onnx_front.external import HeldTensors, payload_bytes
 from bnfold.onnx_front.graph import GraphIndex, subgraphs
 from bnfold.onnx_front.rewrite import fold_node, is_batchnorm
 from bnfold.onnx_front.traversal import fold_all_graphs
@@ -131,11 +130,8 @@ class _Records:
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
-    try:
-        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return len(tensor.raw_data)
+    size = payload_bytes(tensor)
+    return len(tensor.raw_data) if size is None else size
 
 
 def model_totals(model: ModelProto) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
 
+from bnfold.affine import ChannelAffine
 from bnfold.errors import InputError
 from bnfold.onnx_front.constants import ConstantResolver
 from bnfold.onnx_front.external import HeldTensors, external_array, held_value, hold, holdable, is_external
@@ -114,6 +115,8 @@ class GraphIndex:
         self._vanished: set[str] = set()
         # Nodes a rewrite created or re-typed: the driver does not fold them again in the same pass.
         self.placed: set[int] = set()
+        # Batch norms' maps while one anchor is planned (every pattern reads the same ones); see fold_node.
+        self.batchnorm_affines: dict[int, ChannelAffine] = {}
 
     # -- queries ---------------------------------------------------------------------------------
     def _reads(self, node: NodeProto) -> list[str]:

@@ -25,6 +25,8 @@ def fold_node(anchor: NodeProto, index: GraphIndex, patterns: Sequence[Pattern],
 
     Only batch norms are recorded when they stay: an elementwise node that does not fold is not news."""
     label = index.node_label(anchor)
+    # Planning never edits the graph, so a batch norm's map read once holds until a rewrite is applied.
+    index.batchnorm_affines.clear()
     if is_batchnorm(anchor):
         try:
             batchnorm_affine(anchor, index)
@@ -40,6 +42,7 @@ def fold_node(anchor: NodeProto, index: GraphIndex, patterns: Sequence[Pattern],
             if rewrite.run.batchnorms and rewrite.pattern not in enabled:
                 raise FoldRefused("pattern_disabled", f"pattern {rewrite.pattern} is disabled by the options")
             records = _records(rewrite, index, refusals)
+            index.batchnorm_affines.clear()
             _apply(rewrite, index, label)
         except FoldRefused as refusal:
             refusals.append(refusal)
