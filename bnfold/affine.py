@@ -165,12 +165,10 @@ def scale_weight(
 
 
 class ScaledWeight:
-    """``weight`` times per-channel factors, computed in float64 only when cast (:func:`cast_checked`), one
-    block of rows at a time: the same float64 products rounded once, without a float64 copy of the whole
-    weight. A 200 MB model's weights would otherwise pass through 400 MB of float64 fresh from the kernel,
-    and the page faults cost more than the arithmetic."""
-
-    BLOCK_ELEMENTS = 1 << 18  # 2 MiB of float64: stays in cache between the multiply and the cast
+    """``weight`` times per-channel factors, computed in float64 only when cast (:func:`cast_checked`): numpy
+    widens each element to float64, multiplies and rounds once to the target dtype a buffer at a time, so the
+    float64 products never exist as a whole array. A 200 MB model's weights would otherwise pass through
+    400 MB of float64 fresh from the kernel, and the page faults cost more than the arithmetic."""
 
     def __init__(self, weight: np.ndarray, factors: np.ndarray, axis: int, groups: int = 1) -> None:
         self.weight = np.asarray(weight)
@@ -182,22 +180,10 @@ class ScaledWeight:
 
     def cast(self, dtype: np.dtype, what: str) -> np.ndarray:
         """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows."""
-        weight, factors = self.weight, self.factors
-        if weight.ndim == 0 or weight.size == 0:
-            return cast_checked(np.asarray(self), dtype, what)
-        out = np.empty(weight.shape, dtype)
-        rows = max(1, self.BLOCK_ELEMENTS // max(1, weight[0].size))
-        per_row = factors.shape[0] != 1
-        scratch = np.empty((min(rows, weight.shape[0]),) + weight.shape[1:], np.float64)
-        overflowed = 0
-        for start in range(0, weight.shape[0], rows):
-            stop = min(start + rows, weight.shape[0])
-            product = scratch[: stop - start]
-            np.multiply(weight[start:stop], factors[start:stop] if per_row else factors, out=product)
-            block = out[start:stop]
-            with np.errstate(over="ignore", invalid="ignore"):
-                np.copyto(block, product, casting="unsafe")
-            overflowed += _overflowed(block, product)
+        out = np.empty(np.broadcast_shapes(self.weight.shape, self.factors.shape), dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(self.weight, self.factors, out=out, dtype=np.float64, casting="unsafe")
+        overflowed = _overflowed(out, self)
         if overflowed:
             raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
         return out
@@ -238,7 +224,7 @@ def cast_checked(values: np.ndarray | ScaledWeight, dtype: np.dtype, what: str) 
     return cast
 
 
-def _overflowed(cast: np.ndarray, values: np.ndarray) -> int:
+def _overflowed(cast: np.ndarray, values: np.ndarray | ScaledWeight) -> int:
     """How many finite ``values`` became infinite in ``cast``."""
     if np.issubdtype(cast.dtype, np.inexact) and not np.isinf(cast).any():
         return 0  # the common case, decided without a float64 pass

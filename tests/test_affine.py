@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -174,29 +176,38 @@ def test_cast_back_refuses_overflow_and_rounds_once():
     assert cast_checked(value, np.float16, "w")[0] == np.float16(1 / 3)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@contextlib.contextmanager
+def _numpy_buffer(elements: int) -> Iterator[None]:
+    previous = np.setbufsize(elements)
+    try:
+        yield
+    finally:
+        np.setbufsize(previous)
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     shape=st.sampled_from([(6, 4, 3, 3), (8, 2, 1, 1), (5, 7), (1, 9), (12, 3, 2)]),
     axis=st.sampled_from([0, 1, -1]),
     dtype=st.sampled_from([np.float32, np.float16, np.float64]),
-    block=st.sampled_from([1, 7, 64, 1 << 18]),
+    buffer=st.sampled_from([16, 48, 8192]),
     seed=st.integers(0, 2**16),
     huge=st.booleans(),
 )
-def test_blockwise_scaling_rounds_exactly_as_the_whole_product(monkeypatch, shape, axis, dtype, block, seed, huge):
-    """The lazy, blockwise product is bit for bit the float64 product rounded once, and refuses overflow
-    the same way, whatever the block size (set on the class, so every example sets it again)."""
+def test_buffered_scaling_rounds_exactly_as_the_whole_product(shape, axis, dtype, buffer, seed, huge):
+    """The lazy product, computed a numpy buffer at a time, is bit for bit the float64 product rounded once,
+    and refuses overflow the same way, whatever the buffer size."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(shape).astype(dtype)
     factors = rng.standard_normal(shape[axis]) * (1e6 if huge else 1.0)
-    monkeypatch.setattr(ScaledWeight, "BLOCK_ELEMENTS", block)
     try:
         expected = cast_checked(scale_weight(weight, factors, axis), np.dtype(dtype), "w")
     except FoldRefused as refusal:
-        with pytest.raises(FoldRefused, match=re.escape(refusal.message)):
+        with pytest.raises(FoldRefused, match=re.escape(refusal.message)), _numpy_buffer(buffer):
             ScaledWeight(weight, factors, axis).cast(np.dtype(dtype), "w")
         return
-    actual = cast_checked(ScaledWeight(weight, factors, axis), np.dtype(dtype), "w")
+    with _numpy_buffer(buffer):
+        actual = cast_checked(ScaledWeight(weight, factors, axis), np.dtype(dtype), "w")
     assert actual.dtype == expected.dtype
     np.testing.assert_array_equal(actual, expected)
     np.testing.assert_array_equal(np.asarray(ScaledWeight(weight, factors, axis)), scale_weight(weight, factors, axis))

@@ -40,6 +40,10 @@ from bnfold.onnx_front.wire import WireError, copy_fields, read_skeleton, write_
 PROTOBUF_LIMIT = 2**31 - 2**24
 # Smaller tensors stay inline in the .onnx file, as onnx's own converter does.
 EXTERNAL_MIN_BYTES = 1024
+# A lazily read model leaves main-graph tensors this large in the file until a fold reads them: the weights.
+# Smaller ones (batch norm parameters, biases) are parsed with the rest; reading each on its own costs more
+# than the memory it saves.
+LAZY_MIN_BYTES = 16 << 10
 # Tensors at least this large start on this boundary in the data file, so onnxruntime can memory-map them
 # (64 KiB is Windows' mapping granularity and a multiple of every page size; onnx caps padding at it too).
 ALIGNMENT = 64 << 10
@@ -73,7 +77,7 @@ def read_model_lazy(path: str | os.PathLike[str]) -> ModelProto:
     read only when a fold needs them. Their base directory is ``Path(path).parent``."""
     source = _regular_file(path)
     try:
-        model = read_skeleton(source, EXTERNAL_MIN_BYTES)
+        model = read_skeleton(source, LAZY_MIN_BYTES)
     except (WireError, DecodeError, ValueError, RuntimeError, OSError):
         return read_model(source, load_external_data=False)  # which names the problem, if there is one
     return _checked(model, source, load_external_data=False)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold import fold_onnx, write_model
 from bnfold.cli import main
 from bnfold.onnx_front import external
-from bnfold.onnx_front.io import EXTERNAL_MIN_BYTES, read_model_lazy
+from bnfold.onnx_front.io import LAZY_MIN_BYTES, read_model_lazy
 
 MODELS = sorted((Path(__file__).parents[2] / "models").glob("*.onnx"))
 
@@ -50,7 +50,7 @@ def random_model(draw) -> onnx.ModelProto:
     initializers, nodes, value = [], [], "x"
     for position in range(count):
         dtype = draw(st.sampled_from(DTYPES))
-        elements = draw(st.sampled_from([0, 1, 7, EXTERNAL_MIN_BYTES // 4, EXTERNAL_MIN_BYTES, 3000]))
+        elements = draw(st.sampled_from([0, 1, 7, LAZY_MIN_BYTES // 8, LAZY_MIN_BYTES // 4, LAZY_MIN_BYTES]))
         data = np.random.default_rng(position).standard_normal(elements).astype(dtype)
         tensor = numpy_helper.from_array(data, f"t{position}")
         if draw(st.booleans()):
@@ -84,7 +84,7 @@ def test_any_model_round_trips_byte_for_byte(tmp_path_factory, data):
     source.write_bytes(model.SerializeToString())
     lazy = read_model_lazy(source)
     for tensor in left_on_disk(lazy):
-        assert external.payload_bytes(tensor) >= EXTERNAL_MIN_BYTES
+        assert external.payload_bytes(tensor) >= LAZY_MIN_BYTES
     out = directory / "out.onnx"
     write_model(lazy, out, base_dir=directory)
     assert out.read_bytes() == model.SerializeToString()
