@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from bnfold.onnx_front.io import (
     has_external_tensors,
     inline_main_tensors,
     read_model_lazy,
-    staged_file,
     tensor_bytes,
     write_model,
 )
@@ -88,18 +86,6 @@ def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
         editable = read_model_lazy(model)
         return editable, model, Path(model).parent if has_external_tensors(editable) else None
     raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
-
-
-@contextlib.contextmanager
-def _staged(folded: ModelProto, base_dir: Path | None, held: HeldTensors) -> Iterator[ModelProto | Path]:
-    """``folded`` itself, or a temporary file of it, which onnxruntime reads without a serialized copy in
-    memory: for models read from a path (some tensors are still in the input's files), with held tensors,
-    and for models too large for one protobuf message."""
-    if base_dir is None and not held and tensor_bytes(folded) < PROTOBUF_LIMIT:
-        yield folded
-        return
-    with staged_file(folded, base_dir, held) as path:
-        yield path
 
 
 def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | None = None,
@@ -191,14 +177,14 @@ def fold_onnx(
     report = FoldReport(records, totals(before, model_totals(folded)))
     report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
     if verify:
-        from bnfold.verify import verify_onnx  # onnxruntime and onnx.reference: only when verifying
+        from bnfold.verify import UnwrittenModel, verify_onnx  # onnxruntime and onnx.reference: only when verifying
 
         verified = time.perf_counter()
-        with _staged(folded, base_dir, latest_held) as candidate:
-            report.verification = verify_onnx(
-                original, candidate, inputs=inputs, input_shapes=input_shapes, iterations=iterations,
-                seed=seed, rtol=rtol, atol=atol, progress=progress,
-            )
+        # The folded model as it is: its weights where the fold left them, so none is written or copied.
+        report.verification = verify_onnx(
+            original, UnwrittenModel(folded, base_dir, latest_held), inputs=inputs, input_shapes=input_shapes,
+            iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress,
+        )
         report.seconds["verify"] = time.perf_counter() - verified
     source = Path(model) if isinstance(model, str | os.PathLike) else None
     return FoldResult(folded, report, base_dir, source, dict(latest_held))

@@ -70,11 +70,13 @@ one of the last block's 2048 channels moved the output by 4e-5 of its scale).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,10 +89,24 @@ from onnx.reference.ops.op_batch_normalization import BatchNormalization_9
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvTranspose
 
 from bnfold.errors import InputError
-from bnfold.onnx_front.io import check_supported, read_model
+from bnfold.onnx_front.external import HeldTensors, held_value, is_external, model_tensors, payload_bytes
+from bnfold.onnx_front.io import PROTOBUF_LIMIT, check_supported, read_model_lazy, staged_file
 from bnfold.report import render_table
 
-ModelSource = ModelProto | str | os.PathLike[str]
+
+@dataclass(frozen=True, eq=False)  # arrays have no truth value to compare by
+class UnwrittenModel:
+    """A model as a fold leaves it, not written to any file: its external tensors are in the files it was read
+    from, under ``base_dir``, and the values in ``held`` are numpy arrays beside ``proto`` (see
+    :data:`~bnfold.onnx_front.external.HeldTensors`). onnxruntime takes every weight where it is, so
+    verifying such a model neither writes nor copies one."""
+
+    proto: ModelProto
+    base_dir: Path | None = None
+    held: HeldTensors = field(default_factory=dict)
+
+
+ModelSource = ModelProto | UnwrittenModel | str | os.PathLike[str]
 Feeds = Mapping[str, np.ndarray]
 InputsArg = Feeds | Sequence[Feeds | str | os.PathLike[str]] | str | os.PathLike[str] | None
 Progress = Callable[[str, int, int], None]
@@ -202,6 +218,8 @@ def verify_onnx(
 ) -> VerifyReport:
     """Run ``original`` and ``candidate`` on the same inputs and compare every output (module docstring).
 
+    Each model is a path, an ``onnx.ModelProto`` or an :class:`UnwrittenModel`, which must stay unchanged
+    (held arrays included) until this returns.
     ``inputs``: None (random inputs, ``iterations`` draws from ``numpy.random.default_rng(seed)``), a
     ``.npz`` path, a mapping name -> array, or a sequence of those (one per iteration). ``input_shapes``
     fixes dynamic dims of generated inputs (others become 1, with a note). ``rtol``/``atol`` override the
@@ -229,8 +247,22 @@ def verify_onnx(
         given = _user_feeds(inputs, model_inputs)
         feed_sets, total = iter(given), len(given)
 
+    with contextlib.ExitStack() as staged_files:
+        engine, references, candidates, seconds = _run_models(
+            sources, protos, output_names, feed_sets, total, notes, staged_files, progress)
+    outputs = [_compare(name, references[name], candidates[name], rtol, atol, notes) for name in output_names]
+    return VerifyReport(outputs, total, engine, seconds, notes)
+
+
+def _run_models(
+    sources: Mapping[str, ModelSource], protos: Mapping[str, ModelProto], output_names: list[str],
+    feed_sets: Iterator[dict[str, np.ndarray]], total: int, notes: list[str], staged_files: contextlib.ExitStack,
+    progress: Progress | None,
+) -> tuple[str, dict[str, list[np.ndarray]], dict[str, list[np.ndarray]], dict[str, float]]:
+    """The engine, both models' outputs by name over all iterations, and the seconds spent opening the models
+    and running them. The sessions end with this call, before the files staged for them are removed."""
     started = time.perf_counter()
-    engine, runners = _open_runners(sources, protos, notes)
+    engine, runners = _open_runners(sources, protos, notes, staged_files)
     opened = time.perf_counter()
     references: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
     candidates: dict[str, list[np.ndarray]] = {name: [] for name in output_names}
@@ -241,9 +273,7 @@ def verify_onnx(
         if progress is not None:
             progress("run", done, total)
     finished = time.perf_counter()
-
-    outputs = [_compare(name, references[name], candidates[name], rtol, atol, notes) for name in output_names]
-    return VerifyReport(outputs, total, engine, {"session": opened - started, "run": finished - opened}, notes)
+    return engine, references, candidates, {"session": opened - started, "run": finished - opened}
 
 
 # --- models and their interfaces -------------------------------------------------------------------
@@ -269,18 +299,21 @@ class _TensorSpec:
 
 
 def _load_interface(role: str, source: ModelSource) -> ModelProto:
-    """The model's proto; from a path without external data, which only the engines need, but with every
-    external location checked first, so no engine is ever pointed outside the model's directory."""
-    if isinstance(source, ModelProto):
+    """The model's proto; from a path without its weights (external data, and inline tensors left in the
+    file: see ``read_model_lazy``), which only the engines need, but with every external location checked
+    first, so no engine is ever pointed outside the model's directory."""
+    if isinstance(source, (ModelProto, UnwrittenModel)):
+        proto = source if isinstance(source, ModelProto) else source.proto
         try:
-            check_supported(source)
+            check_supported(proto)
         except InputError as error:
             raise InputError(f"the {role} model: {error}") from None
-        return source
+        return proto
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"the {role} model must be an onnx.ModelProto or a path, got {type(source).__name__}")
+        raise InputError(f"the {role} model must be an onnx.ModelProto, an UnwrittenModel or a path, "
+                         f"got {type(source).__name__}")
     try:
-        return read_model(source, load_external_data=False)
+        return read_model_lazy(source)
     except InputError as error:
         raise InputError(f"the {role} model {error}") from None
 
@@ -514,7 +547,8 @@ Runner = Callable[[list[str], Feeds], Sequence[Any]]
 
 
 def _open_runners(
-    sources: Mapping[str, ModelSource], protos: Mapping[str, ModelProto], notes: list[str]
+    sources: Mapping[str, ModelSource], protos: Mapping[str, ModelProto], notes: list[str],
+    staged_files: contextlib.ExitStack,
 ) -> tuple[str, dict[str, Runner]]:
     bfloat16_tensor = next((
         value.name for proto in protos.values() for value in (*proto.graph.input, *proto.graph.output)
@@ -526,7 +560,7 @@ def _open_runners(
     sessions = {}
     for role in sources:
         try:
-            sessions[role] = _ort_session(sources[role])
+            sessions[role] = _ort_session(sources[role], staged_files)
         except Exception as error:  # noqa: BLE001 - sorted below into "no kernel" and "unusable model"
             message = _first_line(error)
             if "NOT_IMPLEMENTED" not in message and "Could not find an implementation" not in message:
@@ -537,13 +571,65 @@ def _open_runners(
     return ENGINE_ORT, {role: _ort_runner(role, session) for role, session in sessions.items()}
 
 
-def _ort_session(source: ModelSource) -> ort.InferenceSession:
+def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors reach the user once, through bnfold; warnings would break the one line
+    # The two sessions take turns: one's idle threads must not spin on the cores the other's run needs.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if isinstance(source, UnwrittenModel):
+        if _opens_in_place(source):
+            return _in_place_session(source, options)
+        # Every weight in the staged file's aligned data file, which onnxruntime maps instead of copying.
+        source = staged_files.enter_context(
+            staged_file(source.proto, source.base_dir, source.held, external_threshold=0))
     # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
     model = source.SerializeToString() if isinstance(source, ModelProto) else os.fspath(source)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+# onnxruntime honours this option, which tells a model given as bytes where its external data is, from 1.21.
+_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+_EXTERNAL_DATA_FOLDER_SINCE = (1, 21)
+# onnxruntime puts an array given to it in place of an initializer only if the model declares that initializer
+# external. It never opens the location then; this one names no file, should that ever change.
+_IN_MEMORY_LOCATION = "bnfold-held-in-memory"
+
+
+def _opens_in_place(model: UnwrittenModel) -> bool:
+    """Whether onnxruntime can take ``model`` as it is: what remains in its proto fits in one protobuf
+    message, and if some tensors are on disk, onnxruntime can be told where."""
+    in_proto = sum(payload_bytes(tensor) or 0 for tensor in model_tensors(model.proto)
+                   if not is_external(tensor) and held_value(tensor, model.held) is None)
+    if in_proto >= PROTOBUF_LIMIT:
+        return False
+    return model.base_dir is None or _ort_version() >= _EXTERNAL_DATA_FOLDER_SINCE
+
+
+def _ort_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+
+
+def _in_place_session(model: UnwrittenModel, options: ort.SessionOptions) -> ort.InferenceSession:
+    """A session on ``model`` that uses its held arrays in place, and reads its tensors on disk from
+    ``base_dir``."""
+    proto = ModelProto()
+    proto.CopyFrom(model.proto)
+    held: dict[str, np.ndarray] = {}
+    for tensor in proto.graph.initializer:
+        value = held_value(tensor, model.held)
+        if value is not None:
+            held[tensor.name] = value
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, text in (("location", _IN_MEMORY_LOCATION), ("offset", "0"), ("length", str(value.nbytes))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, text
+    if held:
+        # onnxruntime computes with these arrays, not copies: they live in ``model``, which outlives the session.
+        options.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(v) for v in held.values()])
+    if model.base_dir is not None:
+        options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, os.fspath(model.base_dir))
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _ort_runner(role: str, session: ort.InferenceSession) -> Runner:
@@ -614,11 +700,20 @@ def reference_evaluator(model: ModelProto) -> ReferenceEvaluator:
     return ReferenceEvaluator(model, new_ops=fixes)
 
 
+def _loaded(source: ModelSource) -> ModelProto:
+    """``source`` with every tensor in memory, as onnx.reference needs it."""
+    if isinstance(source, ModelProto):
+        return source
+    if isinstance(source, UnwrittenModel):
+        with staged_file(source.proto, source.base_dir, source.held) as path:
+            return onnx.load(os.fspath(path))
+    # onnx.load on the path (not a file object) finds external data next to the model.
+    return onnx.load(os.fspath(source))
+
+
 def _reference_runner(role: str, source: ModelSource) -> Runner:
     try:
-        # onnx.load on the path (not a file object) finds external data next to the model.
-        model = source if isinstance(source, ModelProto) else onnx.load(os.fspath(source))
-        evaluator = reference_evaluator(model)
+        evaluator = reference_evaluator(_loaded(source))
     except Exception as error:  # noqa: BLE001 - unsupported operator or unreadable data
         raise InputError(f"{ENGINE_REFERENCE} cannot load the {role} model: {_first_line(error)}") from None
 
@@ -652,7 +747,8 @@ def _compare(
         statistics = _Statistics(rtol=0.0, atol=0.0)
         if dtype.kind in "biu":
             for reference, candidate in zip(references, candidates, strict=True):
-                statistics.add(reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel())
+                for ref, cand in zip(_float64_chunks(reference), _float64_chunks(candidate), strict=True):
+                    statistics.add(ref, cand)
         elif mismatched:
             statistics.max_abs = statistics.max_rel = statistics.required_atol = math.inf
         return statistics.comparison(name, dtype.name, shape, mismatched, total)
@@ -665,11 +761,14 @@ def _compare(
     statistics = _Statistics(rtol=rtol, atol=atol)
     nonfinite_mismatched = 0
     for reference, candidate in zip(references, candidates, strict=True):
-        ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
-        both_finite = np.isfinite(ref) & np.isfinite(cand)
-        same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
-        nonfinite_mismatched += int(np.count_nonzero(~both_finite & ~same_special))
-        statistics.add(ref[both_finite], cand[both_finite])
+        for ref, cand in zip(_float64_chunks(reference), _float64_chunks(candidate), strict=True):
+            both_finite = np.isfinite(ref) & np.isfinite(cand)
+            if both_finite.all():
+                statistics.add(ref, cand)
+                continue
+            same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
+            nonfinite_mismatched += int(np.count_nonzero(~both_finite & ~same_special))
+            statistics.add(ref[both_finite], cand[both_finite])
     return statistics.comparison(name, dtype.name, shape, statistics.beyond + nonfinite_mismatched, total)
 
 
@@ -677,9 +776,21 @@ def _scale(references: list[np.ndarray]) -> float:
     """The largest finite magnitude of the reference output over all iterations, or 1 if that is 0."""
     largest = 0.0
     for reference in references:
-        values = reference.astype(np.float64)
-        largest = max(largest, float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0)))
+        for values in _float64_chunks(reference):
+            largest = max(largest, float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0)))
     return largest or 1.0
+
+
+# Elements compared at a time: their float64 copies stay in the CPU's cache, and no output, however large, is
+# ever copied whole.
+_COMPARE_CHUNK = 1 << 16
+
+
+def _float64_chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """``array``'s elements in order, as float64 slices of at most ``_COMPARE_CHUNK``."""
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, _COMPARE_CHUNK):
+        yield flat[start:start + _COMPARE_CHUNK].astype(np.float64)
 
 
 @dataclass
@@ -701,17 +812,19 @@ class _Statistics:
             return
         error = np.abs(candidate - reference)
         magnitude = np.abs(reference)
+        allowed_by_rtol = self.rtol * magnitude
         with np.errstate(divide="ignore", invalid="ignore"):
-            relative = np.where(error == 0, 0.0, error / magnitude)
-            excess = error - self.atol
-            needed_rtol = np.where(excess <= 0, 0.0, excess / magnitude)
+            # fmax passes over NaN, which is 0 / 0 here: a zero error, or a zero excess, at a zero reference
+            # needs no tolerance; the initial 0 stands for those and for errors within atol (excess <= 0).
+            relative = np.fmax.reduce(error / magnitude, initial=0.0)
+            needed_rtol = np.fmax.reduce((error - self.atol) / magnitude, initial=0.0)
         self.max_abs = max(self.max_abs, float(error.max()))
-        self.max_rel = max(self.max_rel, float(relative.max()))
+        self.max_rel = max(self.max_rel, float(relative))
         self.sum_abs += float(error.sum())
         self.count += error.size
-        self.required_atol = max(self.required_atol, float((error - self.rtol * magnitude).max()))
-        self.required_rtol = max(self.required_rtol, float(needed_rtol.max()))
-        self.beyond += int(np.count_nonzero(error > self.atol + self.rtol * magnitude))
+        self.required_atol = max(self.required_atol, float((error - allowed_by_rtol).max()))
+        self.required_rtol = max(self.required_rtol, float(needed_rtol))
+        self.beyond += int(np.count_nonzero(error > self.atol + allowed_by_rtol))
 
     def comparison(self, name: str, dtype: str, shape: list[int], mismatched: int, total: int) -> OutputComparison:
         mean_abs = self.sum_abs / self.count if self.count else 0.0
@@ -747,4 +860,5 @@ def _json_number(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-__all__ = ["DEFAULT_TOLERANCES", "OutputComparison", "VerifyReport", "default_tolerances", "verify_onnx"]
+__all__ = ["DEFAULT_TOLERANCES", "OutputComparison", "UnwrittenModel", "VerifyReport", "default_tolerances",
+           "verify_onnx"]

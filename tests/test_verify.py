@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from bnfold import verify as verify_module
 from bnfold.errors import InputError
 from bnfold.verify import DEFAULT_TOLERANCES, default_tolerances, verify_onnx
 
@@ -323,6 +324,27 @@ def test_infinities_must_match_in_sign():
     assert verify_onnx(one_over, one_over, inputs=inputs).passed
     report = verify_onnx(one_over, one_over_abs, inputs=inputs)
     assert not report.passed and report.outputs[0].mismatched == 1
+
+
+def test_outputs_larger_than_a_comparison_chunk_count_every_element_once():
+    chunk = verify_module._COMPARE_CHUNK
+    size = 3 * chunk + 5
+    x = np.random.default_rng(0).standard_normal(size).astype(np.float32)
+    delta = np.zeros(size, np.float32)
+    x[chunk - 1], x[chunk], x[2 * chunk] = np.nan, np.inf, -np.inf  # the first two match; -inf + NaN does not
+    delta[2 * chunk] = np.nan
+    delta[chunk + 1], delta[-1] = 1.0, -1.0  # beyond tolerance, in the second chunk and the last element
+    shifted = make_model([helper.make_node("Add", ["x", "delta"], ["y"])], [("x", TensorProto.FLOAT, [size])],
+                         [("y", TensorProto.FLOAT)], [("delta", delta)])
+
+    [output] = verify_onnx(unary("Identity", shape=[size]), shifted, inputs={"x": x}).outputs
+
+    finite = np.isfinite(x)
+    errors = np.abs((x + delta)[finite].astype(np.float64) - x[finite].astype(np.float64))
+    assert (output.mismatched, output.total, output.passed) == (3, size, False)
+    assert output.atol == pytest.approx(DEFAULT_TOLERANCES["float32"][1] * np.max(np.abs(x[finite])))
+    assert output.max_abs_error == errors.max()
+    assert output.mean_abs_error == pytest.approx(errors.sum() / (size - 3))
 
 
 def test_integer_outputs_must_be_exactly_equal_whatever_the_tolerance():
