@@ -169,50 +169,48 @@ def measure_models(models: list[BuiltModel], repeats_for: Any, out_root: Path, s
 
 
 def verify_cost(args: list[str]) -> dict[str, Any]:
-    """Worker task ``verify-cost SOURCE OPTIONS_JSON ITERATIONS``: what ``fold_onnx(verify=True)`` spends on
-    verification, next to what two onnxruntime sessions (original and folded, ``ORT_DISABLE_ALL``) cost to
-    create and to run once per iteration, measured the same way in the same process."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from bench.latency import random_feeds
+    """Worker task ``verify-cost SOURCE OPTIONS_JSON ITERATIONS FOLDED``: what ``fold_onnx(verify=True)`` spends
+    on verification; the folded model is written to FOLDED for :func:`verify_baseline`."""
     from bnfold import fold_onnx
 
-    source, options, iterations = Path(args[0]), json.loads(args[1]), int(args[2])
+    source, options, iterations, folded = Path(args[0]), json.loads(args[1]), int(args[2]), Path(args[3])
     started = time.perf_counter()
     result = fold_onnx(source, verify=True, iterations=iterations, **options)
     total = time.perf_counter() - started
-    seconds = dict(result.report.seconds)
     verification = result.report.verification
     assert verification is not None
-    with tempfile.TemporaryDirectory(dir=source.parent) as staging:
-        folded = Path(staging) / "folded.onnx"
-        result.write(folded)
-        del result
-        session_options = ort.SessionOptions()
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session_seconds, run_seconds = 0.0, 0.0
-        for path in (source, folded):
-            created = time.perf_counter()
-            session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
-            session_seconds += time.perf_counter() - created
-            feeds = random_feeds(session)
-            # Verification's runs include each session's first, which allocates; so do these.
-            for _ in range(iterations):
-                ran = time.perf_counter()
-                session.run(None, feeds)
-                run_seconds += time.perf_counter() - ran
-            del session
-    baseline = session_seconds + run_seconds
+    result.write(folded)
     return {
         "fold_total_seconds": total,
-        "stages": seconds,
+        "stages": dict(result.report.seconds),
         "verify_session_seconds": verification.seconds.get("session"),
         "verify_run_seconds": verification.seconds.get("run"),
         "iterations": iterations,
-        "baseline_session_seconds": session_seconds,
-        "baseline_run_seconds": run_seconds,
-        "baseline_seconds": baseline,
-        "verify_vs_baseline": seconds["verify"] / baseline,
     }
+
+
+def verify_baseline(args: list[str]) -> dict[str, Any]:
+    """Worker task ``verify-baseline SOURCE FOLDED ITERATIONS``: what two onnxruntime sessions (original and
+    folded, ``ORT_DISABLE_ALL``) cost to create and to run once per iteration. A process of its own, like
+    the verification it is compared with: a process's first sessions cost more than later ones."""
+    import onnxruntime as ort
+
+    from bench.latency import random_feeds
+
+    source, folded, iterations = Path(args[0]), Path(args[1]), int(args[2])
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session_seconds, run_seconds = 0.0, 0.0
+    for path in (source, folded):
+        created = time.perf_counter()
+        session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+        session_seconds += time.perf_counter() - created
+        feeds = random_feeds(session)
+        # Verification's runs include each session's first, which allocates; so do these.
+        for _ in range(iterations):
+            ran = time.perf_counter()
+            session.run(None, feeds)
+            run_seconds += time.perf_counter() - ran
+        del session
+    return {"baseline_session_seconds": session_seconds, "baseline_run_seconds": run_seconds,
+            "baseline_seconds": session_seconds + run_seconds}

@@ -1,36 +1,66 @@
 """Inference gain: onnxruntime CPU latency of the original and the bnfold-folded model.
 
-For each model and thread setting (1 intra-op thread, and onnxruntime's default), one worker holds six
-sessions -- original and folded, each at ``ORT_DISABLE_ALL``, ``ORT_ENABLE_BASIC`` and ``ORT_ENABLE_ALL`` --
-and, after a warm-up, runs them in rounds, each round in a fresh random order, so that any drift in machine
-load hits all six alike. In a round each session makes untimed settling runs, then a block of timed ones (see
-``SETTLE_RUNS``). Reported: the median (and 10th/90th percentiles) of the timed runs per session, the median
-of three session creations per model and level, and how many cores other processes kept busy meanwhile.
+Per model and thread setting (1 intra-op thread, and onnxruntime's default) the measurement is repeated on
+several *instances*, each a fresh worker process with its own six sessions -- original and folded, each at
+``ORT_DISABLE_ALL``, ``ORT_ENABLE_BASIC`` and ``ORT_ENABLE_ALL``. One session per configuration would compare
+session instances, not models: two sessions of the same model and level can differ in speed for as long as
+they live (on the 167 MB MLP at 1 thread, identical sessions in one process ran at medians of 11.1 to 12.7 ms,
+the spread collapsing when the weights sit on huge pages -- it is where the weights land in memory).
+
+In an instance the sessions are created in a random order, warmed up, then run in rounds, each round in a
+fresh random order, so that drifting machine load hits all six alike; in a round each session makes untimed
+settling runs, then a block of timed ones (see ``SETTLE_SECONDS``). Rounds during which other processes kept
+``CONTENDED_CORES`` or more busy are left out when the instance has quieter ones: on 2 cores such a burst
+makes onnxruntime at default threads up to three times slower, for every configuration that happens to run
+in it. An instance's figure for a configuration is the median of its timed runs. Gains (folded ÷ original − 1)
+are paired within an instance, where both sessions ran interleaved, and summarised across instances by their
+median with a distribution-free confidence interval for that median (:func:`median_interval`): instances are
+independent draws, so nothing need be assumed about the shape of the noise. Session creation is the median
+over the instances.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.harness import median, run_child
+from bench.harness import run_child
 from bench.models import BuiltModel
 
 LEVELS = ("disabled", "basic", "all")
 ROLES = ("original", "folded")
-WARMUP_RUNS = 5
-# After switching sessions, runs stay slow for a while: the other sessions' intra-op threads keep spinning, and
-# with several threads onnxruntime needs about seven runs to reach its steady speed (measured on MobileNetV2,
-# 2 cores: 6.5 -> 3.2 ms). So each session's timed runs come in a block after untimed settling runs.
-SETTLE_RUNS = 8
-SETTLE_SECONDS = 0.25
-BLOCK_RUNS = 5
-SESSION_CREATIONS = 3
+CONFIGS = tuple(f"{role}/{level}" for level in LEVELS for role in ROLES)
+# Each gain is folded ÷ original − 1 between two configurations of one instance.
+GAINS = {
+    # (2) vs (3): does the offline fold alone give what onnxruntime's own BASIC fusions give?
+    "folded_disabled_vs_original_basic": ("folded/disabled", "original/basic"),
+    "folded_vs_original_disabled": ("folded/disabled", "original/disabled"),
+    "folded_vs_original_basic": ("folded/basic", "original/basic"),
+    "folded_vs_original_all": ("folded/all", "original/all"),
+}
+# The first run of a session allocates its buffers; the second estimates its run time for the round budget.
+WARMUP_RUNS = 2
+# After switching sessions, the previous session's intra-op threads keep spinning for about 50 ms and slow the
+# next one down to half its speed (measured at default threads on MobileNetV2 and bn_before_conv, 2 cores). At
+# 1 thread there are no such threads and only the first run or two after a switch are slow (caches). Timed
+# runs come after this much settling.
+SETTLE_RUNS = 2
+SETTLE_SECONDS = 0.1  # only with intra-op threads
+# Short blocks make many rounds, so that a burst of load elsewhere spoils a minority of each session's runs.
+BLOCK_RUNS = 3
+BLOCK_SECONDS = 0.05
+# Other processes keeping this much of a core busy make a round unreliable.
+CONTENDED_CORES = 0.5
+# The smallest coverage a confidence interval of a median must have; with five instances it is the lowest to
+# the highest value (93.75%).
+CONFIDENCE = 0.9
 THREAD_SETTINGS = (1, 0)  # 0: onnxruntime's default (one thread per physical core)
 
 
@@ -49,55 +79,77 @@ def _session_options(level: str, threads: int) -> Any:
 
 
 def measure(args: list[str]) -> dict[str, Any]:
-    """Worker task ``latency ORIGINAL FOLDED THREADS SECONDS MIN_ROUNDS MAX_ROUNDS``."""
+    """Worker task ``latency ORIGINAL FOLDED THREADS SECONDS MIN_ROUNDS MAX_ROUNDS SEED``: one instance."""
     import onnxruntime as ort
 
     paths = {"original": args[0], "folded": args[1]}
     threads, budget, min_rounds, max_rounds = int(args[2]), float(args[3]), int(args[4]), int(args[5])
-    variants = [(role, level) for level in LEVELS for role in ROLES]
-    sessions: dict[tuple[str, str], Any] = {}
-    creations: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
-    for _ in range(SESSION_CREATIONS):
-        for variant in variants:
-            role, level = variant
-            started = time.perf_counter()
-            sessions[variant] = ort.InferenceSession(paths[role], _session_options(level, threads),
-                                                     providers=["CPUExecutionProvider"])
-            creations[variant].append(time.perf_counter() - started)
-    feeds = random_feeds(sessions[variants[0]])
-    run_seconds = {}
-    for variant, session in sessions.items():
-        for _ in range(WARMUP_RUNS):
-            started = time.perf_counter()
-            session.run(None, feeds)
-        run_seconds[variant] = time.perf_counter() - started
-    round_seconds = sum(max(SETTLE_RUNS * run, SETTLE_SECONDS) + BLOCK_RUNS * run for run in run_seconds.values())
+    shuffle = random.Random(int(args[6])).shuffle
+
+    def create(config: str) -> Any:
+        role, level = config.split("/")
+        return ort.InferenceSession(paths[role], _session_options(level, threads), providers=["CPUExecutionProvider"])
+
+    # The first session of a model in a process pays one-time costs (twice the creation time of MobileNetV2);
+    # a throwaway creation keeps them out of whichever configuration comes first.
+    create(CONFIGS[0])
+    order = list(CONFIGS)
+    shuffle(order)
+    sessions, creation_seconds = {}, {}
+    for config in order:
+        started = time.perf_counter()
+        sessions[config] = create(config)
+        creation_seconds[config] = time.perf_counter() - started
+    feeds = random_feeds(sessions[CONFIGS[0]])
+    run_seconds = {config: _warm_up(session, feeds) for config, session in sessions.items()}
+    settle_seconds = SETTLE_SECONDS if threads != 1 else 0.0
+    round_seconds = sum(max(SETTLE_RUNS * run, settle_seconds) + max(BLOCK_RUNS * run, BLOCK_SECONDS)
+                        for run in run_seconds.values())
     rounds = int(min(max_rounds, max(min_rounds, budget / round_seconds)))
-    timings: dict[tuple[str, str], list[float]] = {variant: [] for variant in variants}
-    order = list(variants)
-    shuffle = random.Random(0).shuffle
-    others = _OtherProcessesCpu()
+    blocks: dict[str, list[list[float]]] = {config: [] for config in CONFIGS}
+    # On a shared machine other processes compete for the cores; how many they kept busy in each round.
+    contention = []
     for _ in range(rounds):
+        others = _OtherProcessesCpu()
         shuffle(order)
-        for variant in order:
-            session = sessions[variant]
-            settle_until = time.perf_counter() + SETTLE_SECONDS
-            for _ in range(SETTLE_RUNS):
-                session.run(None, feeds)
-            while time.perf_counter() < settle_until:
-                session.run(None, feeds)
-            for _ in range(BLOCK_RUNS):
-                ran = time.perf_counter()
-                session.run(None, feeds)
-                timings[variant].append(time.perf_counter() - ran)
+        for config in order:
+            blocks[config].append(_settled_block(sessions[config], feeds, settle_seconds))
+        contention.append(others.cores())
+    quiet = [index for index, cores in enumerate(contention) if cores < CONTENDED_CORES]
+    kept = quiet or range(rounds)
+    timings = {config: [run for index in kept for run in blocks[config][index]] for config in CONFIGS}
     return {
         "threads": threads,
-        "runs": rounds * BLOCK_RUNS,
-        # On a shared machine other processes compete for the cores; how many they kept busy on average.
-        "other_processes_cores": others.cores(),
-        "latency_ms": {f"{role}/{level}": _stats(timings[(role, level)]) for role, level in variants},
-        "session_seconds": {f"{role}/{level}": median(creations[(role, level)]) for role, level in variants},
+        "rounds": rounds,
+        "quiet_rounds": len(quiet),
+        "other_processes_cores": statistics.fmean(contention),
+        "latency_ms": {config: 1e3 * statistics.median(seconds) for config, seconds in timings.items()},
+        "runs": {config: len(seconds) for config, seconds in timings.items()},
+        "session_seconds": creation_seconds,
     }
+
+
+def _warm_up(session: Any, feeds: dict[str, np.ndarray]) -> float:
+    """Seconds of the last warm-up run."""
+    for _ in range(WARMUP_RUNS):
+        started = time.perf_counter()
+        session.run(None, feeds)
+    return time.perf_counter() - started
+
+
+def _settled_block(session: Any, feeds: dict[str, np.ndarray], settle_seconds: float) -> list[float]:
+    """Untimed settling runs, then the seconds of each timed run of one block."""
+    settled, runs = time.perf_counter() + settle_seconds, 0
+    while runs < SETTLE_RUNS or time.perf_counter() < settled:
+        session.run(None, feeds)
+        runs += 1
+    seconds: list[float] = []
+    block_end = time.perf_counter() + BLOCK_SECONDS
+    while len(seconds) < BLOCK_RUNS or time.perf_counter() < block_end:
+        started = time.perf_counter()
+        session.run(None, feeds)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 class _OtherProcessesCpu:
@@ -135,41 +187,85 @@ def random_feeds(session: Any) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _stats(seconds: list[float]) -> dict[str, float]:
-    milliseconds = np.asarray(seconds) * 1e3
-    return {"median": float(np.median(milliseconds)), "p10": float(np.percentile(milliseconds, 10)),
-            "p90": float(np.percentile(milliseconds, 90))}
+def median_interval(values: list[float]) -> dict[str, float]:
+    """The median of independent draws and a distribution-free confidence interval for the median of their
+    distribution: the order statistics x(j) and x(n+1-j) enclose it unless j or more draws fall on one side,
+    so the interval covers it with probability 1 - 2 P(Binomial(n, 1/2) < j). ``j`` is the deepest that keeps
+    at least ``CONFIDENCE``; below five draws none does, and the interval is the lowest to the highest value
+    with the coverage it has (75% for three)."""
+    ordered = sorted(values)
+    count = len(ordered)
+
+    def coverage(depth: int) -> float:
+        return 1 - 2 * sum(math.comb(count, below) for below in range(depth)) / 2**count
+
+    depth = 1
+    while depth < (count + 1) // 2 and coverage(depth + 1) >= CONFIDENCE:
+        depth += 1
+    return {"median": statistics.median(ordered), "low": ordered[depth - 1], "high": ordered[count - depth],
+            "confidence": coverage(depth)}
+
+
+def summarize(instances: list[dict[str, Any]]) -> dict[str, Any]:
+    """One thread setting across its instances: each configuration's latency and each gain as a median with
+    its confidence interval, session creation as the median."""
+    return {
+        "threads": instances[0]["threads"],
+        "instances": instances,
+        "rounds": [instance["rounds"] for instance in instances],
+        "quiet_rounds": [instance["quiet_rounds"] for instance in instances],
+        "runs": {config: sum(instance["runs"][config] for instance in instances) for config in CONFIGS},
+        "other_processes_cores": statistics.fmean(instance["other_processes_cores"] for instance in instances),
+        "latency_ms": {config: median_interval([instance["latency_ms"][config] for instance in instances])
+                       for config in CONFIGS},
+        "gains": {name: median_interval([instance["latency_ms"][folded] / instance["latency_ms"][original] - 1
+                                         for instance in instances])
+                  for name, (folded, original) in GAINS.items()},
+        "session_seconds": {config: statistics.median(instance["session_seconds"][config] for instance in instances)
+                            for config in CONFIGS},
+    }
 
 
 def measure_model(original: BuiltModel, folded: Path, folded_check: dict[str, Any], seconds: float,
-                  rounds: tuple[int, int], scratch: Path, log: Any) -> dict[str, Any]:
-    """Both thread settings for one model; the gains the issue asks about, as ratios folded/original - 1."""
+                  rounds: tuple[int, int], instances: int, scratch: Path, log: Any) -> dict[str, Any]:
+    """Both thread settings for one model, ``instances`` fresh processes each, sharing ``seconds`` of rounds
+    per thread setting. The settings alternate, so that the instances of each are spread over the whole
+    measurement and a burst of load elsewhere spoils at most a few of them."""
     entry: dict[str, Any] = {
         "model": original.to_dict(),
         "folded": {key: folded_check.get(key) for key in ("bytes", "nodes", "batchnorms")},
-        "threads": [],
     }
+    results: dict[int, list[dict[str, Any]]] = {threads: [] for threads in THREAD_SETTINGS}
+    failures: dict[int, str] = {}
+    for instance in range(instances):
+        for threads in THREAD_SETTINGS:
+            if threads in failures:
+                continue
+            child = run_child("latency", [original.path, folded, threads, seconds / instances, *rounds, instance],
+                              scratch, timeout=60 + 20 * seconds / instances)
+            if child.failure is None:
+                results[threads].append(child.result)
+            else:
+                failures[threads] = child.failure
+                log(f"    threads={threads or 'default'}: FAILED ({child.failure})")
+    entry["threads"] = []
     for threads in THREAD_SETTINGS:
-        child = run_child("latency", [original.path, folded, threads, seconds, *rounds], scratch,
-                          timeout=60 + 20 * seconds)
-        if child.failure is not None:
-            entry["threads"].append({"threads": threads, "error": child.failure})
-            log(f"    threads={threads or 'default'}: FAILED ({child.failure})")
+        if threads in failures:
+            entry["threads"].append({"threads": threads, "error": failures[threads]})
             continue
-        result = child.result
-        latency = {key: value["median"] for key, value in result["latency_ms"].items()}
-        result["gains"] = {
-            # (2) vs (3): does the offline fold alone give what onnxruntime's own BASIC fusions give?
-            "folded_disabled_vs_original_basic": latency["folded/disabled"] / latency["original/basic"] - 1,
-            "folded_vs_original_disabled": latency["folded/disabled"] / latency["original/disabled"] - 1,
-            "folded_vs_original_basic": latency["folded/basic"] / latency["original/basic"] - 1,
-            "folded_vs_original_all": latency["folded/all"] / latency["original/all"] - 1,
-        }
-        entry["threads"].append(result)
-        gains = result["gains"]
-        log(f"    threads={threads or 'default'}: {result['runs']} runs; orig/disabled "
-            f"{latency['original/disabled']:.2f} ms, folded/disabled {latency['folded/disabled']:.2f}, "
+        summary = summarize(results[threads])
+        entry["threads"].append(summary)
+        latency = {config: figures["median"] for config, figures in summary["latency_ms"].items()}
+        gains = summary["gains"]
+        log(f"    threads={threads or 'default'}: {instances} instances, {min(summary['runs'].values())} runs; "
+            f"orig/disabled {latency['original/disabled']:.2f} ms, folded/disabled {latency['folded/disabled']:.2f}, "
             f"orig/basic {latency['original/basic']:.2f}, folded/basic {latency['folded/basic']:.2f}, "
-            f"all {latency['original/all']:.2f} -> {latency['folded/all']:.2f}; "
-            f"(2) vs (3) {gains['folded_disabled_vs_original_basic']:+.1%}")
+            f"all {latency['original/all']:.2f} -> {latency['folded/all']:.2f}; BASIC "
+            f"{format_gain(gains['folded_vs_original_basic'])}, (2) vs (3) "
+            f"{format_gain(gains['folded_disabled_vs_original_basic'])}")
     return entry
+
+
+def format_gain(gain: dict[str, float]) -> str:
+    """``+1.2% [-0.5, +3.0]``: the median gain and its confidence interval."""
+    return f"{gain['median']:+.1%} [{gain['low']:+.1%}, {gain['high']:+.1%}]"

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.latency import CONTENDED_CORES, format_gain
 from bench.tools import FOLDERS, TOOLS
 
 GOAL_FLOOR_RATIO = 1.3
@@ -19,8 +20,6 @@ PRECISION_MARGIN = 1.1
 # onnxoptimizer leaves the fold arithmetic in the graph: its weights are the original ones, so it is not an
 # offline fold whose rounding could be compared.
 RUNTIME_FOLDERS = ("onnxoptimizer",)
-# Other processes keeping this much of a core busy during a latency measurement make it unreliable.
-CONTENDED_CORES = 0.5
 LINEARITY_MIN_BYTES = 10 * 10**6  # below this, start-up costs hide the size dependence
 LATENCY_CONFIGS = (
     ("original/disabled", "(1) original, DISABLE_ALL"),
@@ -29,6 +28,12 @@ LATENCY_CONFIGS = (
     ("folded/basic", "(4) folded, BASIC"),
     ("original/all", "(5) original, ALL"),
     ("folded/all", "(5) folded, ALL"),
+)
+LATENCY_GAINS = (
+    ("folded_disabled_vs_original_basic", "(2) vs (3)"),
+    ("folded_vs_original_disabled", "folded vs original, DISABLE_ALL"),
+    ("folded_vs_original_basic", "folded vs original, BASIC"),
+    ("folded_vs_original_all", "folded vs original, ALL"),
 )
 
 
@@ -64,10 +69,6 @@ def _seconds(value: float | None) -> str:
 
 def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.1%}"
 
 
 def _mb(count: float) -> str:
@@ -191,28 +192,26 @@ def _goal_summary(results: dict[str, Any]) -> list[str]:
         lines.append("- **Faster than every anchor at every size** (scale curve, whole-command wall time): "
                      + (_goal(True) if not faster else f"{_goal(False)}; faster than bnfold: {beaten}."))
     if results["latency"]:
-        measured = [(entry, threads) for entry in results["latency"] for threads in entry.get("threads", [])
-                    if "gains" in threads]
+        measured = [(entry, threads) for entry in results["latency"] for threads in _measured(entry)]
         contended = sum(_contended(threads) for _, threads in measured)
-        lines.append(f"- Latency measurements during which other processes kept {CONTENDED_CORES:g} core or more "
-                     f"busy (marked ⚠; onnxruntime's threads then wait for a core): {contended} of {len(measured)}.")
-
-        def exceptions(gain: str, limit: float, scope: Any = lambda entry: True) -> str:
-            outside = [f"{entry['model']['name']} ({_threads(threads['threads'])}"
-                       f"{' ⚠' if _contended(threads) else ''}: {_percent(threads['gains'][gain])})"
-                       for entry, threads in measured if scope(entry) and threads["gains"][gain] > limit]
-            return _goal(True) if not outside else f"{_goal(False)} for {', '.join(outside)}."
-
+        confidence = _lowest_confidence(measured)
+        lines.append(f"- Latency figures are medians over instances (fresh processes) with a confidence interval of "
+                     f"at least {confidence:.0%} in brackets. A goal counts as met or not met only where the whole "
+                     "interval lies on one side of its bound; otherwise the difference is within the measured noise. "
+                     f"Where two speeds are equal, one comparison in {2 / (1 - confidence):.0f} still lands wholly on "
+                     "the slower side by chance. Measurements in which, for half the instances or more, other "
+                     f"processes kept {CONTENDED_CORES:g} core or more busy in every round (marked ⚠; onnxruntime's "
+                     f"threads then wait for a core) are not judged: {contended} of {len(measured)}.")
         lines.append(f"- **Latency (2) within {GOAL_LATENCY_GAP:.0%} of (3)** (folded without onnxruntime's "
-                     f"optimizations against the original with its BASIC fusions): "
-                     + exceptions("folded_disabled_vs_original_basic", GOAL_LATENCY_GAP))
-        lines.append(f"- **Folded at least as fast as the original at BASIC and at ALL** (within "
-                     f"{GOAL_LATENCY_GAP:.0%} noise): BASIC "
-                     + exceptions("folded_vs_original_basic", GOAL_LATENCY_GAP) + " ALL "
-                     + exceptions("folded_vs_original_all", GOAL_LATENCY_GAP))
-        lines.append("- **Strictly faster where onnxruntime cannot fuse** (models marked so, folded against "
-                     "the original at BASIC): "
-                     + exceptions("folded_vs_original_basic", 0.0, lambda entry: not entry["model"]["ort_fuses"]))
+                     "optimizations against the original with its BASIC fusions): "
+                     + _latency_goal(measured, "folded_disabled_vs_original_basic", GOAL_LATENCY_GAP))
+        lines.append("- **Folded at least as fast as the original** (within noise: no difference measurable): at "
+                     "BASIC " + _latency_goal(measured, "folded_vs_original_basic", 0.0) + " At ALL "
+                     + _latency_goal(measured, "folded_vs_original_all", 0.0))
+        lines.append("- **Strictly faster where onnxruntime cannot fuse** (models marked so, folded against the "
+                     "original at BASIC; within noise: faster not shown): "
+                     + _latency_goal(measured, "folded_vs_original_basic", 0.0,
+                                     lambda entry: not entry["model"]["ort_fuses"]))
     if results["precision"]:
         worse, compared, float16_ratios = [], 0, []
         for entry in results["precision"]:
@@ -246,8 +245,40 @@ def _folds_offline(tool: str, entry: dict[str, Any]) -> bool:
             and left is not None and left < entry["model"]["batchnorms"])
 
 
+def _measured(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The thread settings of a latency entry that were measured (on instances: earlier results lack them)."""
+    return [threads for threads in entry.get("threads", []) if "instances" in threads]
+
+
 def _contended(threads: dict[str, Any]) -> bool:
-    return threads.get("other_processes_cores", 0.0) >= CONTENDED_CORES
+    """Whether other processes kept the cores busy during every round of half the instances or more, which
+    the median over instances is no longer robust against."""
+    spoiled = sum(instance["quiet_rounds"] == 0 for instance in threads["instances"])
+    return 2 * spoiled >= len(threads["instances"])
+
+
+def _lowest_confidence(measured: list[tuple[dict[str, Any], dict[str, Any]]]) -> float:
+    return min((gain["confidence"] for _, threads in measured for gain in threads["gains"].values()), default=0.0)
+
+
+def _latency_goal(measured: list[tuple[dict[str, Any], dict[str, Any]]], gain: str, bound: float,
+                  scope: Any = lambda entry: True) -> str:
+    """Which measurements have ``gain`` below ``bound`` (its whole confidence interval), above it, or either."""
+    verdicts: dict[str, list[str]] = {"met": [], "within noise": [], "not met": [], "not judged (⚠)": []}
+    for entry, threads in measured:
+        if not scope(entry):
+            continue
+        figures = threads["gains"][gain]
+        if _contended(threads):
+            verdict = "not judged (⚠)"
+        else:
+            verdict = "met" if figures["high"] < bound else "not met" if figures["low"] > bound else "within noise"
+        verdicts[verdict].append(f"{entry['model']['name']} ({_threads(threads['threads'])}: {format_gain(figures)})")
+    total = sum(map(len, verdicts.values()))
+    parts = [f"met for {len(verdicts['met'])} of {total}"]
+    parts += [f"{_goal(False) if verdict == 'not met' else verdict} for {', '.join(labels)}"
+              for verdict, labels in verdicts.items() if verdict != "met" and labels]
+    return "; ".join(parts) + "."
 
 
 def _threads(threads: int) -> str:
@@ -371,7 +402,8 @@ def _verify(results: dict[str, Any]) -> list[str]:
         "",
         "`fold_onnx(verify=True)`'s verification stage against what it fundamentally needs: creating an "
         "onnxruntime session (`ORT_DISABLE_ALL`) for the original and for the folded model from their files, "
-        "and running each once per iteration, measured in the same process right after.",
+        "and running each once per iteration, measured in a fresh process of its own (as verification runs in one: "
+        "a process's first sessions cost more than later ones).",
         "",
     ]
     rows = []
@@ -395,10 +427,13 @@ def _latency(results: dict[str, Any], plots: dict[str, str], relative: str) -> l
     lines = [
         "## Inference latency",
         "",
-        "onnxruntime CPU latency in milliseconds (median over the rounds; each round runs the six sessions in a "
-        "fresh random order after a warm-up), for the original and the bnfold-folded model at each graph "
-        "optimization level. Gains are folded ÷ original − 1 (negative is faster). (2) vs (3) asks whether "
-        "folding offline gives everything onnxruntime's own BASIC fusions give.",
+        "onnxruntime CPU latency in milliseconds for the original and the bnfold-folded model at each graph "
+        "optimization level. Each thread setting is measured on several instances, fresh processes with their own "
+        "six sessions run interleaved in rounds (see Method); a cell is the median over the instances of each "
+        "instance's median run, in brackets the confidence interval of that median (with five instances, the "
+        "lowest to the highest instance). Gains are folded ÷ original − 1 (negative is faster), taken within each "
+        "instance and summarised the same way: a gain whose interval spans 0 is within the noise. (2) vs (3) asks "
+        "whether folding offline gives everything onnxruntime's own BASIC fusions give.",
         "",
     ]
     for key in ("latency_1", "latency_0"):
@@ -414,31 +449,40 @@ def _latency(results: dict[str, Any], plots: dict[str, str], relative: str) -> l
         folded = entry["folded"]
         lines += [f"File {_mb(model['bytes'])} → {_mb(folded['bytes'] or 0)} MB, nodes {model['nodes']} → "
                   f"{folded['nodes']}, batch norms {model['batchnorms']} → {folded['batchnorms']}.", ""]
-        measured = [threads for threads in entry["threads"] if "latency_ms" in threads]
-        header = ["configuration", *(f"{_threads(t['threads'])}{' ⚠' if _contended(t) else ''} ms (p10–p90)"
-                                     for t in measured)]
-        rows = [[label, *(f"{t['latency_ms'][key]['median']:.2f} ({t['latency_ms'][key]['p10']:.2f}–"
-                          f"{t['latency_ms'][key]['p90']:.2f})" for t in measured)] for key, label in LATENCY_CONFIGS]
-        rows += [
-            ["(2) vs (3)", *(_percent(t["gains"]["folded_disabled_vs_original_basic"]) for t in measured)],
-            ["folded vs original, DISABLE_ALL",
-             *(_percent(t["gains"]["folded_vs_original_disabled"]) for t in measured)],
-            ["folded vs original, BASIC", *(_percent(t["gains"]["folded_vs_original_basic"]) for t in measured)],
-            ["folded vs original, ALL", *(_percent(t["gains"]["folded_vs_original_all"]) for t in measured)],
-            ["session creation, original (DISABLE / BASIC / ALL) s",
-             *(" / ".join(_seconds(t["session_seconds"][f"original/{level}"]) for level in ("disabled", "basic", "all"))
-               for t in measured)],
-            ["session creation, folded (DISABLE / BASIC / ALL) s",
-             *(" / ".join(_seconds(t["session_seconds"][f"folded/{level}"]) for level in ("disabled", "basic", "all"))
-               for t in measured)],
-            ["rounds; cores other processes kept busy",
-             *(f"{t['runs']}; {t.get('other_processes_cores', float('nan')):.2f}" for t in measured)],
-        ]
-        lines += ["", *_table(header, rows)]
+        measured = _measured(entry)
+        if measured:
+            lines += ["", *_table(["configuration", *(f"{_threads(t['threads'])}{' ⚠' if _contended(t) else ''}"
+                                                      for t in measured)], _latency_rows(measured))]
         for threads in entry["threads"]:
             if "error" in threads:
                 lines += [f"{_threads(threads['threads'])}: not measured ({threads['error']}).", ""]
+            elif "instances" not in threads:
+                lines += [f"{_threads(threads['threads'])}: measured by an earlier method; rerun the latency section.",
+                          ""]
     return lines
+
+
+def _latency_rows(measured: list[dict[str, Any]]) -> list[list[str]]:
+    def latency(figures: dict[str, float]) -> str:
+        return f"{figures['median']:.2f} ({figures['low']:.2f}–{figures['high']:.2f})"
+
+    def creations(threads: dict[str, Any], role: str) -> str:
+        return " / ".join(_seconds(threads["session_seconds"][f"{role}/{level}"]) for level in ("disabled", "basic",
+                                                                                               "all"))
+
+    def rounds(threads: dict[str, Any]) -> str:
+        return (f"{len(threads['instances'])} × {min(threads['rounds'])}–{max(threads['rounds'])}; "
+                f"{sum(threads['quiet_rounds'])} of {sum(threads['rounds'])}; {min(threads['runs'].values())}; "
+                f"{threads['other_processes_cores']:.2f}")
+
+    return [
+        *([label, *(latency(t["latency_ms"][key]) for t in measured)] for key, label in LATENCY_CONFIGS),
+        *([label, *(format_gain(t["gains"][gain]) for t in measured)] for gain, label in LATENCY_GAINS),
+        ["session creation, original (DISABLE / BASIC / ALL) s", *(creations(t, "original") for t in measured)],
+        ["session creation, folded (DISABLE / BASIC / ALL) s", *(creations(t, "folded") for t in measured)],
+        ["instances × rounds; quiet rounds; timed runs per configuration; cores other processes kept busy",
+         *(rounds(t) for t in measured)],
+    ]
 
 
 def _precision(results: dict[str, Any]) -> list[str]:
@@ -554,13 +598,25 @@ def _method(results: dict[str, Any]) -> list[str]:
         "- **Equivalence** of every output is checked with `bnfold.verify` against the original, both at "
         "`ORT_DISABLE_ALL` (so onnxruntime's own fusions cannot hide a wrong fold), after `onnx.checker`'s full "
         "check. A tool that crashes, times out, writes an invalid model or a different function is reported so.",
-        "- **Latency:** six sessions per model and thread setting (intra-op threads 1, and onnxruntime's default), "
-        "inter-op threads 1; five warm-up runs each, then rounds in random order for about "
-        f"{mode.get('latency_seconds', '?')} s (at least {mode.get('latency_rounds', ['?'])[0]} rounds). In each "
-        "round every session makes untimed settling runs (at least 8 and 0.25 s), then 5 timed runs: right after "
-        "another session ran, onnxruntime is up to twice as slow for several runs (its threads keep spinning; "
-        "with several threads it takes about seven runs to reach its steady speed). Session creation is the "
-        "median of three.",
+        f"- **Latency:** per model and thread setting (intra-op threads 1, and onnxruntime's default; inter-op "
+        f"threads 1), {mode.get('latency_instances', '?')} instances, each a fresh process holding six sessions "
+        "(original and folded at three levels), the thread settings alternating. Why instances: two sessions of "
+        "one model and level keep different speeds for as long as they live (on the 167 MB MLP at 1 thread, "
+        "identical sessions in one process: 11.1 to 12.7 ms; the spread collapses when the weights are put on huge "
+        "pages, so it is where they land in memory), and a process can start in a bad moment. In an instance, a "
+        "throwaway session first takes onnxruntime's one-time costs, the six are created in random order (creation"
+        " time: the median over instances), warmed up by two runs each, then run in rounds, each in a new random "
+        f"order, for about {mode.get('latency_seconds', '?')} s per thread setting in all (at least "
+        f"{mode.get('latency_rounds', ['?'])[0]} round per instance). In a round every session makes untimed "
+        "settling runs (2, and at default threads at least 0.1 s: the threads of the session that ran before spin "
+        "for about 50 ms and halve the next one's speed), then a timed block of at least 3 runs and 0.05 s. "
+        "Rounds during which other processes kept half a core busy are dropped when the instance has quieter "
+        "ones. An instance's latency per configuration is the median of its timed runs, and its gains are ratios "
+        "of those, paired within the instance. Across instances: the median, and the confidence interval for the "
+        "median from order statistics, [x(j), x(n+1−j)] covering it with probability 1 − 2·P(Binomial(n, ½) < j) "
+        "(the deepest j keeping 90%; with 5 instances the lowest to the highest, 94%): it needs no assumption on "
+        "the shape of the noise, which here has long tails (a busy neighbour slows a 2-thread run threefold). "
+        "Goals are judged on that interval, so a difference smaller than the measured noise is reported as such.",
         "- **Precision ground truth:** the original model with every float tensor and type converted to float64 "
         "(exact for float32 and float16 values) and run by `onnx.reference`, on the same inputs (rounded to the "
         f"model's dtype first), {mode.get('precision_inputs', '?')} standard-normal inputs per model. Candidates run"
@@ -615,18 +671,21 @@ def _plots(out: Path, results: dict[str, Any]) -> dict[str, str]:
     latency = results["latency"]
     if latency:
         for threads in (1, 0):
-            measured = [(entry["model"]["name"], next(t for t in entry["threads"] if t["threads"] == threads))
-                        for entry in latency if "threads" in entry
-                        and any(t["threads"] == threads and "latency_ms" in t for t in entry["threads"])]
+            measured = [(entry["model"]["name"], t) for entry in latency for t in _measured(entry)
+                        if t["threads"] == threads]
             if not measured:
                 continue
             figure, axes = plt.subplots(figsize=(max(7.5, 1.3 * len(measured)), 5))
             width = 0.8 / len(LATENCY_CONFIGS)
             for index, (key, label) in enumerate(LATENCY_CONFIGS):
-                values = [t["latency_ms"][key]["median"] / t["latency_ms"]["original/disabled"]["median"]
-                          for _, t in measured]
+                # Divided by the original at DISABLE_ALL; the whiskers are each configuration's confidence interval.
+                ratios = [{bound: t["latency_ms"][key][bound] / t["latency_ms"]["original/disabled"]["median"]
+                           for bound in ("median", "low", "high")} for _, t in measured]
+                values = [figures["median"] for figures in ratios]
+                whiskers = [[figures["median"] - figures["low"] for figures in ratios],
+                            [figures["high"] - figures["median"] for figures in ratios]]
                 axes.bar([position + (index - 2.5) * width for position in range(len(measured))], values, width,
-                         label=label)
+                         yerr=whiskers, capsize=2, label=label)
             axes.set_xticks(range(len(measured)), [name for name, _ in measured], rotation=20)
             axes.axhline(1.0, color="grey", linewidth=0.8)
             axes.set_ylabel("latency ÷ original at DISABLE_ALL")

@@ -42,8 +42,9 @@ class Mode:
     headline_mb: float  # the scale point the headline figures, the --verify cost and the profile are taken on
     verify_cases: tuple[str, ...]  # models whose runs, not their session creation, dominate --verify
     repeats: int
-    latency_seconds: float  # per model and thread setting, shared by its six sessions
-    latency_rounds: tuple[int, int]  # at least, at most
+    latency_instances: int  # fresh processes per model and thread setting, each with its own six sessions
+    latency_seconds: float  # of rounds per model and thread setting, split among its instances
+    latency_rounds: tuple[int, int]  # per instance: at least, at most
     precision_inputs: int
     verify_iterations: int
 
@@ -58,8 +59,9 @@ FULL = Mode(
     headline_mb=200,
     verify_cases=("resnet50",),
     repeats=3,
-    latency_seconds=14,
-    latency_rounds=(3, 100),
+    latency_instances=5,
+    latency_seconds=10,
+    latency_rounds=(1, 100),
     precision_inputs=3,
     verify_iterations=3,
 )
@@ -72,8 +74,9 @@ QUICK = Mode(
     headline_mb=64,
     verify_cases=("mobilenet_v2",),
     repeats=1,
+    latency_instances=3,
     latency_seconds=3,
-    latency_rounds=(2, 20),
+    latency_rounds=(1, 20),
     precision_inputs=2,
     verify_iterations=3,
 )
@@ -136,7 +139,8 @@ def run_latency(bench: Bench, cases: dict[str, BuiltModel], tool_entries: dict[s
             continue
         folded = fold_speed.output_path(cases[name], BNFOLD, bench.outputs_dir)
         entries.append(latency.measure_model(cases[name], folded, bnfold_row, bench.mode.latency_seconds,
-                                             bench.mode.latency_rounds, bench.scratch, bench.log))
+                                             bench.mode.latency_rounds, bench.mode.latency_instances,
+                                             bench.scratch, bench.log))
     bench.save("latency", entries)
 
 
@@ -205,14 +209,24 @@ def _affordable_sizes(bench: Bench) -> list[float]:
 
 def _verify_cost(bench: Bench, model: BuiltModel) -> None:
     bench.log(f"  --verify cost on {model.name}")
-    child = run_child("verify-cost", [model.path, json.dumps(model.fold_options), bench.mode.verify_iterations],
-                      bench.scratch, timeout=fold_speed.timeout_for(model) * 3)
+    folded = bench.outputs_dir / "verify" / "model.onnx"
+    folded.parent.mkdir(parents=True, exist_ok=True)
+    timeout = fold_speed.timeout_for(model) * 3
+    iterations = bench.mode.verify_iterations
+    child = run_child("verify-cost", [model.path, json.dumps(model.fold_options), iterations, folded], bench.scratch,
+                      timeout)
     entry = {"model": model.to_dict(), **child.result}
+    if child.failure is None:
+        baseline = run_child("verify-baseline", [model.path, folded, iterations], bench.scratch, timeout)
+        entry.update(baseline.result)
+        child = baseline
     if child.failure is not None:
         entry["error"] = child.failure
     else:
+        entry["verify_vs_baseline"] = entry["stages"]["verify"] / entry["baseline_seconds"]
         bench.log(f"    verify {entry['stages']['verify']:.2f} s vs two sessions and "
-                  f"{bench.mode.verify_iterations}x two runs {entry['baseline_seconds']:.2f} s")
+                  f"{iterations}x two runs {entry['baseline_seconds']:.2f} s")
+    shutil.rmtree(folded.parent, ignore_errors=True)
     bench.verify_entries.append(entry)
     bench.save("verify", bench.verify_entries)
 

@@ -39,6 +39,7 @@ TASKS = {
     "build": "bench.models:build_task",
     "check": "bench.fold_speed:check",
     "verify-cost": "bench.fold_speed:verify_cost",
+    "verify-baseline": "bench.fold_speed:verify_baseline",
     "latency": "bench.latency:measure",
     "precision": "bench.precision:measure",
     "profile": "bench.profile:measure",
