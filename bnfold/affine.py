@@ -178,15 +178,37 @@ class ScaledWeight:
         product = np.multiply(self.weight, self.factors, dtype=np.float64)
         return product if dtype is None else product.astype(dtype)
 
-    def cast(self, dtype: np.dtype, what: str) -> np.ndarray:
-        """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows."""
-        out = np.empty(np.broadcast_shapes(self.weight.shape, self.factors.shape), dtype)
+    def cast(self, dtype: np.dtype, what: str, *, in_place: bool = False) -> np.ndarray:
+        """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows.
+
+        ``in_place`` writes the product over the weight where it can (the same dtype and shape, every value
+        finite) and returns the weight: no second array as large, whose fresh pages cost more than the
+        arithmetic. The caller must own the weight, and lose it if this refuses."""
+        shape = np.broadcast_shapes(self.weight.shape, self.factors.shape)
+        overwrite = in_place and self._overwritable(dtype, shape)
+        out = self.weight if overwrite else np.empty(shape, dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(self.weight, self.factors, out=out, dtype=np.float64, casting="unsafe")
-        overflowed = _overflowed(out, self)
+        # Overwritten, the weight is gone, but it was all finite: every infinity is an overflow.
+        overflowed = _infinities(out) if overwrite else _overflowed(out, self)
         if overflowed:
             raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
         return out
+
+
+    def _overwritable(self, dtype: np.dtype, shape: tuple[int, ...]) -> bool:
+        weight = self.weight
+        return (weight.dtype == dtype and weight.shape == shape and weight.flags.writeable
+                and weight.flags.c_contiguous and _all_finite(weight) and _all_finite(self.factors))
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Two reductions instead of a boolean array as large as ``values``."""
+    return values.size == 0 or bool(np.isfinite(values.max()) and np.isfinite(values.min()))
+
+
+def _infinities(values: np.ndarray) -> int:
+    return 0 if _all_finite(values) else int(np.isinf(values).sum())
 
 
 def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:

@@ -211,3 +211,43 @@ def test_buffered_scaling_rounds_exactly_as_the_whole_product(shape, axis, dtype
     assert actual.dtype == expected.dtype
     np.testing.assert_array_equal(actual, expected)
     np.testing.assert_array_equal(np.asarray(ScaledWeight(weight, factors, axis)), scale_weight(weight, factors, axis))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.sampled_from([(6, 4, 3, 3), (8, 2, 1, 1), (5, 7), (12, 3, 2)]),
+    axis=st.sampled_from([0, 1, -1]),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]),
+    seed=st.integers(0, 2**16),
+    huge=st.booleans(),
+    special=st.sampled_from([None, np.inf, np.nan]),
+)
+def test_scaling_in_place_gives_the_same_bits_and_refusals(shape, axis, dtype, seed, huge, special):
+    """Overwriting the weight changes where the product goes, never its value or an overflow verdict; a weight
+    with an infinity or NaN is never overwritten (its overflows could not be told apart afterwards)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(shape).astype(dtype)
+    if special is not None:
+        weight.flat[seed % weight.size] = special
+    factors = rng.standard_normal(shape[axis]) * (1e6 if huge else 1.0)
+    original = weight.copy()
+    try:
+        expected = ScaledWeight(original, factors, axis).cast(np.dtype(dtype), "w")
+    except FoldRefused as refusal:
+        with pytest.raises(FoldRefused, match=re.escape(refusal.message)):
+            ScaledWeight(weight, factors, axis).cast(np.dtype(dtype), "w", in_place=True)
+        return
+    actual = ScaledWeight(weight, factors, axis).cast(np.dtype(dtype), "w", in_place=True)
+    np.testing.assert_array_equal(actual, expected)
+    if special is None:
+        assert actual is weight
+    else:
+        assert actual is not weight
+        np.testing.assert_array_equal(weight, original)
+
+
+def test_a_weight_of_another_dtype_is_not_overwritten():
+    weight = np.ones((4, 3), np.float32)
+    result = ScaledWeight(weight, np.full(4, 2.0), 0).cast(np.dtype(np.float16), "w", in_place=True)
+    assert result.dtype == np.float16 and result is not weight
+    np.testing.assert_array_equal(weight, np.ones((4, 3), np.float32))

@@ -110,6 +110,8 @@ class GraphIndex:
             self._register(node)
         self.constants = ConstantResolver(self, outer.constants if outer is not None else None)
         self._arrays: dict[str, np.ndarray] = {}
+        # The cached arrays this index read from disk itself: nothing else holds them (see ``overwritable``).
+        self._read_from_disk: dict[str, np.ndarray] = {}
         self._removed: set[int] = set()
         self._maybe_dead: set[str] = set()
         self._vanished: set[str] = set()
@@ -140,8 +142,24 @@ class GraphIndex:
 
     def tensor_value(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            self._arrays[name] = self.tensor_array(self.initializers[name])
+            tensor = self.initializers[name]
+            self._arrays[name] = self.tensor_array(tensor)
+            if is_external(tensor):
+                self._read_from_disk[name] = self._arrays[name]
         return self._arrays[name]
+
+    def overwritable(self, node: NodeProto, slot: int, value: np.ndarray) -> bool:
+        """Whether an update of ``node.input[slot]`` may compute its new value into ``value``, the array of the
+        current one: this index read it from disk, no other node reads that initializer, and the update will
+        replace it (see :meth:`write_tensor`). An update that overwrites it and then fails must call
+        :meth:`forget_value`, so the next read goes back to the file."""
+        name = node.input[slot] if slot < len(node.input) else ""
+        return bool(name) and self._read_from_disk.get(name) is value and self._exclusive(name, node)
+
+    def forget_value(self, name: str) -> None:
+        self._arrays.pop(name, None)
+        self._read_from_disk.pop(name, None)
+        self.constants.forget(name)
 
     def tensor_array(self, tensor: TensorProto) -> np.ndarray:
         """The value of any tensor of this graph, an external one read from ``base_dir`` after its checks."""
@@ -199,18 +217,11 @@ class GraphIndex:
     def write_tensor(self, node: NodeProto, slot: int, value: np.ndarray, base: str) -> str:
         """Feed ``value`` to ``node.input[slot]``; reuse the initializer only if nothing else reads it."""
         old = node.input[slot] if slot < len(node.input) else ""
-        exclusive = (
-            old in self.initializers
-            and old not in self.graph_inputs
-            and self.users(old) == [node]
-            and list(node.input).count(old) == 1
-        )
-        if exclusive:
+        if self._exclusive(old, node):
             self._store(self.initializers[old], value, old)
-            # The proto holds the value now; a second numpy copy of every folded weight would double
-            # the memory a large model needs. A later read converts it again.
-            self._arrays.pop(old, None)
-            self.constants.forget(old)
+            # The proto (or ``held``) has the value now; a second numpy copy of every folded weight would
+            # double the memory a large model needs. A later read converts it again.
+            self.forget_value(old)
             return old
         name = self.names.fresh(base)
         tensor = TensorProto()
@@ -219,6 +230,15 @@ class GraphIndex:
         self.initializers[name] = self.graph.initializer[-1]
         self.set_input(node, slot, name)
         return name
+
+    def _exclusive(self, name: str, node: NodeProto) -> bool:
+        """``name`` is an initializer only ``node`` reads, once, and no caller can override."""
+        return (
+            name in self.initializers
+            and name not in self.graph_inputs
+            and self.users(name) == [node]
+            and list(node.input).count(name) == 1
+        )
 
     def _store(self, tensor: TensorProto, value: np.ndarray, name: str) -> None:
         if holdable(value, self.held):
@@ -289,6 +309,7 @@ class GraphIndex:
         self._maybe_dead.clear()
         # Every value is in the protos now; cached arrays would hold a copy of each tensor read.
         self._arrays.clear()
+        self._read_from_disk.clear()
         self.constants.forget_all()
 
     def _sweep_dead_values(self) -> None:

@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 from onnx import NodeProto
 
-from bnfold.affine import FoldRefused, cast_checked
+from bnfold.affine import FoldRefused, ScaledWeight, cast_checked
 from bnfold.onnx_front.batchnorm import batchnorm_affine
 from bnfold.onnx_front.graph import GraphIndex
 from bnfold.patterns import STANDALONE
-from bnfold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site
+from bnfold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site, TensorUpdate
 from bnfold.patterns.runs import is_batchnorm
 from bnfold.report import BnRecord
 
@@ -99,12 +99,19 @@ def _records(rewrite: Rewrite, index: GraphIndex, refusals: list[FoldRefused]) -
 
 
 def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
-    # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched.
-    updates = [cast_checked(u.value, u.dtype, f"{u.role} for {label}") for u in rewrite.updates]
-    replacement = [cast_checked(op.value, op.dtype, f"{op.role} for {label}") for op in rewrite.replacement]
-    bias_after = None
-    if rewrite.bias_after is not None:
-        bias_after = cast_checked(rewrite.bias_after.value, rewrite.bias_after.dtype, f"bias for {label}")
+    # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched (and
+    # drops the arrays it overwrote, which the next read takes from the file again).
+    overwritten: list[str] = []
+    try:
+        updates = [_cast_update(u, index, f"{u.role} for {label}", overwritten) for u in rewrite.updates]
+        replacement = [cast_checked(op.value, op.dtype, f"{op.role} for {label}") for op in rewrite.replacement]
+        bias_after = None
+        if rewrite.bias_after is not None:
+            bias_after = cast_checked(rewrite.bias_after.value, rewrite.bias_after.dtype, f"bias for {label}")
+    except FoldRefused:
+        for name in overwritten:
+            index.forget_value(name)
+        raise
     for update, value in zip(rewrite.updates, updates, strict=True):
         current = update.node.input[update.slot] if update.slot < len(update.node.input) else ""
         base = current or f"{index.node_label(update.node)}.{update.role}"
@@ -125,6 +132,16 @@ def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
     if bias_after is not None:
         assert rewrite.target is not None and rewrite.bias_after is not None
         _add_after(rewrite.target, rewrite.bias_after, bias_after, index)
+
+
+def _cast_update(update: TensorUpdate, index: GraphIndex, what: str, overwritten: list[str]) -> np.ndarray:
+    """The update's value in its dtype; a scaled weight read from disk for this initializer alone is scaled
+    where it lies (a large model's weights would otherwise each need a second array, and its fresh pages)."""
+    value = update.value
+    if isinstance(value, ScaledWeight) and index.overwritable(update.node, update.slot, value.weight):
+        overwritten.append(update.node.input[update.slot])
+        return value.cast(update.dtype, what, in_place=True)
+    return cast_checked(value, update.dtype, what)
 
 
 def _replace_run(rewrite: Rewrite, values: list[np.ndarray], index: GraphIndex) -> None:
