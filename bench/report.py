@@ -586,7 +586,7 @@ def _method(results: dict[str, Any]) -> list[str]:
         "process it was forked from, which would add the benchmark driver's memory to every tool. The parent "
         "waits for each child blocking, not by polling (polls would round times up to 50 ms), and compiles the "
         "bytecode of bnfold's checkout first, as `pip install` does for an installed package.",
-        f"- **Repeats:** {mode.get('repeats', '?')} rounds per model up to 300 MB (one above), tools interleaved "
+        f"- **Repeats:** {mode.get('repeats', '?')} rounds per model up to 1 GB (at most two above), tools interleaved "
         "within each round; medians are reported.",
         "- **Anchors as their users run them:** onnxruntime's offline optimizer is a session at `ORT_ENABLE_BASIC` "
         "with `optimized_model_filepath` (external initializers for models over 2 GB); onnxscript is "
