@@ -265,7 +265,8 @@ def _check_data_file_name(location: str, destination: Path) -> None:
 
 def _set_inline(tensor: TensorProto, data: bytes) -> None:
     tensor.raw_data = data
-    tensor.data_location = TensorProto.DEFAULT
+    # Cleared, not set to DEFAULT: a tensor the lazy reader left in the file comes back as the file had it.
+    tensor.ClearField("data_location")
     del tensor.external_data[:]
 
 

@@ -14,8 +14,9 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto
 
 # Initializers at most this many elements stay in the skeleton: shape inference needs the values of
-# small integer tensors such as Reshape targets, never those of weights.
-_KEPT_ELEMENTS = 64
+# small integer tensors such as Reshape targets, never those of weights. (So the lazy reader never leaves
+# them in the file.)
+KEPT_ELEMENTS = 64
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def _element_count(tensor: TensorProto) -> int:
 
 
 def _is_large(tensor: TensorProto) -> bool:
-    return _element_count(tensor) > _KEPT_ELEMENTS or tensor.data_location == TensorProto.EXTERNAL
+    return _element_count(tensor) > KEPT_ELEMENTS or tensor.data_location == TensorProto.EXTERNAL
 
 
 def _stand_in(tensor: TensorProto, name: str) -> ValueInfoProto:

@@ -10,6 +10,7 @@ the input file, an external data file) with the bytes ``SerializeToString`` woul
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from bnfold.onnx_front.external import (
     is_external,
     payload_bytes,
 )
+from bnfold.onnx_front.types import KEPT_ELEMENTS
 
 # Field numbers from onnx.proto.
 _MODEL_GRAPH = 7
@@ -79,8 +81,9 @@ def _fields(data: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int
 
 
 def read_skeleton(path: Path, min_bytes: int) -> ModelProto:
-    """The model in ``path`` with every main-graph initializer whose raw data has ``min_bytes`` or more left
-    in the file, as an external reference to ``path``'s own name (relative to its directory).
+    """The model in ``path`` with every main-graph initializer whose raw data has ``min_bytes`` or more (and
+    whose value shape inference never needs: more than ``KEPT_ELEMENTS`` elements) left in the file, as an
+    external reference to ``path``'s own name (relative to its directory).
 
     Raises :class:`WireError` if the bytes are not laid out as this scanner expects (the caller then parses
     them whole, and reports what is wrong), ``DecodeError`` if a piece does not parse."""
@@ -129,7 +132,7 @@ def _read_initializer(data: mmap.mmap, start: int, end: int, graph: GraphProto, 
     # Left in the file only when it is unambiguous what the bytes are; anything odd stays inline, for the
     # checker to judge as it would have.
     if (length < min_bytes or length != payload_bytes(tensor) or is_external(tensor) or tensor.external_data
-            or tensor.HasField("data_location")):
+            or tensor.HasField("data_location") or math.prod(tensor.dims) <= KEPT_ELEMENTS):
         tensor.raw_data = data[offset:offset + length]
         return
     tensor.data_location = TensorProto.EXTERNAL
