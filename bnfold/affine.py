@@ -195,7 +195,6 @@ class ScaledWeight:
             raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
         return out
 
-
     def _overwritable(self, dtype: np.dtype, shape: tuple[int, ...]) -> bool:
         weight = self.weight
         return (weight.dtype == dtype and weight.shape == shape and weight.flags.writeable
