@@ -72,6 +72,13 @@ BUGS_FOUND = (
      "exit 3.", "`torch_front/files._atomic`: OutputError"),
     ("guard", "A folded model failing onnx.checker aborted the whole fold with an internal error.",
      "`guard.py`: per-pattern guard, the offending folds are found by refolding and left as `guard_rejected`"),
+    ("differential fuzz", "A model read lazily from a file (weights left on disk until a fold reads them) "
+     "whose Reshape target was left on disk too hid the target's values from shape inference: a batch norm "
+     "after the Reshape was left `unknown_shape` that the in-memory fold folded.",
+     "`wire._read_initializer` never leaves a tensor of `types.KEPT_ELEMENTS` or fewer elements on disk"),
+    ("differential fuzz", "Tensors the lazy reader left in the file came back in `FoldResult.model` with an "
+     "explicit `data_location: DEFAULT` the file never had (4 bytes more than the in-memory fold's model).",
+     "`io._set_inline` clears the field"),
 )
 
 
