@@ -30,7 +30,8 @@ def _as_float64_vector(name: str, values: np.ndarray) -> np.ndarray:
         raise FoldRefused("unsupported_dtype", f"{name} has non-float dtype {array.dtype}")
     if array.ndim != 1:
         raise FoldRefused("param_shape", f"{name} has shape {array.shape}, expected one value per channel")
-    return array.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a signalling NaN raises the flag as it widens; it is refused later
+        return array.astype(np.float64)
 
 
 @dataclass(frozen=True)

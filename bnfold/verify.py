@@ -574,7 +574,8 @@ def _open_runners(
 def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3  # errors reach the user once, through bnfold; warnings would break the one line
+    # Errors reach the user once, through bnfold: onnxruntime logging one too would break the one line.
+    options.log_severity_level = 4
     # The two sessions take turns: one's idle threads must not spin on the cores the other's run needs.
     options.add_session_config_entry("session.force_spinning_stop", "1")
     if isinstance(source, UnwrittenModel):

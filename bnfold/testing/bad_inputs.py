@@ -60,7 +60,8 @@ class BadInput:
     # The API's exception (exit 2), or None when the API returns (exit 0).
     error: type[BnfoldError] | None = InputError
     # Extra conditions on where the case can run: "torch"; "tmpfs" (a small file system, root only);
-    # "unprivileged" (file permissions in force: root runs it with its DAC capabilities dropped).
+    # "unprivileged" (file permissions in force: root runs it with its DAC capabilities dropped); "own process"
+    # (what goes wrong reaches only a real process's stderr: onnxruntime's C++ log, Python warnings).
     needs: tuple[str, ...] = ()
     # Files a successful run (exit 0) writes; any other change to the scratch directory is a failure.
     writes: tuple[str, ...] = ()
@@ -257,6 +258,21 @@ def _set(position: int, channel: int, value: float) -> Callable[[list[np.ndarray
         params[position][channel] = value
         return params
     return mutate
+
+
+def _set_bits(position: int, channel: int, bits: int) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    def mutate(params: list[np.ndarray]) -> list[np.ndarray]:
+        params[position].view(np.uint32)[channel] = bits
+        return params
+    return mutate
+
+
+def _runtime_channel_mismatch(directory: Path) -> Path:
+    """The input's channel count is symbolic, so the checker passes; verification's generated input has 1
+    channel, and onnxruntime fails while running the original (and used to log that itself too)."""
+    model = conv_bn()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"
+    return _save(model, directory / "model.onnx")
 
 
 def _zero_channels(directory: Path) -> Path:
@@ -558,9 +574,15 @@ CASES: tuple[BadInput, ...] = (
     BadInput("future-ir", "model", "IR version 99", _fold_case(_future_ir), says="IR version 99 is newer"),
     BadInput("unknown-op", "model", "a node of an op no runtime knows (custom domain)", _fold_case(_unknown_op),
              says="onnxruntime cannot load the original model"),
+    BadInput("runtime-failure", "model", "the original fails while onnxruntime runs it (a symbolic input channel "
+             "count that does not fit the weight)", _fold_case(_runtime_channel_mismatch),
+             says="onnxruntime failed to run the original model", needs=("own process",)),
     # batch-norm parameters
     BadInput("bn-nan", "batch norm", "gamma contains NaN (a valid model)", _fold_case(_bn_params(_set(0, 2, np.nan))),
              exit_code=EXIT_OK, says="non_finite_params", error=None, writes=("out.onnx",)),
+    BadInput("bn-signalling-nan", "batch norm", "gamma contains a signalling NaN (numpy warns as it widens one)",
+             _fold_case(_bn_params(_set_bits(0, 1, 0x7FA00000))), exit_code=EXIT_OK, says="non_finite_params",
+             error=None, writes=("out.onnx",), needs=("own process",)),
     BadInput("bn-inf", "batch norm", "running mean contains +inf",
              _fold_case(_bn_params(_set(2, 0, np.inf))), exit_code=EXIT_OK, says="non_finite_params",
              error=None, writes=("out.onnx",)),
@@ -685,6 +707,8 @@ def judge(case: BadInput, outcome: Outcome, before: dict[str, str], after: dict[
             problems.append(f"the error does not say /{case.says}/: {outcome.stderr.strip()!r}")
     elif not re.search(case.says, outcome.stdout):
         problems.append(f"the report does not say /{case.says}/")
+    if case.exit_code == EXIT_OK and outcome.stderr.strip():
+        problems.append(f"a successful run printed to stderr: {outcome.stderr.strip()!r}")
     unexpected = [name for name in outcome.changed if name not in case.writes]
     if unexpected:
         problems.append(f"files changed: {', '.join(unexpected)}")

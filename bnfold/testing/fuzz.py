@@ -79,6 +79,11 @@ BUGS_FOUND = (
     ("differential fuzz", "Tensors the lazy reader left in the file came back in `FoldResult.model` with an "
      "explicit `data_location: DEFAULT` the file never had (4 bytes more than the in-memory fold's model).",
      "`io._set_inline` clears the field"),
+    ("byte fuzzer", "A bit flip that makes a batch-norm parameter a signalling NaN printed numpy's RuntimeWarning "
+     "(\"invalid value encountered in cast\") as it was widened to float64, beside bnfold's output.",
+     "`affine._as_float64_vector` widens with the flag ignored; the NaN is refused as `non_finite_params`"),
+    ("byte fuzzer", "A model that fails while onnxruntime runs it during verification printed onnxruntime's own "
+     "error log line above bnfold's one-line error.", "`verify._ort_session`: log severity 4 (fatal only)"),
 )
 
 

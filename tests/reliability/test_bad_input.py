@@ -35,7 +35,7 @@ def test_command_line(case: BadInput):
             pytest.skip("cannot mount a small file system here (needs root)")
         setup = case.build(directory)
         before = snapshot(directory)
-        if "unprivileged" in case.needs:
+        if "unprivileged" in case.needs or "own process" in case.needs:
             outcome = run_cli_subprocess(case, setup, directory)
         else:
             result = CliRunner().invoke(main, setup.args)
