@@ -136,7 +136,8 @@ def _affine_chain() -> tuple[Any, tuple[int, ...]]:
 
 def _standalone_bn() -> tuple[Any, tuple[int, ...]]:
     """Residual blocks whose BN normalizes the sum (Conv -> ReLU -> Conv -> Add -> BN -> ReLU): no linear
-    layer is next to it on either side, so it can only become a Mul and an Add (``--standalone mul-add``)."""
+    layer is next to it on either side, so it can only become a Mul and an Add (``--standalone mul-add``) or a
+    depthwise 1x1 Conv (``--standalone conv``)."""
     import torch
     from torch import nn
 
@@ -178,6 +179,8 @@ CASES: dict[str, Case] = {case.name: case for case in (
          ort_fuses=False),
     Case("standalone_bn", _standalone_bn, "post-norm residual blocks Add->BN->ReLU, 56x56",
          fold_options={"standalone": "mul-add"}, ort_fuses=False),
+    Case("standalone_bn_conv", _standalone_bn, "the standalone_bn model folded with --standalone conv",
+         fold_options={"standalone": "conv"}, ort_fuses=False),
 )}
 
 

@@ -593,8 +593,8 @@ def _method(results: dict[str, Any]) -> list[str]:
         "`rewriter.rewrite` with its three batch-norm rules on an `onnx_ir` model loaded from the file and "
         "saved with `onnx_ir.save`; onnxoptimizer runs only `fuse_bn_into_conv` (which removes the BN but leaves "
         "the arithmetic as runtime nodes); onnxslim runs `slim()` with its defaults. bnfold runs "
-        "`bnfold fold IN -o OUT --no-verify` (plus `--standalone mul-add` on standalone_bn, the one model "
-        "where its opt-in rewrite applies).",
+        "`bnfold fold IN -o OUT --no-verify` (plus `--standalone mul-add` on standalone_bn and `--standalone conv` "
+        "on standalone_bn_conv, the same model, the one where its opt-in rewrites apply).",
         "- **Equivalence** of every output is checked with `bnfold.verify` against the original, both at "
         "`ORT_DISABLE_ALL` (so onnxruntime's own fusions cannot hide a wrong fold), after `onnx.checker`'s full "
         "check. A tool that crashes, times out, writes an invalid model or a different function is reported so.",

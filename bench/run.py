@@ -55,8 +55,9 @@ class Mode:
 FULL = Mode(
     name="full",
     cases=("resnet50", "mobilenet_v2", "densenet121", "unet", "mlp", "bn_before_conv", "affine_chain",
-           "standalone_bn"),
-    latency_cases=("resnet50", "mobilenet_v2", "unet", "mlp", "bn_before_conv", "affine_chain", "standalone_bn"),
+           "standalone_bn", "standalone_bn_conv"),
+    latency_cases=("resnet50", "mobilenet_v2", "unet", "mlp", "bn_before_conv", "affine_chain", "standalone_bn",
+                   "standalone_bn_conv"),
     precision_cases=("resnet50", "mobilenet_v2", "unet", "mlp", "bn_before_conv", "affine_chain", "standalone_bn"),
     scale_mb=(1, 4, 16, 64, 200, 600, 2500),
     headline_mb=200,

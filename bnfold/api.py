@@ -24,7 +24,7 @@ from bnfold.onnx_front.io import (
     tensor_bytes,
     write_model,
 )
-from bnfold.patterns import ALL_PATTERNS, OPT_IN_PATTERNS, PATTERN_NAMES, STANDALONE, STANDALONE_MODES
+from bnfold.patterns import ALL_PATTERNS, OPT_IN_PATTERNS, PATTERN_NAMES, STANDALONE_MODES, STANDALONE_PATTERNS
 from bnfold.report import BnRecord, FoldReport
 
 ModelLike = ModelProto | str | os.PathLike[str]
@@ -92,8 +92,8 @@ def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | No
                      standalone: str | None = None) -> list[str]:
     """Validate pattern names (an unknown name is an error, never silently ignored).
 
-    Opt-in patterns are enabled only by name in ``only`` or, for ``standalone-mul-add``, by
-    ``standalone="mul-add"``; ``skip`` wins over both."""
+    Opt-in patterns are enabled only by name in ``only`` or, for ``standalone-mul-add`` and
+    ``standalone-conv``, by ``standalone="mul-add"`` or ``"conv"``; ``skip`` wins over both."""
     only_list, skip_list = list(only or ()), list(skip or ())
     unknown = sorted(set(only_list + skip_list) - set(PATTERN_NAMES))
     if unknown:
@@ -102,7 +102,7 @@ def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | No
         raise InputError(f"unknown standalone mode {standalone!r}; known: {', '.join(STANDALONE_MODES)}")
     chosen = only_list or [name for name in PATTERN_NAMES if name not in OPT_IN_PATTERNS]
     if standalone is not None:
-        chosen.append(STANDALONE.name)
+        chosen.append(STANDALONE_PATTERNS[standalone].name)
     return [name for name in PATTERN_NAMES if name in chosen and name not in skip_list]
 
 
@@ -136,7 +136,8 @@ def fold_onnx(
     """Fold every batch norm that can be folded exactly and safely; the input is never modified.
 
     ``only``/``skip`` choose patterns by name (see ``bnfold.patterns.PATTERN_NAMES``).
-    ``standalone="mul-add"`` rewrites each batch norm nothing folds as one Mul and one Add.
+    ``standalone="mul-add"`` rewrites each batch norm nothing folds as one Mul and one Add,
+    ``standalone="conv"`` as one depthwise Conv where it can (see ``bnfold.patterns.standalone``).
     ``allow_overridable`` treats initializers that are also graph inputs as constants. With
     ``verify`` (default) original and folded models are run under onnxruntime with graph
     optimizations disabled and compared; the verdict is ``result.report.verification``.

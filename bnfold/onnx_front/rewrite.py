@@ -12,7 +12,7 @@ from onnx import NodeProto
 from bnfold.affine import FoldRefused, ScaledWeight, cast_checked
 from bnfold.onnx_front.batchnorm import batchnorm_affine
 from bnfold.onnx_front.graph import GraphIndex
-from bnfold.patterns import STANDALONE
+from bnfold.patterns import OPT_IN_PATTERNS
 from bnfold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site, TensorUpdate
 from bnfold.patterns.runs import is_batchnorm
 from bnfold.report import BnRecord
@@ -64,7 +64,8 @@ def _no_neighbour(bn: NodeProto, index: GraphIndex, enabled: set[str]) -> FoldRe
     if index.is_graph_output(bn.output[0]):
         targets.append("the graph output")
     target = " and ".join(targets) or "nothing"
-    hint = "" if STANDALONE.name in enabled else " (the standalone mul-add option rewrites it as Mul + Add)"
+    hint = "" if enabled & set(OPT_IN_PATTERNS) else (
+        " (the --standalone option rewrites it: mul-add as Mul + Add, conv as a depthwise Conv)")
     return FoldRefused(
         "no_linear_producer",
         f"its input comes from {source} and its output goes to {target}, none a linear layer it folds into{hint}",
@@ -104,7 +105,10 @@ def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
     overwritten: list[str] = []
     try:
         updates = [_cast_update(u, index, f"{u.role} for {label}", overwritten) for u in rewrite.updates]
-        replacement = [cast_checked(op.value, op.dtype, f"{op.role} for {label}") for op in rewrite.replacement]
+        replacement = [
+            [cast_checked(value, op.dtype, f"{role} for {label}") for role, value in op.constants()]
+            for op in rewrite.replacement
+        ]
         bias_after = None
         if rewrite.bias_after is not None:
             bias_after = cast_checked(rewrite.bias_after.value, rewrite.bias_after.dtype, f"bias for {label}")
@@ -144,7 +148,7 @@ def _cast_update(update: TensorUpdate, index: GraphIndex, what: str, overwritten
     return cast_checked(value, update.dtype, what)
 
 
-def _replace_run(rewrite: Rewrite, values: list[np.ndarray], index: GraphIndex) -> None:
+def _replace_run(rewrite: Rewrite, values: list[list[np.ndarray]], index: GraphIndex) -> None:
     """The replacement nodes take the places of the run's last nodes (extra ones go right after), from its
     input to its output."""
     run, ops = rewrite.run, rewrite.replacement
@@ -152,17 +156,21 @@ def _replace_run(rewrite: Rewrite, values: list[np.ndarray], index: GraphIndex) 
     for node in run.nodes[: len(run.nodes) - len(places)]:
         index.remove_node(node)
     source, previous = run.input, None
-    for position, (op, value) in enumerate(zip(ops, values, strict=True)):
+    for position, (op, constants) in enumerate(zip(ops, values, strict=True)):
         output = run.output if position == len(ops) - 1 else index.names.fresh(f"{run.output}_{op.role}")
+        inputs = [source] + [""] * len(constants)
         if position < len(places):
             node = places[position]
             label = index.node_label(node)
-            index.turn_into(node, onnx.helper.make_node(op.op_type, [source, ""], [output], name=node.name))
+            new = onnx.helper.make_node(op.op_type, inputs, [output], name=node.name, **op.attributes())
+            index.turn_into(node, new)
         else:
             assert previous is not None
             label = index.names.fresh(f"{index.node_label(previous)}_{op.role}")
-            node = index.insert_after(previous, onnx.helper.make_node(op.op_type, [source, ""], [output], name=label))
-        index.write_tensor(node, 1, value, f"{label}.{op.role}_bnfold")
+            new = onnx.helper.make_node(op.op_type, inputs, [output], name=label, **op.attributes())
+            node = index.insert_after(previous, new)
+        for slot, ((role, _), value) in enumerate(zip(op.constants(), constants, strict=True), start=1):
+            index.write_tensor(node, slot, value, f"{label}.{role}_bnfold")
         source, previous = output, node
 
 

@@ -8,11 +8,12 @@ fold, and folds runs of them without a batch norm. Opt-in units run only when as
 from bnfold.patterns.backward import BACKWARD_PATTERNS
 from bnfold.patterns.base import AFFINE_CHAIN
 from bnfold.patterns.forward import FORWARD_PATTERNS
-from bnfold.patterns.standalone import STANDALONE_MODES, StandaloneMulAdd
+from bnfold.patterns.standalone import STANDALONE_MODES, STANDALONE_PATTERNS
 
-STANDALONE = StandaloneMulAdd()
-ALL_PATTERNS = (*FORWARD_PATTERNS, *BACKWARD_PATTERNS, STANDALONE)
-PATTERN_NAMES = (*(p.name for p in FORWARD_PATTERNS + BACKWARD_PATTERNS), AFFINE_CHAIN, STANDALONE.name)
-OPT_IN_PATTERNS = (STANDALONE.name,)
+STANDALONE = tuple(STANDALONE_PATTERNS.values())
+ALL_PATTERNS = (*FORWARD_PATTERNS, *BACKWARD_PATTERNS, *STANDALONE)
+PATTERN_NAMES = (*(p.name for p in FORWARD_PATTERNS + BACKWARD_PATTERNS), AFFINE_CHAIN, *(p.name for p in STANDALONE))
+OPT_IN_PATTERNS = tuple(p.name for p in STANDALONE)
 
-__all__ = ["AFFINE_CHAIN", "ALL_PATTERNS", "OPT_IN_PATTERNS", "PATTERN_NAMES", "STANDALONE", "STANDALONE_MODES"]
+__all__ = ["AFFINE_CHAIN", "ALL_PATTERNS", "OPT_IN_PATTERNS", "PATTERN_NAMES", "STANDALONE_MODES",
+           "STANDALONE_PATTERNS"]

@@ -55,6 +55,36 @@ class Elementwise:
     dtype: np.dtype
     role: str
 
+    def constants(self) -> list[tuple[str, np.ndarray]]:
+        return [(self.role, self.value)]
+
+    def attributes(self) -> dict[str, object]:
+        return {}
+
+
+@dataclass
+class DepthwiseConv:
+    """``scale * x + shift`` per channel of an N x C x spatial tensor as one depthwise ``Conv`` with a 1x...x1
+    kernel: onnxruntime keeps a Conv in its blocked NCHWc layout (as it does a BatchNormalization), where a
+    Mul and an Add by constants would each force the tensor out of that layout and back."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+    spatial_rank: int
+    dtype: np.dtype
+    role: str = "affine"
+    op_type: str = "Conv"
+
+    def constants(self) -> list[tuple[str, np.ndarray]]:
+        kernel = self.scale.reshape((self.scale.shape[0], 1) + (1,) * self.spatial_rank)
+        return [("weight", kernel), ("bias", self.shift)]
+
+    def attributes(self) -> dict[str, object]:
+        return {"group": int(self.scale.shape[0]), "kernel_shape": [1] * self.spatial_rank}
+
+
+Replacement = Elementwise | DepthwiseConv
+
 
 @dataclass
 class Rewrite:
@@ -71,7 +101,7 @@ class Rewrite:
     attributes: list[tuple[NodeProto, str, float]] = field(default_factory=list)
     tail: NodeProto | None = None
     reader: NodeProto | None = None
-    replacement: list[Elementwise] = field(default_factory=list)
+    replacement: list[Replacement] = field(default_factory=list)
     bias_after: Elementwise | None = None
     note: str = ""
 

@@ -1,8 +1,14 @@
 """Standalone batch norms: with no linear layer to fold into, a BN (with the per-channel nodes after it)
-becomes one ``Mul`` and one ``Add`` with precomputed per-channel constants, the inference-time linear
-transform of Ioffe & Szegedy, so runtimes without a BatchNormalization kernel can run the model.
+becomes its inference-time linear transform of Ioffe & Szegedy with precomputed per-channel constants, so
+runtimes without a BatchNormalization kernel can run the model. Two forms, both opt-in, tried last and only
+for what nothing else folds:
 
-Opt-in (``standalone="mul-add"``): the driver tries it last, only for what nothing else folds."""
+- ``mul-add``: one ``Mul`` and one ``Add``, any rank. Fastest under onnxruntime's basic optimizations.
+- ``conv``: one depthwise ``Conv`` with a 1x...x1 kernel where the tensor has spatial axes and the dtype is
+  float32 or float16 (the Conv kernels runtimes have); otherwise ``Mul`` and ``Add``. Under onnxruntime's
+  default ``ORT_ENABLE_ALL`` the Conv stays in the blocked NCHWc layout a BatchNormalization gets, where a
+  Mul and an Add fall out of it (measured in ``bench``: ``mul-add`` is then slower than the BN it replaced).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,16 @@ import onnx
 
 from bnfold.affine import FoldRefused
 from bnfold.onnx_front.batchnorm import batchnorm_affine
-from bnfold.patterns.base import FLOAT_TYPES, Elementwise, Rewrite, Site
+from bnfold.patterns.base import FLOAT_TYPES, DepthwiseConv, Elementwise, Replacement, Rewrite, Site
 from bnfold.patterns.layers import tensor_rank
-from bnfold.patterns.runs import ChannelSpace, is_batchnorm, links_from, read_run
+from bnfold.patterns.runs import AffineRun, ChannelSpace, is_batchnorm, links_from, read_run
 
-STANDALONE_MODES = ("mul-add",)
+# Element types whose depthwise Conv onnxruntime's CPU provider (like most runtimes) can run.
+_CONV_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 
 
-class StandaloneMulAdd:
-    name = "standalone-mul-add"
-    opt_in = True
+class _Standalone:
+    name: str
 
     def plan(self, site: Site) -> Rewrite | None:
         bn, index = site.anchor, site.index
@@ -33,14 +39,33 @@ class StandaloneMulAdd:
         rank = tensor_rank(index, bn.input[0], "the BN input")
         space = ChannelSpace(1, rank, batchnorm_affine(bn, index).channels)
         run = read_run(links_from(bn, index, site.chains), index, space, required=1)
+        replacement = self.replacement(run, space, dtype, value_type.elem_type)
+        return Rewrite(self.name, run, None, [], replacement=replacement)
+
+    def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype, elem_type: int) -> list[Replacement]:
         shape = space.constant_shape()
-        return Rewrite(
-            self.name,
-            run,
-            None,
-            [],
-            replacement=[
-                Elementwise("Mul", run.affine.scale.reshape(shape), dtype, "scale"),
-                Elementwise("Add", run.affine.shift.reshape(shape), dtype, "shift"),
-            ],
-        )
+        return [
+            Elementwise("Mul", run.affine.scale.reshape(shape), dtype, "scale"),
+            Elementwise("Add", run.affine.shift.reshape(shape), dtype, "shift"),
+        ]
+
+
+class StandaloneMulAdd(_Standalone):
+    name = "standalone-mul-add"
+
+
+class StandaloneConv(_Standalone):
+    name = "standalone-conv"
+
+    def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype, elem_type: int) -> list[Replacement]:
+        if space.rank < 3 or elem_type not in _CONV_TYPES:
+            return super().replacement(run, space, dtype, elem_type)
+        channels = space.channels
+        scale = np.broadcast_to(run.affine.scale, (channels,))
+        shift = np.broadcast_to(run.affine.shift, (channels,))
+        return [DepthwiseConv(scale, shift, space.rank - 2, dtype)]
+
+
+# ``--standalone MODE`` -> the pattern that rewrites standalone batch norms that way.
+STANDALONE_PATTERNS = {"mul-add": StandaloneMulAdd(), "conv": StandaloneConv()}
+STANDALONE_MODES = tuple(STANDALONE_PATTERNS)

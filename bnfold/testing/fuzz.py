@@ -292,7 +292,7 @@ def render(results: dict[str, Any]) -> str:
         "models); shared weights, fan-out, graph outputs in the middle, and `If` branches reading outer "
         "weights. About one batch norm in seven is made unsafe (NaN or infinite statistics, negative variance, "
         "var + epsilon = 0, training mode, a parameter fed as a graph input or overridable). Some cases enable "
-        "`standalone=\"mul-add\"` or skip a pattern. Every example must: not crash, give a model "
+        "`standalone=\"mul-add\"` or `\"conv\"` or skip a pattern. Every example must: not crash, give a model "
         "`onnx.checker` accepts, compute the same outputs as the original under onnxruntime with optimizations "
         "off (onnx.reference where onnxruntime has no kernel; NaN/inf at the same places, finite values within "
         "bnfold's dtype tolerances), leave every unsafe batch norm in place and recorded as left, and be "

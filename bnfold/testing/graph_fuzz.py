@@ -27,7 +27,7 @@ import onnxruntime as ort
 from hypothesis import strategies as st
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
-from bnfold.patterns import PATTERN_NAMES
+from bnfold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.report import BnRecord
 from bnfold.verify import default_tolerances, reference_evaluator
 
@@ -56,7 +56,7 @@ class FuzzCase:
     feeds: list[dict[str, np.ndarray]]
     must_stay: dict[str, str]
     ops: list[str] = field(default_factory=list)
-    # Options for fold_onnx: some cases skip a pattern or rewrite standalone batch norms as Mul + Add.
+    # Options for fold_onnx: some cases skip a pattern or rewrite standalone batch norms (either mode).
     options: dict[str, Any] = field(default_factory=dict)
     # The least precise float in the model: float32 batch-norm statistics make a float64 model's batch norm
     # as precise as float32 (the runtime adds epsilon to the variance in float32).
@@ -425,8 +425,8 @@ def fuzz_cases(draw: Any, max_ops: int = 10) -> FuzzCase:
     model.ir_version = 10
     feeds = [_feeds(graph.feed_specs, np.random.default_rng(iteration), iteration) for iteration in range(2)]
     options: dict[str, Any] = {}
-    if draw(st.integers(0, 99)) < 20:
-        options["standalone"] = "mul-add"
+    if draw(st.integers(0, 99)) < 30:
+        options["standalone"] = draw(st.sampled_from(STANDALONE_MODES))
     if draw(st.integers(0, 99)) < 10:
         options["skip"] = [draw(st.sampled_from(PATTERN_NAMES))]
     return FuzzCase(model, feeds, dict(graph.must_stay), list(graph.ops), options, graph.precision)

@@ -1,4 +1,5 @@
-"""Standalone BNs (no linear neighbour): left by default, one Mul + one Add with ``standalone="mul-add"``."""
+"""Standalone BNs (no linear neighbour): left by default, one Mul + one Add with ``standalone="mul-add"``, one
+depthwise Conv with ``standalone="conv"`` where the tensor has spatial axes and a Conv kernel exists."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def relu_bn_model(shape=(2, 3, 4, 4), dtype=np.float32, param_dtype=None, opset:
 def test_standalone_bn_is_left_by_default_with_a_hint():
     (record,) = fold(relu_bn_model()).report.records
     assert (record.status, record.reason) == ("left", "no_linear_producer")
-    assert "Relu" in record.message and "standalone mul-add" in record.message
+    assert "Relu" in record.message and "--standalone" in record.message and "mul-add" in record.message
 
 
 @pytest.mark.parametrize("shape", [(2, 3), (2, 3, 5), (2, 3, 4, 4), (1, 3, 2, 2, 2)],
@@ -42,6 +43,47 @@ def test_standalone_bn_becomes_one_mul_and_one_add(shape):
     assert (record.status, record.pattern) == ("folded", "standalone-mul-add")
     constants = [numpy_helper.to_array(t) for t in result.model.graph.initializer]
     assert {c.shape for c in constants} == {(3,) + (1,) * (len(shape) - 2)}
+    assert_equivalent(model, result.model)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 4, 4), (1, 3, 2, 2, 2)], ids=["ncl", "nchw", "ncdhw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_standalone_bn_becomes_one_depthwise_conv(shape, dtype):
+    model = relu_bn_model(shape, dtype=dtype)
+    result = fold(model, standalone="conv")
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Conv", "Relu"]
+    conv = result.model.graph.node[1]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    assert attributes == {"group": 3, "kernel_shape": [1] * (len(shape) - 2)}
+    (record,) = result.report.records
+    assert (record.status, record.pattern) == ("folded", "standalone-conv")
+    constants = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert constants[conv.input[1]].shape == (3, 1) + (1,) * (len(shape) - 2)
+    assert constants[conv.input[2]].shape == (3,)
+    assert {c.dtype for c in constants.values()} == {np.dtype(dtype)}
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_equivalent(model, result.model, rtol=1e-4 if dtype == np.float32 else 2e-2)
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((2, 3), np.float32), ((2, 3, 4, 4), np.float64)],
+                         ids=["no-spatial-axes", "float64-has-no-conv-kernel"])
+def test_conv_mode_uses_mul_and_add_where_a_conv_cannot_run(shape, dtype):
+    model = relu_bn_model(shape, dtype=dtype)
+    result = fold(model, standalone="conv")
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Mul", "Add", "Relu"]
+    assert result.report.records[0].pattern == "standalone-conv"
+    assert_equivalent(model, result.model, reference=dtype == np.float64)
+
+
+def test_conv_mode_takes_the_per_channel_chain_after_the_bn_too():
+    g = GraphBuilder(2)
+    x = g.input("x", [1, 3, 4, 4])
+    bn = g.bn(g.node("Relu", [x]), 3)
+    shifted = g.node("Add", [g.node("Mul", [bn, g.const(np.array([2.0, -1.0, 0.5]).reshape(3, 1, 1))]),
+                             g.const(np.array(0.25))])
+    model = g.model([g.node("Relu", [shifted])])
+    result = fold(model, standalone="conv")
+    assert [n.op_type for n in result.model.graph.node] == ["Relu", "Conv", "Relu"]
     assert_equivalent(model, result.model)
 
 
@@ -94,9 +136,10 @@ def test_mixed_precision_standalone_constants_take_the_activation_dtype():
     assert_equivalent(model, result.model, rtol=2e-2)
 
 
-def test_standalone_rewrite_is_idempotent():
-    once = fold(relu_bn_model(), standalone="mul-add").model
-    twice = fold(once, standalone="mul-add").model
+@pytest.mark.parametrize("mode", ["mul-add", "conv"])
+def test_standalone_rewrite_is_idempotent(mode):
+    once = fold(relu_bn_model(), standalone=mode).model
+    twice = fold(once, standalone=mode).model
     assert once.SerializeToString() == twice.SerializeToString()
 
 
@@ -105,6 +148,8 @@ def test_standalone_option_and_pattern_names_are_validated():
     assert "standalone-mul-add" in enabled_patterns(standalone="mul-add")
     assert "standalone-mul-add" in enabled_patterns(only=["standalone-mul-add"])
     assert "standalone-mul-add" not in enabled_patterns(skip=["standalone-mul-add"], standalone="mul-add")
+    assert "standalone-conv" in enabled_patterns(standalone="conv")
+    assert "standalone-conv" not in enabled_patterns(standalone="mul-add")
     with pytest.raises(InputError, match="standalone mode"):
         enabled_patterns(standalone="mul")
     report = inspect_onnx(relu_bn_model(), standalone="mul-add")
@@ -122,5 +167,8 @@ def test_cli_standalone_option_for_inspect_and_fold(tmp_path):
     folded = runner.invoke(main, ["fold", str(path), "-o", str(tmp_path / "out.onnx"), "--standalone", "mul-add"])
     assert folded.exit_code == 0, folded.output
     assert count_ops(onnx.load(tmp_path / "out.onnx")) == 0
+    conv = runner.invoke(main, ["fold", str(path), "-o", str(tmp_path / "conv.onnx"), "--standalone", "conv"])
+    assert conv.exit_code == 0, conv.output
+    assert [n.op_type for n in onnx.load(tmp_path / "conv.onnx").graph.node] == ["Relu", "Conv", "Relu"]
     unknown = runner.invoke(main, ["fold", str(path), "--standalone", "mul"])
     assert unknown.exit_code == 2
