@@ -74,7 +74,8 @@ def _mlp() -> tuple[Any, tuple[int, ...]]:
 def _bn_before_conv() -> tuple[Any, tuple[int, ...]]:
     """Conv -> ReLU -> BN -> Conv: the BN sits after the activation (a common Keras layout), so it can only
     fold forward into the next convolution, which onnxruntime never does. Half of the receiving convs are
-    1x1 (the shift reaches the bias), half 3x3 with zero padding (the shift stays as one Add)."""
+    1x1 (the shift reaches the bias), half 3x3 with zero padding (the shift stays, added by a depthwise 1x1
+    Conv)."""
     import torch
     from torch import nn
 

@@ -87,6 +87,21 @@ def count_ops(model: onnx.ModelProto, op_type: str = "BatchNormalization") -> in
     return sum(node.op_type == op_type for node in model.graph.node)
 
 
+def node_kinds(model: onnx.ModelProto) -> list[str]:
+    """Op types in graph order, with a depthwise 1x...x1 Conv of unit weights (how a backward fold keeps a
+    shift before a padded layer) named ``"Shift"``."""
+    initializers = {t.name: t for t in model.graph.initializer}
+
+    def is_shift(node: onnx.NodeProto) -> bool:
+        if node.op_type != "Conv" or node.input[1] not in initializers:
+            return False
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        return group == weight.shape[0] and weight.shape[1:] == (1,) * (weight.ndim - 1) and bool(np.all(weight == 1))
+
+    return ["Shift" if is_shift(node) else node.op_type for node in model.graph.node]
+
+
 def random_feeds(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}

@@ -75,10 +75,14 @@ def _no_neighbour(bn: NodeProto, index: GraphIndex, enabled: set[str]) -> FoldRe
 def _records(rewrite: Rewrite, index: GraphIndex, refusals: list[FoldRefused]) -> list[BnRecord]:
     """The records of ``rewrite``, labelled before it renames anything."""
     run = rewrite.run
-    into = "Mul + Add" if rewrite.target is None else index.node_label(rewrite.target)
+    if rewrite.target is None:
+        into = " + ".join(op.op_type for op in rewrite.replacement)
+    else:
+        into = index.node_label(rewrite.target)
     absorbed = [index.node_label(n) for n in run.nodes if not is_batchnorm(n)]
     if rewrite.target is None:
-        message = "rewritten as one Mul and one Add"
+        kinds = {"Mul + Add": "one Mul and one Add", "Conv": "one depthwise 1x1 Conv"}
+        message = f"rewritten as {kinds.get(into, into)}"
         if refusals:
             message += f" ({refusals[0].message})"
     else:

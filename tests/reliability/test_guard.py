@@ -115,14 +115,15 @@ def test_onnxruntime_is_not_asked_when_the_fold_makes_no_new_kind_of_node(monkey
 
 
 def test_a_new_kind_of_node_is_loaded_in_onnxruntime(monkeypatch):
-    """The backward fold's remainder is an Add, which the original has nowhere: onnxruntime loads the result."""
+    """The standalone rewrite makes a Mul and an Add, which the original has nowhere: onnxruntime loads the
+    result."""
     asked = []
     real = bnfold.guard._ort_load_failure
     monkeypatch.setattr(bnfold.guard, "_ort_load_failure", lambda source: asked.append(source) or real(source))
     g = GraphBuilder(seed=5)
-    bn = g.bn(g.input("x", [1, 3, 6, 6]), 3, name="bn")
-    model = g.model([g.node("Conv", [bn, g.weight([5, 3, 3, 3])], pads=[1, 1, 1, 1])])
-    records = by_name(fold_onnx(model, verify=False))
+    bn = g.bn(g.node("Relu", [g.input("x", [1, 3, 6, 6])]), 3, name="bn")
+    model = g.model([g.node("Relu", [bn])])
+    records = by_name(fold_onnx(model, verify=False, standalone="mul-add"))
     assert records["bn"].status == "folded" and len(asked) == 1
 
 
