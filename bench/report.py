@@ -496,7 +496,8 @@ def _precision(results: dict[str, Any]) -> list[str]:
         "RMS error of each model's output relative to the RMS of the exact output, where exact is the original "
         "model evaluated in float64 (see Method); the unfolded original run in its own dtype is the first "
         "column. In brackets: the tool's error ÷ bnfold's (above 1: bnfold is more precise), or why there is no "
-        "fold to compare: a tool that left every batch norm in place computes what the original does.",
+        "fold to compare: a tool that left every batch norm in place (no BN folded) or whose error is the "
+        "original's to the last bit (nothing folded) computes what the original does.",
         "",
         "How to read the float16 rows: any offline fold must store the folded weights W·s in float16, one "
         "rounding the original never makes, so a folded float16 model is less precise than the unfolded one. "
@@ -524,6 +525,10 @@ def _precision(results: dict[str, Any]) -> list[str]:
                 cells.append(_sci(figures["rms_relative_error"]))
             elif entry.get("checks", {}).get(tool, {}).get("batchnorms") == entry["model"]["batchnorms"] > 0:
                 cells.append(f"{_sci(figures['rms_relative_error'])} (no BN folded)")
+            elif figures["rms_relative_error"] == errors.get("original", {}).get("rms_relative_error"):
+                # Bit for bit the original's error: the tool changed none of the arithmetic (affine_chain has
+                # no BN; onnxruntime and onnxscript fold no Mul/Add into a MatMul).
+                cells.append(f"{_sci(figures['rms_relative_error'])} (nothing folded)")
             elif tool in RUNTIME_FOLDERS:
                 cells.append(f"{_sci(figures['rms_relative_error'])} (runtime fold)")
             else:
