@@ -110,7 +110,7 @@ def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
     try:
         updates = [_cast_update(u, index, f"{u.role} for {label}", overwritten) for u in rewrite.updates]
         replacement = [
-            [cast_checked(value, op.dtype, f"{role} for {label}") for role, value in op.constants()]
+            [(role, cast_checked(value, op.dtype, f"{role} for {label}")) for role, value in op.constants()]
             for op in rewrite.replacement
         ]
         bias_after = None
@@ -152,7 +152,7 @@ def _cast_update(update: TensorUpdate, index: GraphIndex, what: str, overwritten
     return cast_checked(value, update.dtype, what)
 
 
-def _replace_run(rewrite: Rewrite, values: list[list[np.ndarray]], index: GraphIndex) -> None:
+def _replace_run(rewrite: Rewrite, values: list[list[tuple[str, np.ndarray]]], index: GraphIndex) -> None:
     """The replacement nodes take the places of the run's last nodes (extra ones go right after), from its
     input to its output."""
     run, ops = rewrite.run, rewrite.replacement
@@ -173,7 +173,7 @@ def _replace_run(rewrite: Rewrite, values: list[list[np.ndarray]], index: GraphI
             label = index.names.fresh(f"{index.node_label(previous)}_{op.role}")
             new = onnx.helper.make_node(op.op_type, inputs, [output], name=label, **op.attributes())
             node = index.insert_after(previous, new)
-        for slot, ((role, _), value) in enumerate(zip(op.constants(), constants, strict=True), start=1):
+        for slot, (role, value) in enumerate(constants, start=1):
             index.write_tensor(node, slot, value, f"{label}.{role}_bnfold")
         source, previous = output, node
 

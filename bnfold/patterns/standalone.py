@@ -22,7 +22,7 @@ from bnfold.patterns.layers import tensor_rank
 from bnfold.patterns.runs import AffineRun, ChannelSpace, is_batchnorm, links_from, read_run
 
 # Element types whose depthwise Conv onnxruntime's CPU provider (like most runtimes) can run.
-_CONV_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+_CONV_TYPES = {np.dtype(np.float32), np.dtype(np.float16)}
 
 
 class _Standalone:
@@ -39,10 +39,10 @@ class _Standalone:
         rank = tensor_rank(index, bn.input[0], "the BN input")
         space = ChannelSpace(1, rank, batchnorm_affine(bn, index).channels)
         run = read_run(links_from(bn, index, site.chains), index, space, required=1)
-        replacement = self.replacement(run, space, dtype, value_type.elem_type)
+        replacement = self.replacement(run, space, dtype)
         return Rewrite(self.name, run, None, [], replacement=replacement)
 
-    def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype, elem_type: int) -> list[Replacement]:
+    def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype) -> list[Replacement]:
         shape = space.constant_shape()
         return [
             Elementwise("Mul", run.affine.scale.reshape(shape), dtype, "scale"),
@@ -57,9 +57,9 @@ class StandaloneMulAdd(_Standalone):
 class StandaloneConv(_Standalone):
     name = "standalone-conv"
 
-    def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype, elem_type: int) -> list[Replacement]:
-        if space.rank < 3 or elem_type not in _CONV_TYPES:
-            return super().replacement(run, space, dtype, elem_type)
+    def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype) -> list[Replacement]:
+        if space.rank < 3 or dtype not in _CONV_TYPES:
+            return super().replacement(run, space, dtype)
         channels = space.channels
         scale = np.broadcast_to(run.affine.scale, (channels,))
         shift = np.broadcast_to(run.affine.shift, (channels,))
