@@ -72,9 +72,10 @@ FULL = Mode(
 QUICK = Mode(
     name="quick",
     cases=("mobilenet_v2", "bn_before_conv"),
-    latency_cases=("mobilenet_v2", "bn_before_conv"),
+    # Two latency cases and three scale sizes took 2.5 minutes on a slower 2-core machine.
+    latency_cases=("bn_before_conv",),
     precision_cases=("bn_before_conv",),
-    scale_mb=(1, 16, 64),
+    scale_mb=(1, 64),
     headline_mb=64,
     verify_cases=("mobilenet_v2",),
     repeats=1,
