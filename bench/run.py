@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models and short runs (under 2 minutes)")
     parser.add_argument("--out", type=Path, help="results directory (default: bench/results, bench/results/quick)")
-    parser.add_argument("--report", type=Path, help="report file (default: BENCHMARKS.md, <out>/BENCHMARKS.md)")
+    parser.add_argument("--report", type=Path,
+                        help="report file (default: BENCHMARKS.md for the default full run, else <out>/BENCHMARKS.md)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
                         help="where temporary models go (default: %(default)s)")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     out = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
-    report_path = args.report or (out / "BENCHMARKS.md" if args.quick else REPO / "BENCHMARKS.md")
+    # Only the default full run's results make the repository's BENCHMARKS.md; any other run reports beside them.
+    report_path = args.report or (out / "BENCHMARKS.md" if args.quick or args.out else REPO / "BENCHMARKS.md")
     if not args.report_only:
         _run(mode, out, args.scratch, args.only or list(SECTIONS), argv if argv is not None else sys.argv[1:])
     report.write(out, report_path)
