@@ -527,7 +527,7 @@ def _precision(results: dict[str, Any]) -> list[str]:
                 cells.append(f"{_sci(figures['rms_relative_error'])} (no BN folded)")
             elif figures["rms_relative_error"] == errors.get("original", {}).get("rms_relative_error"):
                 # Bit for bit the original's error: the tool changed none of the arithmetic (affine_chain has
-                # no BN; onnxruntime and onnxscript fold no Mul/Add into a MatMul).
+                # no BN, and onnxscript and onnxoptimizer fold no Mul/Add into a MatMul).
                 cells.append(f"{_sci(figures['rms_relative_error'])} (nothing folded)")
             elif tool in RUNTIME_FOLDERS:
                 cells.append(f"{_sci(figures['rms_relative_error'])} (runtime fold)")

@@ -60,10 +60,7 @@ class StandaloneConv(_Standalone):
     def replacement(self, run: AffineRun, space: ChannelSpace, dtype: np.dtype) -> list[Replacement]:
         if space.rank < 3 or dtype not in _CONV_TYPES:
             return super().replacement(run, space, dtype)
-        channels = space.channels
-        scale = np.broadcast_to(run.affine.scale, (channels,))
-        shift = np.broadcast_to(run.affine.shift, (channels,))
-        return [DepthwiseConv(scale, shift, space.rank - 2, dtype)]
+        return [DepthwiseConv(run.affine.scale, run.affine.shift, space.rank - 2, dtype)]
 
 
 # ``--standalone MODE`` -> the pattern that rewrites standalone batch norms that way.
