@@ -9,7 +9,7 @@ back to the model's dtype exactly once, by :func:`cast_checked`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,36 +179,92 @@ class ScaledWeight:
         product = np.multiply(self.weight, self.factors, dtype=np.float64)
         return product if dtype is None else product.astype(dtype)
 
-    def cast(self, dtype: np.dtype, what: str, *, in_place: bool = False) -> np.ndarray:
+    def cast(self, dtype: np.dtype, what: str, *, deferred: bool = False) -> np.ndarray | RoundedProduct:
         """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows.
 
-        ``in_place`` writes the product over the weight where it can (the same dtype and shape, every value
-        finite) and returns the weight: no second array as large, whose fresh pages cost more than the
-        arithmetic. The caller must own the weight, and lose it if this refuses."""
-        shape = np.broadcast_shapes(self.weight.shape, self.factors.shape)
-        overwrite = in_place and self._overwritable(dtype, shape)
-        out = self.weight if overwrite else np.empty(shape, dtype)
+        ``deferred`` returns a :class:`RoundedProduct` instead, checked now and computed as it is read, where
+        the weight cannot change meanwhile (a read-only array: a view of the model's file or of bytes)."""
+        if deferred and not self.weight.flags.writeable and np.dtype(dtype) in _DEFERRABLE_DTYPES:
+            return RoundedProduct(self, dtype, what)
+        out = np.empty(np.broadcast_shapes(self.weight.shape, self.factors.shape), dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(self.weight, self.factors, out=out, dtype=np.float64, casting="unsafe")
-        # Overwritten, the weight is gone, but it was all finite: every infinity is an overflow.
-        overflowed = _infinities(out) if overwrite else _overflowed(out, self)
+        overflowed = _overflowed(out, self)
         if overflowed:
             raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
         return out
 
-    def _overwritable(self, dtype: np.dtype, shape: tuple[int, ...]) -> bool:
-        weight = self.weight
-        return (weight.dtype == dtype and weight.shape == shape and weight.flags.writeable
-                and weight.flags.c_contiguous and _all_finite(weight) and _all_finite(self.factors))
+
+class RoundedProduct:
+    """A :class:`ScaledWeight` rounded once to ``dtype``, with exactly the values and the overflow verdict of
+    :meth:`ScaledWeight.cast`, but computed only when read, a block of rows at a time into one buffer
+    (:meth:`blocks`). A weight mapped from a multi-GB model file then never exists in memory whole, scaled
+    or not: fresh memory is the slowest part of folding a model that size.
+
+    The overflow check runs when it is made, without computing the product: a channel whose largest
+    magnitude times its factor stays within ``dtype``'s range cannot overflow (rounding is monotonic); only
+    blocks where that bound fails (large factors, infinities, NaNs) are multiplied out and counted."""
+
+    BLOCK_BYTES = 8 << 20
+
+    def __init__(self, scaled: ScaledWeight, dtype: np.dtype, what: str) -> None:
+        self._scaled = scaled
+        self.dtype = np.dtype(dtype).newbyteorder("<")  # the byte order of ONNX raw data
+        self.shape = np.broadcast_shapes(scaled.weight.shape, scaled.factors.shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        overflowed = self._overflows()
+        if overflowed:
+            raise FoldRefused("cast_overflow", f"folded {what} overflows {self.dtype.name} ({overflowed} values)")
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        start = 0
+        for block in self.blocks():
+            out.reshape(-1)[start:start + block.size] = block.reshape(-1)
+            start += block.size
+        return out if dtype is None else out.astype(dtype)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The rounded product in row-major order, a block of whole rows at a time, each block in the same
+        buffer (consume it before asking for the next)."""
+        buffer: np.ndarray | None = None
+        for weight, factors in self._row_blocks():
+            if buffer is None or buffer.size < weight.size:
+                buffer = np.empty(max(weight.size, self.BLOCK_BYTES // self.dtype.itemsize), self.dtype)
+            out = buffer[:weight.size].reshape(weight.shape)
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.multiply(weight, factors, out=out, dtype=np.float64, casting="unsafe")
+            yield out
+
+    def _row_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        weight, factors = self._scaled.weight, self._scaled.factors
+        if weight.ndim == 0 or weight.size == 0:  # channel_factors gave the factors the weight's own shape
+            yield weight, factors
+            return
+        rows = weight.shape[0]
+        step = max(1, (self.BLOCK_BYTES // self.dtype.itemsize) // (weight.size // rows))
+        for start in range(0, rows, step):
+            yield weight[start:start + step], factors if factors.shape[0] == 1 else factors[start:start + step]
+
+    def _overflows(self) -> int:
+        limit = np.finfo(self.dtype).max
+        # The axes a factor is constant along: the largest magnitude along them bounds the channel's products.
+        axes = tuple(axis for axis, size in enumerate(self._scaled.factors.shape) if size == 1)
+        overflowed = 0
+        for weight, factors in self._row_blocks():
+            if weight.size == 0:
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                largest = np.maximum(weight.max(axis=axes, keepdims=True).astype(np.float64),
+                                     -weight.min(axis=axes, keepdims=True).astype(np.float64))
+                if np.all(largest * np.abs(factors) <= limit):
+                    continue
+                product = np.multiply(weight, factors, dtype=np.float64)
+                overflowed += _overflowed(product.astype(self.dtype), product)
+        return overflowed
 
 
-def _all_finite(values: np.ndarray) -> bool:
-    """Two reductions instead of a boolean array as large as ``values``."""
-    return values.size == 0 or bool(np.isfinite(values.max()) and np.isfinite(values.min()))
-
-
-def _infinities(values: np.ndarray) -> int:
-    return 0 if _all_finite(values) else int(np.isinf(values).sum())
+_DEFERRABLE_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
 def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
@@ -237,7 +293,7 @@ def contract_shift_transposed(weight: np.ndarray, shift: np.ndarray, groups: int
 def cast_checked(values: np.ndarray | ScaledWeight, dtype: np.dtype, what: str) -> np.ndarray:
     """Round float64 ``values`` once to ``dtype``; refuse if a finite value would become infinite."""
     if isinstance(values, ScaledWeight):
-        return values.cast(dtype, what)
+        return values.cast(dtype, what)  # type: ignore[return-value] - not deferred
     with np.errstate(over="ignore", invalid="ignore"):
         cast = np.asarray(values).astype(dtype)
     overflowed = _overflowed(cast, values)

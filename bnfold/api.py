@@ -46,7 +46,8 @@ class FoldResult:
         self.report = report
         self._base_dir = base_dir
         # Until someone asks for the model, the tensors the fold did not touch stay in the input file
-        # (``source``, see io.read_model_lazy) and the ones it wrote stay numpy arrays (``held``).
+        # (``source``, see io.read_model_lazy) and the ones it wrote stay beside the model (``held``): numpy
+        # arrays, or weights scaled from the input file, computed as they are written.
         self._source = source
         self._held = held or {}
 

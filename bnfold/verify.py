@@ -89,7 +89,14 @@ from onnx.reference.ops.op_batch_normalization import BatchNormalization_9
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvTranspose
 
 from bnfold.errors import InputError
-from bnfold.onnx_front.external import HeldTensors, held_value, is_external, model_tensors, payload_bytes
+from bnfold.onnx_front.external import (
+    HeldTensors,
+    held_array,
+    held_value,
+    is_external,
+    model_tensors,
+    payload_bytes,
+)
 from bnfold.onnx_front.io import PROTOBUF_LIMIT, check_supported, read_model_lazy, staged_file
 from bnfold.report import render_table
 
@@ -104,6 +111,14 @@ class UnwrittenModel:
     proto: ModelProto
     base_dir: Path | None = None
     held: HeldTensors = field(default_factory=dict)
+    # The held values as arrays (a deferred product computed once), for onnxruntime to compute with in place:
+    # they must live as long as the model, which outlives its sessions.
+    _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def held_array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = held_array(self.held[name])
+        return self._arrays[name]
 
 
 ModelSource = ModelProto | UnwrittenModel | str | os.PathLike[str]
@@ -618,9 +633,8 @@ def _in_place_session(model: UnwrittenModel, options: ort.SessionOptions) -> ort
     proto.CopyFrom(model.proto)
     held: dict[str, np.ndarray] = {}
     for tensor in proto.graph.initializer:
-        value = held_value(tensor, model.held)
-        if value is not None:
-            held[tensor.name] = value
+        if held_value(tensor, model.held) is not None:
+            value = held[tensor.name] = model.held_array(tensor.name)
             tensor.data_location = TensorProto.EXTERNAL
             for key, text in (("location", _IN_MEMORY_LOCATION), ("offset", "0"), ("length", str(value.nbytes))):
                 entry = tensor.external_data.add()

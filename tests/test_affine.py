@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 from bnfold.affine import (
     ChannelAffine,
     FoldRefused,
+    RoundedProduct,
     ScaledWeight,
     cast_checked,
     channel_factors,
@@ -213,41 +214,59 @@ def test_buffered_scaling_rounds_exactly_as_the_whole_product(shape, axis, dtype
     np.testing.assert_array_equal(np.asarray(ScaledWeight(weight, factors, axis)), scale_weight(weight, factors, axis))
 
 
-@settings(max_examples=200, deadline=None)
+@contextlib.contextmanager
+def _product_blocks(block_bytes: int) -> Iterator[None]:
+    previous = RoundedProduct.BLOCK_BYTES
+    RoundedProduct.BLOCK_BYTES = block_bytes
+    try:
+        yield
+    finally:
+        RoundedProduct.BLOCK_BYTES = previous
+
+
+@settings(max_examples=300, deadline=None)
 @given(
-    shape=st.sampled_from([(6, 4, 3, 3), (8, 2, 1, 1), (5, 7), (12, 3, 2)]),
+    shape=st.sampled_from([(6, 4, 3, 3), (8, 2, 1, 1), (5, 7), (1, 9), (12, 3, 2), (3,), (0, 4)]),
     axis=st.sampled_from([0, 1, -1]),
+    groups=st.sampled_from([1, 2]),
     dtype=st.sampled_from([np.float32, np.float16, np.float64]),
     seed=st.integers(0, 2**16),
-    huge=st.booleans(),
-    special=st.sampled_from([None, np.inf, np.nan]),
+    magnitude=st.sampled_from([1.0, 1e4, 1e38, 1e300]),
+    special=st.sampled_from([None, np.inf, -np.inf, np.nan]),
+    block_bytes=st.sampled_from([1, 24, 100, 8 << 20]),
 )
-def test_scaling_in_place_gives_the_same_bits_and_refusals(shape, axis, dtype, seed, huge, special):
-    """Overwriting the weight changes where the product goes, never its value or an overflow verdict; a weight
-    with an infinity or NaN is never overwritten (its overflows could not be told apart afterwards)."""
+def test_a_deferred_product_has_the_bits_and_the_refusals_of_the_cast(shape, axis, groups, dtype, seed, magnitude,
+                                                                      special, block_bytes):
+    """Computed block by block as it is written, checked for overflow by a bound before any product exists,
+    a deferred product is bit for bit the cast and refuses exactly the same weights with the same count: the
+    bound only skips blocks it proves safe (infinities and NaNs in the weight, some channels overflowing)."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(shape).astype(dtype)
-    if special is not None:
+    if special is not None and weight.size:
         weight.flat[seed % weight.size] = special
-    factors = rng.standard_normal(shape[axis]) * (1e6 if huge else 1.0)
-    original = weight.copy()
+    weight.setflags(write=False)
+    channel_axis = axis % len(shape)
+    grouped = groups > 1 and channel_axis == 1 and len(shape) > 1 and shape[0] % groups == 0
+    groups = groups if grouped else 1
+    factors = rng.standard_normal(shape[channel_axis] * groups) * magnitude
     try:
-        expected = ScaledWeight(original, factors, axis).cast(np.dtype(dtype), "w")
+        expected = ScaledWeight(weight, factors, axis, groups).cast(np.dtype(dtype), "w")
     except FoldRefused as refusal:
-        with pytest.raises(FoldRefused, match=re.escape(refusal.message)):
-            ScaledWeight(weight, factors, axis).cast(np.dtype(dtype), "w", in_place=True)
+        with pytest.raises(FoldRefused, match=re.escape(refusal.message)), _product_blocks(block_bytes):
+            ScaledWeight(weight, factors, axis, groups).cast(np.dtype(dtype), "w", deferred=True)
         return
-    actual = ScaledWeight(weight, factors, axis).cast(np.dtype(dtype), "w", in_place=True)
-    np.testing.assert_array_equal(actual, expected)
-    if special is None:
-        assert actual is weight
-    else:
-        assert actual is not weight
-        np.testing.assert_array_equal(weight, original)
+    with _product_blocks(block_bytes):
+        deferred = ScaledWeight(weight, factors, axis, groups).cast(np.dtype(dtype), "w", deferred=True)
+        assert isinstance(deferred, RoundedProduct)
+        assert (deferred.shape, deferred.dtype, deferred.nbytes) == (expected.shape, expected.dtype, expected.nbytes)
+        assert b"".join(block.tobytes() for block in deferred.blocks()) == expected.tobytes()
+        np.testing.assert_array_equal(np.asarray(deferred), expected)
 
 
-def test_a_weight_of_another_dtype_is_not_overwritten():
+def test_a_weight_that_may_change_is_cast_at_once():
+    """Only a read-only weight (a view of the model's file, or of bytes) can wait until the output is written."""
     weight = np.ones((4, 3), np.float32)
-    result = ScaledWeight(weight, np.full(4, 2.0), 0).cast(np.dtype(np.float16), "w", in_place=True)
-    assert result.dtype == np.float16 and result is not weight
-    np.testing.assert_array_equal(weight, np.ones((4, 3), np.float32))
+    cast = ScaledWeight(weight, np.full(4, 2.0), 0).cast(np.dtype(np.float32), "w", deferred=True)
+    weight[:] = 5.0
+    assert isinstance(cast, np.ndarray)
+    np.testing.assert_array_equal(cast, np.full((4, 3), 2.0, np.float32))

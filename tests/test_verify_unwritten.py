@@ -58,7 +58,7 @@ def spoil_held_weights(monkeypatch) -> None:
     real_hold = graph_module.hold
 
     def spoiled(tensor, value, name, held):
-        value = value.copy()
+        value = np.array(value)  # a deferred product computed, or an array copied
         value[0] *= 1.01
         real_hold(tensor, value, name, held)
 

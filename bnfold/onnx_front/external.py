@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import mmap
 import os
 import stat
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -20,6 +22,7 @@ from typing import BinaryIO
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from bnfold.affine import RoundedProduct
 from bnfold.errors import InputError
 
 COPY_CHUNK = 16 << 20
@@ -59,32 +62,47 @@ def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
 
 
-# Values of main-graph initializers a fold wrote, by name, kept as numpy arrays beside the model instead of in
-# its protobuf: each copy of a 200 MB model's weights into and out of protobuf costs a tenth of a second. The
+# Values of main-graph initializers a fold wrote, by name, kept beside the model instead of in its protobuf:
+# each copy of a 200 MB model's weights into and out of protobuf costs a tenth of a second. A value is a numpy
+# array, or a weight scaled from the model's file that is computed only as it is written (RoundedProduct). The
 # tensor in the model keeps its name, dtype and dims, and no data.
-HeldTensors = dict[str, np.ndarray]
+HeldValue = np.ndarray | RoundedProduct
+HeldTensors = dict[str, HeldValue]
 # Only values this large are held; smaller ones go into the model as usual.
 HELD_MIN_BYTES = 1024
 
 
-def held_value(tensor: TensorProto, held: HeldTensors | None) -> np.ndarray | None:
+def held_value(tensor: TensorProto, held: HeldTensors | None) -> HeldValue | None:
     """``tensor``'s value if it is held in ``held``: a tensor of that name without any data of its own."""
     if not held or tensor.name not in held or is_external(tensor) or tensor.HasField("raw_data"):
         return None
     return held[tensor.name]
 
 
-def hold(tensor: TensorProto, value: np.ndarray, name: str, held: HeldTensors) -> None:
+def hold(tensor: TensorProto, value: HeldValue, name: str, held: HeldTensors) -> None:
     """Make ``tensor`` a data-less ``name`` of ``value``'s dtype and shape, its value held in ``held``."""
     tensor.Clear()
     tensor.name = name
     tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
     tensor.dims.extend(value.shape)
-    held[name] = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+    held[name] = value
 
 
-def holdable(value: np.ndarray, held: HeldTensors | None) -> bool:
+def holdable(value: HeldValue, held: HeldTensors | None) -> bool:
     return held is not None and value.nbytes >= HELD_MIN_BYTES and value.dtype in _HOLDABLE_DTYPES
+
+
+def held_array(value: HeldValue) -> np.ndarray:
+    """A held value as one array (a deferred product computed now)."""
+    return value if isinstance(value, np.ndarray) else np.asarray(value)
+
+
+def write_held(value: HeldValue, out: BinaryIO) -> None:
+    """Append a held value's raw bytes to ``out``; a deferred product a block at a time."""
+    for block in (value,) if isinstance(value, np.ndarray) else value.blocks():
+        out.write(memoryview(block).cast("B"))
 
 
 def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto]:
@@ -229,12 +247,18 @@ def read_external(tensor: TensorProto, base_dir: Path) -> bytes:
 
 
 def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
-    """The value of an external tensor, read through :func:`read_external`'s checks."""
+    """The value of an external tensor, read through :func:`read_external`'s checks. A large one is a
+    read-only view of its file, mapped into memory: the kernel reads it as it is used, and a fold that
+    scales it (``affine.RoundedProduct``) never copies it."""
     dtype = _NATIVE_DTYPES.get(tensor.data_type)
     if dtype is None:  # onnx's own conversion knows the exotic dtypes (bfloat16, float8, int4, ...)
         inline = TensorProto(data_type=tensor.data_type, dims=tensor.dims, raw_data=read_external(tensor, base_dir))
         return numpy_helper.to_array(inline)
     ref = external_ref(tensor, base_dir)
+    mapping = _mapped(ref.path) if ref.length >= MAP_MIN_BYTES else None
+    if mapping is not None:
+        count = ref.length // dtype.itemsize
+        return np.frombuffer(mapping, dtype, count, ref.offset).reshape(tuple(tensor.dims))
     value = np.empty(tuple(tensor.dims), dtype=dtype)
     with _open(ref, tensor) as handle:
         try:
@@ -245,6 +269,52 @@ def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     if filled != ref.length:
         raise InputError(f"tensor {tensor.name!r}: its external data file shrank while being read")
     return value
+
+
+# Tensors this large are mapped rather than read; smaller ones are cheaper to copy than to map.
+MAP_MIN_BYTES = 256 << 10
+# The files mapped now, by (device, inode, size) at mapping time: each one's mapping (weakly: it lives as long
+# as some array views it) and a descriptor of its own, closed with the mapping, to see the file's size.
+_MAPPINGS: dict[tuple[int, int, int], tuple[weakref.ref[mmap.mmap], int]] = {}
+
+
+def _mapped(path: Path) -> mmap.mmap | None:
+    """The whole file mapped read-only, shared by every tensor in it; None where it cannot be mapped."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    key = (status.st_dev, status.st_ino, status.st_size)
+    entry = _MAPPINGS.get(key)
+    mapping = entry[0]() if entry is not None else None
+    if mapping is not None:
+        return mapping
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        mapping = mmap.mmap(descriptor, status.st_size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        os.close(descriptor)
+        return None
+    _MAPPINGS[key] = (weakref.ref(mapping), descriptor)
+    weakref.finalize(mapping, _unmapped, key, descriptor)
+    return mapping
+
+
+def _unmapped(key: tuple[int, int, int], descriptor: int) -> None:
+    if _MAPPINGS.get(key, (None, None))[1] == descriptor:
+        del _MAPPINGS[key]
+    os.close(descriptor)
+
+
+def check_mapped_files() -> None:
+    """Refuse to go on if a file some array still views through a mapping has shrunk since: reading the lost
+    pages would kill the process (SIGBUS) instead of raising."""
+    for (_, _, size), (_, descriptor) in list(_MAPPINGS.items()):
+        if os.fstat(descriptor).st_size < size:
+            raise InputError("an input file shrank while the model was being folded; nothing was written")
 
 
 def copy_external(tensor: TensorProto, base_dir: Path, out: BinaryIO) -> int:

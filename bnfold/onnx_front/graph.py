@@ -25,7 +25,16 @@ from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helpe
 from bnfold.affine import ChannelAffine
 from bnfold.errors import InputError
 from bnfold.onnx_front.constants import ConstantResolver
-from bnfold.onnx_front.external import HeldTensors, external_array, held_value, hold, holdable, is_external
+from bnfold.onnx_front.external import (
+    HeldTensors,
+    HeldValue,
+    external_array,
+    held_array,
+    held_value,
+    hold,
+    holdable,
+    is_external,
+)
 from bnfold.onnx_front.types import ValueType
 
 
@@ -110,8 +119,6 @@ class GraphIndex:
             self._register(node)
         self.constants = ConstantResolver(self, outer.constants if outer is not None else None)
         self._arrays: dict[str, np.ndarray] = {}
-        # The cached arrays this index read from disk itself: nothing else holds them (see ``overwritable``).
-        self._read_from_disk: dict[str, np.ndarray] = {}
         self._removed: set[int] = set()
         self._maybe_dead: set[str] = set()
         self._vanished: set[str] = set()
@@ -142,30 +149,18 @@ class GraphIndex:
 
     def tensor_value(self, name: str) -> np.ndarray:
         if name not in self._arrays:
-            tensor = self.initializers[name]
-            self._arrays[name] = self.tensor_array(tensor)
-            if is_external(tensor):
-                self._read_from_disk[name] = self._arrays[name]
+            self._arrays[name] = self.tensor_array(self.initializers[name])
         return self._arrays[name]
-
-    def overwritable(self, node: NodeProto, slot: int, value: np.ndarray) -> bool:
-        """Whether an update of ``node.input[slot]`` may compute its new value into ``value``, the array of the
-        current one: this index read it from disk, no other node reads that initializer, and the update will
-        replace it (see :meth:`write_tensor`). An update that overwrites it and then fails must call
-        :meth:`forget_value`, so the next read goes back to the file."""
-        name = node.input[slot] if slot < len(node.input) else ""
-        return bool(name) and self._read_from_disk.get(name) is value and self._exclusive(name, node)
 
     def forget_value(self, name: str) -> None:
         self._arrays.pop(name, None)
-        self._read_from_disk.pop(name, None)
         self.constants.forget(name)
 
     def tensor_array(self, tensor: TensorProto) -> np.ndarray:
         """The value of any tensor of this graph, an external one read from ``base_dir`` after its checks."""
         value = held_value(tensor, self.held)
         if value is not None:
-            return value
+            return held_array(value)
         if not is_external(tensor):
             return numpy_helper.to_array(tensor)
         if self.base_dir is None:
@@ -214,7 +209,7 @@ class GraphIndex:
             self.consumers[name].remove(node)
             self._maybe_dead.add(name)
 
-    def write_tensor(self, node: NodeProto, slot: int, value: np.ndarray, base: str) -> str:
+    def write_tensor(self, node: NodeProto, slot: int, value: HeldValue, base: str) -> str:
         """Feed ``value`` to ``node.input[slot]``; reuse the initializer only if nothing else reads it."""
         old = node.input[slot] if slot < len(node.input) else ""
         if self._exclusive(old, node):
@@ -240,11 +235,11 @@ class GraphIndex:
             and list(node.input).count(name) == 1
         )
 
-    def _store(self, tensor: TensorProto, value: np.ndarray, name: str) -> None:
+    def _store(self, tensor: TensorProto, value: HeldValue, name: str) -> None:
         if holdable(value, self.held):
             hold(tensor, value, name, self.held)
         else:
-            tensor.CopyFrom(numpy_helper.from_array(value, name))
+            tensor.CopyFrom(numpy_helper.from_array(held_array(value), name))
 
     def turn_into(self, node: NodeProto, replacement: NodeProto) -> None:
         """Replace ``node`` by ``replacement`` at the same position (keeps topological order)."""
@@ -309,7 +304,6 @@ class GraphIndex:
         self._maybe_dead.clear()
         # Every value is in the protos now; cached arrays would hold a copy of each tensor read.
         self._arrays.clear()
-        self._read_from_disk.clear()
         self.constants.forget_all()
 
     def _sweep_dead_values(self) -> None:

@@ -26,13 +26,16 @@ from bnfold.interrupts import deferred_interrupts
 from bnfold.onnx_front.external import (
     HeldTensors,
     check_external_refs,
+    check_mapped_files,
     copy_external,
     external_ref,
+    held_array,
     held_value,
     is_external,
     model_tensors,
     payload_bytes,
     read_external,
+    write_held,
 )
 from bnfold.onnx_front.wire import WireError, copy_fields, read_skeleton, write_inline
 
@@ -115,10 +118,11 @@ def _checked(model: ModelProto, source: Path, load_external_data: bool) -> Model
 def inline_main_tensors(model: ModelProto, source: Path | None, held: HeldTensors) -> None:
     """Bring into ``model`` the main-graph tensors :func:`read_model_lazy` left in ``source`` itself and the
     values a fold held outside it."""
+    check_mapped_files()
     for tensor in model.graph.initializer:
         value = held_value(tensor, held)
         if value is not None:
-            tensor.raw_data = value.tobytes()
+            tensor.raw_data = held_array(value).tobytes()
         elif source is not None and is_external(tensor) and _location(tensor) == source.name:
             _set_inline(tensor, read_external(tensor, source.parent))
 
@@ -200,6 +204,7 @@ def write_model(
                           f"read from as base_dir")
     source_dir = Path(base_dir) if base_dir is not None else directory
     check_external_refs(on_disk, source_dir)
+    check_mapped_files()
     staging: Path | None = None
     try:
         try:
@@ -311,7 +316,7 @@ class _DataFileWriter:
             handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
         offset = handle.tell()
         if value is not None:
-            handle.write(memoryview(value).cast("B"))
+            write_held(value, handle)
         elif is_external(tensor):
             copy_external(tensor, self._base_dir, handle)
         else:

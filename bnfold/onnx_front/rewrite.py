@@ -11,6 +11,7 @@ from onnx import NodeProto
 
 from bnfold.affine import FoldRefused, ScaledWeight, cast_checked
 from bnfold.onnx_front.batchnorm import batchnorm_affine
+from bnfold.onnx_front.external import HeldValue
 from bnfold.onnx_front.graph import GraphIndex
 from bnfold.patterns import OPT_IN_PATTERNS
 from bnfold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site, TensorUpdate
@@ -104,22 +105,15 @@ def _records(rewrite: Rewrite, index: GraphIndex, refusals: list[FoldRefused]) -
 
 
 def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
-    # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched (and
-    # drops the arrays it overwrote, which the next read takes from the file again).
-    overwritten: list[str] = []
-    try:
-        updates = [_cast_update(u, index, f"{u.role} for {label}", overwritten) for u in rewrite.updates]
-        replacement = [
-            [(role, cast_checked(value, op.dtype, f"{role} for {label}")) for role, value in op.constants()]
-            for op in rewrite.replacement
-        ]
-        bias_after = None
-        if rewrite.bias_after is not None:
-            bias_after = cast_checked(rewrite.bias_after.value, rewrite.bias_after.dtype, f"bias for {label}")
-    except FoldRefused:
-        for name in overwritten:
-            index.forget_value(name)
-        raise
+    # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched.
+    updates = [_cast_update(u, f"{u.role} for {label}") for u in rewrite.updates]
+    replacement = [
+        [(role, cast_checked(value, op.dtype, f"{role} for {label}")) for role, value in op.constants()]
+        for op in rewrite.replacement
+    ]
+    bias_after = None
+    if rewrite.bias_after is not None:
+        bias_after = cast_checked(rewrite.bias_after.value, rewrite.bias_after.dtype, f"bias for {label}")
     for update, value in zip(rewrite.updates, updates, strict=True):
         current = update.node.input[update.slot] if update.slot < len(update.node.input) else ""
         base = current or f"{index.node_label(update.node)}.{update.role}"
@@ -142,13 +136,12 @@ def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
         _add_after(rewrite.target, rewrite.bias_after, bias_after, index)
 
 
-def _cast_update(update: TensorUpdate, index: GraphIndex, what: str, overwritten: list[str]) -> np.ndarray:
-    """The update's value in its dtype; a scaled weight read from disk for this initializer alone is scaled
-    where it lies (a large model's weights would otherwise each need a second array, and its fresh pages)."""
+def _cast_update(update: TensorUpdate, what: str) -> HeldValue:
+    """The update's value in its dtype; a scaled weight that cannot change (mapped from the model's file) is
+    computed only as the output is written (see ``affine.RoundedProduct``)."""
     value = update.value
-    if isinstance(value, ScaledWeight) and index.overwritable(update.node, update.slot, value.weight):
-        overwritten.append(update.node.input[update.slot])
-        return value.cast(update.dtype, what, in_place=True)
+    if isinstance(value, ScaledWeight):
+        return value.cast(update.dtype, what, deferred=True)
     return cast_checked(value, update.dtype, what)
 
 

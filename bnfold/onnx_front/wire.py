@@ -26,6 +26,7 @@ from bnfold.onnx_front.external import (
     held_value,
     is_external,
     payload_bytes,
+    write_held,
 )
 from bnfold.onnx_front.types import KEPT_ELEMENTS
 
@@ -218,7 +219,7 @@ class _Payload:
         out.write(self.below)
         out.write(self.raw_header)
         if self.value is not None:
-            out.write(memoryview(self.value).cast("B"))
+            write_held(self.value, out)
         elif self.inline:
             raw = self.tensor.raw_data
             if len(raw) != self.raw_length:

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from onnx import TensorProto, numpy_helper
 
-from bnfold import fold_onnx
+from bnfold import affine, fold_onnx
+from bnfold.affine import RoundedProduct
 from bnfold.errors import InputError
+from bnfold.onnx_front import external
 from bnfold.onnx_front import io as bnfold_io
 from bnfold.patterns.forward import ConvBn
 from bnfold.testing.bad_inputs import conv_bn
@@ -63,14 +65,18 @@ def test_the_oracle_catches_a_fold_that_is_off_by_one_percent(monkeypatch, dtype
                                  HealthCheck.function_scoped_fixture])
 @given(case=fuzz_cases())
 def test_random_graphs_fold_from_a_file_as_from_memory(case, tmp_path_factory, monkeypatch):
-    """Read from a file with every main-graph tensor left on disk until a fold reads it, so that each scaled
-    weight is computed where it lies (shared weights, fan-out, refusals after an overwrite and all), the fold
-    gives the very model it gives from memory."""
+    """Read from a file with every main-graph tensor left on disk until a fold reads it, mapped, and each
+    scaled weight computed only as it is written, a few bytes at a time (shared weights, fan-out, refusals,
+    folds into a weight already folded and all), the fold gives the very model it gives from memory."""
     monkeypatch.setattr(bnfold_io, "LAZY_MIN_BYTES", 1)
+    monkeypatch.setattr(external, "MAP_MIN_BYTES", 1)
+    monkeypatch.setattr(RoundedProduct, "BLOCK_BYTES", 64)
     path = tmp_path_factory.mktemp("lazy") / "model.onnx"
     path.write_bytes(case.model.SerializeToString())
     try:
-        in_memory = fold_onnx(case.model, verify=False, **case.options)
+        with pytest.MonkeyPatch.context() as eager:  # in memory, every product is computed when it is cast
+            eager.setattr(affine, "_DEFERRABLE_DTYPES", set())
+            in_memory = fold_onnx(case.model, verify=False, **case.options)
     except InputError:
         return  # a model the fold refuses from memory (the generator's) is refused from the file too
     from_file = fold_onnx(path, verify=False, **case.options)
