@@ -183,8 +183,10 @@ class ScaledWeight:
         """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows.
 
         ``deferred`` returns a :class:`RoundedProduct` instead, checked now and computed as it is read, where
-        the weight cannot change meanwhile (a read-only array: a view of the model's file or of bytes)."""
-        if deferred and not self.weight.flags.writeable and np.dtype(dtype) in _DEFERRABLE_DTYPES:
+        the weight cannot change meanwhile (a read-only array: a view of the model's file or of bytes) and is
+        large enough for its memory to matter more than the per-block bookkeeping."""
+        if (deferred and not self.weight.flags.writeable and np.dtype(dtype) in _DEFERRABLE_DTYPES
+                and self.weight.nbytes >= RoundedProduct.MIN_BYTES):
             return RoundedProduct(self, dtype, what)
         out = np.empty(np.broadcast_shapes(self.weight.shape, self.factors.shape), dtype)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -206,6 +208,7 @@ class RoundedProduct:
     blocks where that bound fails (large factors, infinities, NaNs) are multiplied out and counted."""
 
     BLOCK_BYTES = 8 << 20
+    MIN_BYTES = 256 << 10
 
     def __init__(self, scaled: ScaledWeight, dtype: np.dtype, what: str) -> None:
         self._scaled = scaled

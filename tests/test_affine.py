@@ -216,12 +216,13 @@ def test_buffered_scaling_rounds_exactly_as_the_whole_product(shape, axis, dtype
 
 @contextlib.contextmanager
 def _product_blocks(block_bytes: int) -> Iterator[None]:
-    previous = RoundedProduct.BLOCK_BYTES
-    RoundedProduct.BLOCK_BYTES = block_bytes
+    """Deferred products of any size, computed ``block_bytes`` at a time."""
+    previous = RoundedProduct.BLOCK_BYTES, RoundedProduct.MIN_BYTES
+    RoundedProduct.BLOCK_BYTES, RoundedProduct.MIN_BYTES = block_bytes, 0
     try:
         yield
     finally:
-        RoundedProduct.BLOCK_BYTES = previous
+        RoundedProduct.BLOCK_BYTES, RoundedProduct.MIN_BYTES = previous
 
 
 @settings(max_examples=300, deadline=None)
@@ -266,7 +267,18 @@ def test_a_deferred_product_has_the_bits_and_the_refusals_of_the_cast(shape, axi
 def test_a_weight_that_may_change_is_cast_at_once():
     """Only a read-only weight (a view of the model's file, or of bytes) can wait until the output is written."""
     weight = np.ones((4, 3), np.float32)
-    cast = ScaledWeight(weight, np.full(4, 2.0), 0).cast(np.dtype(np.float32), "w", deferred=True)
+    with _product_blocks(RoundedProduct.BLOCK_BYTES):
+        cast = ScaledWeight(weight, np.full(4, 2.0), 0).cast(np.dtype(np.float32), "w", deferred=True)
     weight[:] = 5.0
     assert isinstance(cast, np.ndarray)
     np.testing.assert_array_equal(cast, np.full((4, 3), 2.0, np.float32))
+
+
+def test_only_a_large_weight_is_deferred():
+    def cast(elements: int):
+        weight = np.ones((4, elements // 4), np.float32)
+        weight.setflags(write=False)
+        return ScaledWeight(weight, np.full(4, 2.0), 0).cast(np.dtype(np.float32), "w", deferred=True)
+
+    assert isinstance(cast(RoundedProduct.MIN_BYTES // 4), RoundedProduct)
+    assert isinstance(cast(RoundedProduct.MIN_BYTES // 8), np.ndarray)

@@ -71,6 +71,7 @@ def test_random_graphs_fold_from_a_file_as_from_memory(case, tmp_path_factory, m
     monkeypatch.setattr(bnfold_io, "LAZY_MIN_BYTES", 1)
     monkeypatch.setattr(external, "MAP_MIN_BYTES", 1)
     monkeypatch.setattr(RoundedProduct, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(RoundedProduct, "MIN_BYTES", 0)
     path = tmp_path_factory.mktemp("lazy") / "model.onnx"
     path.write_bytes(case.model.SerializeToString())
     try:
