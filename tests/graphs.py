@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -136,3 +137,21 @@ def assert_equivalent(original: onnx.ModelProto, folded: onnx.ModelProto, *, rto
         got64 = np.asarray(got, dtype=np.float64)
         scale = max(float(np.max(np.abs(want64))), 1e-30)
         np.testing.assert_allclose(got64, want64, rtol=rtol, atol=rtol * scale)
+
+
+@st.composite
+def conv_forms(draw) -> dict[str, int | bool]:
+    """Random convolution attributes, as keyword arguments of the pattern tests' model builders: 1-3 spatial
+    axes, 1-3 groups of 1-3 channels in and out, kernel, stride, dilation, with or without a bias."""
+    groups = draw(st.integers(1, 3))
+    return {
+        "spatial": draw(st.integers(1, 3)),
+        "groups": groups,
+        "c_in": groups * draw(st.integers(1, 3)),
+        "c_out": groups * draw(st.integers(1, 3)),
+        "kernel": draw(st.integers(1, 3)),
+        "stride": draw(st.integers(1, 2)),
+        "dilation": draw(st.integers(1, 2)),
+        "bias": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+    }

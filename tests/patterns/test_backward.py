@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import GraphBuilder, assert_equivalent, count_ops, node_kinds, random_feeds, run
+from graphs import GraphBuilder, assert_equivalent, conv_forms, count_ops, node_kinds, random_feeds, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -51,26 +51,13 @@ def test_bn_conv_without_padding_folds_scale_and_shift(auto_pad, groups, c_in, c
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    spatial=st.integers(1, 3),
-    groups=st.integers(1, 3),
-    per_group_in=st.integers(1, 3),
-    per_group_out=st.integers(1, 3),
-    kernel=st.integers(1, 3),
-    stride=st.integers(1, 2),
-    dilation=st.integers(1, 2),
-    pads=st.integers(0, 2),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_bn_conv_fold_is_exact_for_random_attributes(spatial, groups, per_group_in, per_group_out, kernel, stride,
-                                                     dilation, pads, bias, seed):
-    model = bn_conv_model(spatial, groups, groups * per_group_in, groups * per_group_out, kernel, stride, dilation,
-                          pads, bias, seed)
+@given(form=conv_forms(), pads=st.integers(0, 2))
+def test_bn_conv_fold_is_exact_for_random_attributes(form, pads):
+    model = bn_conv_model(**form, pads=pads)
     result = fold(model)
     assert count_ops(result.model) == 0
     assert node_kinds(result.model).count("Shift") == (1 if pads else 0)
-    assert_equivalent(model, result.model, seed=seed)
+    assert_equivalent(model, result.model, seed=form["seed"])
 
 
 def _border(output: np.ndarray) -> np.ndarray:

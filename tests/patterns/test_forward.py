@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import GraphBuilder, assert_equivalent, count_ops
+from graphs import GraphBuilder, assert_equivalent, conv_forms, count_ops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,24 +41,12 @@ def test_conv_bn_folds_for_every_conv_form(spatial, groups, c_in, c_out, bias):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    spatial=st.integers(1, 3),
-    groups=st.integers(1, 3),
-    per_group_in=st.integers(1, 3),
-    per_group_out=st.integers(1, 3),
-    kernel=st.integers(1, 3),
-    stride=st.integers(1, 2),
-    dilation=st.integers(1, 2),
-    bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_conv_bn_fold_is_exact_for_random_attributes(spatial, groups, per_group_in, per_group_out, kernel, stride,
-                                                     dilation, bias, seed):
-    model = conv_bn_model(spatial, groups, groups * per_group_in, groups * per_group_out, kernel, stride, dilation,
-                          bias, seed)
+@given(form=conv_forms())
+def test_conv_bn_fold_is_exact_for_random_attributes(form):
+    model = conv_bn_model(**form)
     result = fold(model)
     assert count_ops(result.model) == 0
-    assert_equivalent(model, result.model, seed=seed)
+    assert_equivalent(model, result.model, seed=form["seed"])
 
 
 def convtranspose_bn_model(groups: int, c_in: int, c_out: int, bias: bool, stride: int = 2, seed: int = 0,
