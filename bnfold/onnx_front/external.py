@@ -79,9 +79,16 @@ def held_value(tensor: TensorProto, held: HeldTensors | None) -> HeldValue | Non
     return held[tensor.name]
 
 
+def clear_value(tensor: TensorProto) -> None:
+    """Clear what ``tensor`` holds, keep what describes it (doc_string, metadata_props, fields this onnx does
+    not know): a folded weight is the same parameter, scaled."""
+    for field in _VALUE_FIELDS:
+        tensor.ClearField(field)
+
+
 def hold(tensor: TensorProto, value: HeldValue, name: str, held: HeldTensors) -> None:
     """Make ``tensor`` a data-less ``name`` of ``value``'s dtype and shape, its value held in ``held``."""
-    tensor.Clear()
+    clear_value(tensor)
     tensor.name = name
     tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
     tensor.dims.extend(value.shape)
@@ -358,6 +365,8 @@ def _kernel_copy(handle: BinaryIO, ref: ExternalRef, out: BinaryIO, tensor: Tens
     return True
 
 
+_VALUE_FIELDS = ("dims", "data_type", "segment", "float_data", "int32_data", "string_data", "int64_data",
+                 "raw_data", "double_data", "uint64_data", "external_data", "data_location")
 _HOLDABLE_DTYPES = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)}
 # copy_file_range refuses some pairs of files (across file systems on older kernels, special files); those
 # are copied through user space instead.

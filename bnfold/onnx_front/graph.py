@@ -28,6 +28,7 @@ from bnfold.onnx_front.constants import ConstantResolver
 from bnfold.onnx_front.external import (
     HeldTensors,
     HeldValue,
+    clear_value,
     external_array,
     held_array,
     held_value,
@@ -239,7 +240,8 @@ class GraphIndex:
         if holdable(value, self.held):
             hold(tensor, value, name, self.held)
         else:
-            tensor.CopyFrom(numpy_helper.from_array(held_array(value), name))
+            clear_value(tensor)
+            tensor.MergeFrom(numpy_helper.from_array(held_array(value), name))
 
     def turn_into(self, node: NodeProto, replacement: NodeProto) -> None:
         """Replace ``node`` by ``replacement`` at the same position (keeps topological order)."""

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
 from onnx import GraphProto, ModelProto, TensorProto
 
@@ -145,8 +146,10 @@ def _read_initializer(data: mmap.mmap, start: int, end: int, graph: GraphProto, 
 # --- writing ----------------------------------------------------------------------------------------------
 
 
-def copy_fields(source: Message, target: Message, skip: set[str]) -> None:
-    """Copy every set field of ``source`` but those named in ``skip`` into ``target``."""
+def copy_fields(source: Message, target: Message, skip: set[str], *, unknown: bool = True) -> None:
+    """Copy every set field of ``source`` but those named in ``skip`` into ``target``, and unless ``unknown`` is
+    False the fields this onnx does not know (a newer onnx's, another producer's): protobuf keeps those through
+    a parse and a serialization, and so must every copy bnfold makes."""
     for field, value in source.ListFields():
         if field.name in skip:
             continue
@@ -156,6 +159,28 @@ def copy_fields(source: Message, target: Message, skip: set[str]) -> None:
             setattr(target, field.name, value)
         else:
             getattr(target, field.name).extend(value)
+    if unknown:
+        encoded = _encode_unknown(unknown_fields.UnknownFieldSet(source))
+        if encoded:
+            target.MergeFromString(encoded)
+
+
+def _encode_unknown(fields: unknown_fields.UnknownFieldSet) -> bytes:
+    out = bytearray()
+    for field in fields:
+        number, wire_type, data = field.field_number, field.wire_type, field.data
+        out += _encode_varint(number << 3 | wire_type)
+        if wire_type == 0:
+            out += _encode_varint(data)
+        elif wire_type == 1:
+            out += data.to_bytes(8, "little")
+        elif wire_type == _LENGTH_DELIMITED:
+            out += _encode_varint(len(data)) + data
+        elif wire_type == 5:
+            out += data.to_bytes(4, "little")
+        else:  # a group: its fields, then its end tag
+            out += _encode_unknown(data) + _encode_varint(number << 3 | 4)
+    return bytes(out)
 
 
 def _encode_varint(value: int) -> bytes:
@@ -177,7 +202,7 @@ def _split(message: Message, number: int) -> tuple[bytes, bytes]:
     below, above = type(message)(), type(message)()
     names = {field.name for field in message.DESCRIPTOR.fields}
     low = {field.name for field in message.DESCRIPTOR.fields if field.number < number}
-    copy_fields(message, below, names - low)
+    copy_fields(message, below, names - low, unknown=False)  # protobuf writes unknown fields last
     copy_fields(message, above, low | {message.DESCRIPTOR.fields_by_number[number].name})
     return below.SerializeToString(), above.SerializeToString()
 

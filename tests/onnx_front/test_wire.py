@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from google.protobuf import unknown_fields
+from graphs import GraphBuilder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -45,6 +47,13 @@ def test_tensors_left_on_disk_read_back_as_the_parsed_model_has_them(path: Path)
         np.testing.assert_array_equal(external.external_array(tensor, path.parent), parsed[tensor.name])
 
 
+def with_unknown_field(message):
+    """``message`` as a newer onnx (or another producer) might write it: with fields this onnx does not know,
+    a varint and a length-delimited one numbered 1000 (two-byte keys)."""
+    extra = bytes([0xC0, 0x3E, 42, 0xC2, 0x3E, 3]) + b"new"  # keys 1000 << 3 | 0 and | 2
+    return type(message).FromString(message.SerializeToString() + extra)
+
+
 def random_model(draw) -> onnx.ModelProto:
     count = draw(st.integers(1, 6))
     initializers, nodes, value = [], [], "x"
@@ -58,13 +67,17 @@ def random_model(draw) -> onnx.ModelProto:
         if draw(st.booleans()):
             entry = tensor.metadata_props.add()
             entry.key, entry.value = "origin", "test"
+        if draw(st.booleans()):
+            tensor = with_unknown_field(tensor)
         initializers.append(tensor)
-        nodes.append(helper.make_node("Identity", [value], [f"y{position}"], name=f"n{position}",
-                                      doc_string="a node"))
+        node = helper.make_node("Identity", [value], [f"y{position}"], name=f"n{position}", doc_string="a node")
+        nodes.append(with_unknown_field(node) if draw(st.booleans()) else node)
         value = f"y{position}"
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info(value, TensorProto.FLOAT, [2])], initializers,
                               doc_string=draw(st.sampled_from(["", "graph doc"])))
+    if draw(st.booleans()):
+        graph = with_unknown_field(graph)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
     if draw(st.booleans()):
         helper.set_model_props(model, {"author": "someone", "licence": "MIT"})
@@ -72,7 +85,7 @@ def random_model(draw) -> onnx.ModelProto:
         model.functions.append(helper.make_function("local", "F", ["a"], ["b"],
                                                     [helper.make_node("Identity", ["a"], ["b"])],
                                                     [helper.make_opsetid("", 17)]))
-    return model
+    return with_unknown_field(model) if draw(st.booleans()) else model
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -88,6 +101,16 @@ def test_any_model_round_trips_byte_for_byte(tmp_path_factory, data):
     out = directory / "out.onnx"
     write_model(lazy, out, base_dir=directory)
     assert out.read_bytes() == model.SerializeToString()
+    # With external data every tensor changes, but no field a newer onnx added is lost anywhere else.
+    write_model(lazy, out, base_dir=directory, external_threshold=0)
+    assert without_tensors(onnx.load(out)) == without_tensors(model)
+
+
+def without_tensors(model: onnx.ModelProto) -> bytes:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.ClearField("initializer")
+    return copy.SerializeToString()
 
 
 def test_a_tensor_whose_bytes_do_not_match_its_dims_stays_inline_for_the_checker(tmp_path: Path):
@@ -134,3 +157,35 @@ def test_folding_over_the_input_file_itself(tmp_path: Path):
     result = CliRunner().invoke(main, ["fold", str(source), "-o", str(source), "--overwrite-input", "--no-verify"])
     assert result.exit_code == 0, result.output
     assert source.read_bytes() == expected
+
+
+@pytest.mark.parametrize("channels", [4, 96], ids=["small weight", "weight left on disk"])
+def test_a_fold_keeps_what_describes_the_model_and_its_weights(tmp_path: Path, channels: int):
+    """A folded weight is the same parameter, scaled: its doc_string, metadata and any field a newer onnx wrote
+    stay; so do such fields on the model, the graph and the nodes the fold does not remove."""
+    g = GraphBuilder(seed=2)
+    x = g.input("x", [1, channels, 5, 5])
+    y = g.bn(g.node("Conv", [x, g.weight([channels, channels, 3, 3], name="W")], name="conv"), channels)
+    model = g.model([g.node("Relu", [y], name="relu")])
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    weight.doc_string = "conv weight"
+    entry = weight.metadata_props.add()
+    entry.key, entry.value = "origin", "trained"
+    weight.CopyFrom(with_unknown_field(weight))
+    relu = next(n for n in model.graph.node if n.name == "relu")
+    relu.CopyFrom(with_unknown_field(relu))
+    model.graph.CopyFrom(with_unknown_field(model.graph))
+    model = with_unknown_field(model)
+    source = tmp_path / "model.onnx"
+    source.write_bytes(model.SerializeToString())
+    for folded in (fold_onnx(model, verify=False).model, fold_onnx(source, verify=False).model):
+        assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+        described = next(t for t in folded.graph.initializer if t.name == "W")
+        assert (described.doc_string, list(described.metadata_props)) == ("conv weight", list(weight.metadata_props))
+        for original, copy in ((weight, described), (relu, next(n for n in folded.graph.node if n.name == "relu")),
+                               (model.graph, folded.graph), (model, folded)):
+            assert unknown_fields_of(copy) == unknown_fields_of(original) != []
+
+
+def unknown_fields_of(message) -> list[tuple[int, int, object]]:
+    return [(field.field_number, field.wire_type, field.data) for field in unknown_fields.UnknownFieldSet(message)]
