@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 
 import numpy as np
 
@@ -219,42 +220,43 @@ class RoundedProduct:
         if overflowed:
             raise FoldRefused("cast_overflow", f"folded {what} overflows {self.dtype.name} ({overflowed} values)")
 
+    @property
+    def weight(self) -> np.ndarray:
+        """The weight the product scales: it is read again each time the product is."""
+        return self._scaled.weight
+
     def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
-        start = 0
-        for block in self.blocks():
-            out.reshape(-1)[start:start + block.size] = block.reshape(-1)
-            start += block.size
+        for rows, weight, factors in self._row_blocks():
+            _multiply(weight, factors, out[rows])
         return out if dtype is None else out.astype(dtype)
 
     def blocks(self) -> Iterator[np.ndarray]:
         """The rounded product in row-major order, a block of whole rows at a time, each block in the same
         buffer (consume it before asking for the next)."""
         buffer: np.ndarray | None = None
-        for weight, factors in self._row_blocks():
+        for _, weight, factors in self._row_blocks():
             if buffer is None or buffer.size < weight.size:
                 buffer = np.empty(max(weight.size, self.BLOCK_BYTES // self.dtype.itemsize), self.dtype)
-            out = buffer[:weight.size].reshape(weight.shape)
-            with np.errstate(over="ignore", invalid="ignore"):
-                np.multiply(weight, factors, out=out, dtype=np.float64, casting="unsafe")
-            yield out
+            yield _multiply(weight, factors, buffer[:weight.size].reshape(weight.shape))
 
-    def _row_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _row_blocks(self) -> Iterator[tuple[slice | EllipsisType, np.ndarray, np.ndarray]]:
+        """``(rows, weight[rows], factors for those rows)`` covering the weight in order."""
         weight, factors = self._scaled.weight, self._scaled.factors
         if weight.ndim == 0 or weight.size == 0:  # channel_factors gave the factors the weight's own shape
-            yield weight, factors
+            yield ..., weight, factors
             return
-        rows = weight.shape[0]
-        step = max(1, (self.BLOCK_BYTES // self.dtype.itemsize) // (weight.size // rows))
-        for start in range(0, rows, step):
-            yield weight[start:start + step], factors if factors.shape[0] == 1 else factors[start:start + step]
+        step = max(1, (self.BLOCK_BYTES // self.dtype.itemsize) // (weight.size // weight.shape[0]))
+        for start in range(0, weight.shape[0], step):
+            rows = slice(start, start + step)
+            yield rows, weight[rows], factors if factors.shape[0] == 1 else factors[rows]
 
     def _overflows(self) -> int:
         limit = np.finfo(self.dtype).max
         # The axes a factor is constant along: the largest magnitude along them bounds the channel's products.
         axes = tuple(axis for axis, size in enumerate(self._scaled.factors.shape) if size == 1)
         overflowed = 0
-        for weight, factors in self._row_blocks():
+        for _, weight, factors in self._row_blocks():
             if weight.size == 0:
                 continue
             with np.errstate(over="ignore", invalid="ignore"):
@@ -265,6 +267,11 @@ class RoundedProduct:
                 product = np.multiply(weight, factors, dtype=np.float64)
                 overflowed += _overflowed(product.astype(self.dtype), product)
         return overflowed
+
+
+def _multiply(weight: np.ndarray, factors: np.ndarray, out: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.multiply(weight, factors, out=out, dtype=np.float64, casting="unsafe")
 
 
 _DEFERRABLE_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}

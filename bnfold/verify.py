@@ -91,6 +91,7 @@ from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvT
 from bnfold.errors import InputError
 from bnfold.onnx_front.external import (
     HeldTensors,
+    check_sources_intact,
     held_array,
     held_value,
     is_external,
@@ -117,6 +118,7 @@ class UnwrittenModel:
 
     def held_array(self, name: str) -> np.ndarray:
         if name not in self._arrays:
+            check_sources_intact([self.held[name]])
             self._arrays[name] = held_array(self.held[name])
         return self._arrays[name]
 

@@ -280,9 +280,10 @@ def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
 
 # Tensors this large are mapped rather than read; smaller ones are cheaper to copy than to map.
 MAP_MIN_BYTES = 256 << 10
-# The files mapped now, by (device, inode, size) at mapping time: each one's mapping (weakly: it lives as long
-# as some array views it) and a descriptor of its own, closed with the mapping, to see the file's size.
-_MAPPINGS: dict[tuple[int, int, int], tuple[weakref.ref[mmap.mmap], int]] = {}
+# The files mapped now, by (device, inode, size) at mapping time, each to its mapping: weakly, as a mapping lives
+# as long as some array views it. Beside each mapping, a descriptor of its own (closed with it) and its size.
+_MAPPINGS: dict[tuple[int, int, int], weakref.ref[mmap.mmap]] = {}
+_MAPPED_FILES: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def _mapped(path: Path) -> mmap.mmap | None:
@@ -292,8 +293,8 @@ def _mapped(path: Path) -> mmap.mmap | None:
     except OSError:
         return None
     key = (status.st_dev, status.st_ino, status.st_size)
-    entry = _MAPPINGS.get(key)
-    mapping = entry[0]() if entry is not None else None
+    reference = _MAPPINGS.get(key)
+    mapping = reference() if reference is not None else None
     if mapping is not None:
         return mapping
     try:
@@ -305,23 +306,37 @@ def _mapped(path: Path) -> mmap.mmap | None:
     except (OSError, ValueError):
         os.close(descriptor)
         return None
-    _MAPPINGS[key] = (weakref.ref(mapping), descriptor)
+    _MAPPINGS[key] = weakref.ref(mapping)
+    _MAPPED_FILES[mapping] = (descriptor, status.st_size)
     weakref.finalize(mapping, _unmapped, key, descriptor)
     return mapping
 
 
 def _unmapped(key: tuple[int, int, int], descriptor: int) -> None:
-    if _MAPPINGS.get(key, (None, None))[1] == descriptor:
+    reference = _MAPPINGS.get(key)
+    if reference is not None and reference() is None:
         del _MAPPINGS[key]
     os.close(descriptor)
 
 
-def check_mapped_files() -> None:
-    """Refuse to go on if a file some array still views through a mapping has shrunk since: reading the lost
-    pages would kill the process (SIGBUS) instead of raising."""
-    for (_, _, size), (_, descriptor) in list(_MAPPINGS.items()):
+def check_sources_intact(values: Iterable[HeldValue]) -> None:
+    """Refuse to go on if a file that ``values`` (or the weights a deferred product scales) view through a
+    mapping has shrunk since it was mapped: reading the lost pages would kill the process (SIGBUS) instead of
+    raising."""
+    for value in values:
+        mapping = _mapping_of(value if isinstance(value, np.ndarray) else value.weight)
+        if mapping is None or mapping not in _MAPPED_FILES:
+            continue
+        descriptor, size = _MAPPED_FILES[mapping]
         if os.fstat(descriptor).st_size < size:
             raise InputError("an input file shrank while the model was being folded; nothing was written")
+
+
+def _mapping_of(array: np.ndarray) -> object:
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
 
 
 def copy_external(tensor: TensorProto, base_dir: Path, out: BinaryIO) -> int:

@@ -26,7 +26,7 @@ from bnfold.interrupts import deferred_interrupts
 from bnfold.onnx_front.external import (
     HeldTensors,
     check_external_refs,
-    check_mapped_files,
+    check_sources_intact,
     copy_external,
     external_ref,
     held_array,
@@ -118,7 +118,7 @@ def _checked(model: ModelProto, source: Path, load_external_data: bool) -> Model
 def inline_main_tensors(model: ModelProto, source: Path | None, held: HeldTensors) -> None:
     """Bring into ``model`` the main-graph tensors :func:`read_model_lazy` left in ``source`` itself and the
     values a fold held outside it."""
-    check_mapped_files()
+    check_sources_intact(held.values())
     for tensor in model.graph.initializer:
         value = held_value(tensor, held)
         if value is not None:
@@ -204,7 +204,7 @@ def write_model(
                           f"read from as base_dir")
     source_dir = Path(base_dir) if base_dir is not None else directory
     check_external_refs(on_disk, source_dir)
-    check_mapped_files()
+    check_sources_intact((held or {}).values())
     staging: Path | None = None
     try:
         try:

@@ -124,3 +124,30 @@ def test_a_source_that_shrinks_before_the_write_is_refused_with_one_line(tmp_pat
     with pytest.raises(InputError, match="shrank while the model was being folded"):
         result.write(out)
     assert not out.exists()
+
+
+def test_another_models_shrunken_source_does_not_stop_this_write(tmp_path: Path):
+    """Only the files this model's deferred weights read are checked."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shrunk = write(chain(), tmp_path / "a")
+    kept = fold_onnx(shrunk, verify=False)
+    os.truncate(shrunk, shrunk.stat().st_size // 2)
+    model = chain()
+    result = fold_onnx(write(model, tmp_path / "b"), verify=False)
+    out = tmp_path / "out.onnx"
+    result.write(out)
+    assert onnx.load(out).SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()
+    with pytest.raises(InputError, match="shrank"):
+        kept.write(tmp_path / "kept.onnx")
+
+
+def test_verification_of_a_fold_whose_source_shrank_is_refused_with_one_line(tmp_path: Path):
+    from bnfold.verify import UnwrittenModel, verify_onnx
+
+    model = chain()
+    path = write(model, tmp_path)
+    result = fold_onnx(path, verify=False)
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(InputError, match="shrank"):
+        verify_onnx(model, UnwrittenModel(result._model, result.base_dir, result._held))
