@@ -105,22 +105,23 @@ from bnfold.report import render_table
 @dataclass(frozen=True, eq=False)  # arrays have no truth value to compare by
 class UnwrittenModel:
     """A model as a fold leaves it, not written to any file: its external tensors are in the files it was read
-    from, under ``base_dir``, and the values in ``held`` are numpy arrays beside ``proto`` (see
-    :data:`~bnfold.onnx_front.external.HeldTensors`). onnxruntime takes every weight where it is, so
-    verifying such a model neither writes nor copies one."""
+    from, under ``base_dir``, and the values in ``held`` are beside ``proto``: arrays, or deferred products
+    computed when a session needs them (see :data:`~bnfold.onnx_front.external.HeldTensors`). onnxruntime takes
+    every weight where it is, so verifying such a model neither writes nor copies one."""
 
     proto: ModelProto
     base_dir: Path | None = None
     held: HeldTensors = field(default_factory=dict)
-    # The held values as arrays (a deferred product computed once), for onnxruntime to compute with in place:
-    # they must live as long as the model, which outlives its sessions.
-    _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def held_array(self, name: str) -> np.ndarray:
-        if name not in self._arrays:
-            check_sources_intact([self.held[name]])
-            self._arrays[name] = held_array(self.held[name])
-        return self._arrays[name]
+        """A held value as an array for onnxruntime to compute with in place. A deferred product is computed
+        once and replaces itself in ``held``: the array must live as long as the model (which outlives its
+        sessions), and the fold's result then writes it without computing it again."""
+        value = self.held[name]
+        if not isinstance(value, np.ndarray):
+            check_sources_intact([value])
+            value = self.held[name] = held_array(value)
+        return value
 
 
 ModelSource = ModelProto | UnwrittenModel | str | os.PathLike[str]

@@ -151,3 +151,23 @@ def test_verification_of_a_fold_whose_source_shrank_is_refused_with_one_line(tmp
     os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(InputError, match="shrank"):
         verify_onnx(model, UnwrittenModel(result._model, result.base_dir, result._held))
+
+
+def test_a_verified_fold_computes_each_deferred_weight_once(tmp_path: Path, monkeypatch):
+    """Verification needs the folded weights as arrays; the write then takes those arrays, not the products."""
+    computed: list[tuple[int, ...]] = []
+    as_array = RoundedProduct.__array__
+
+    def counted(self, *args, **kwargs):
+        computed.append(self.shape)
+        return as_array(self, *args, **kwargs)
+
+    monkeypatch.setattr(RoundedProduct, "__array__", counted)
+    monkeypatch.setattr(RoundedProduct, "blocks", lambda self: pytest.fail("a verified weight was computed again"))
+    model = chain()
+    result = fold_onnx(write(model, tmp_path), verify=True)
+    assert result.report.verification.passed
+    assert len(computed) == 2
+    out = tmp_path / "out.onnx"
+    result.write(out)
+    assert onnx.load(out).SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()
