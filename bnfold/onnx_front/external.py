@@ -280,10 +280,12 @@ def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
 
 # Tensors this large are mapped rather than read; smaller ones are cheaper to copy than to map.
 MAP_MIN_BYTES = 256 << 10
-# The files mapped now, by (device, inode, size) at mapping time, each to its mapping: weakly, as a mapping lives
-# as long as some array views it. Beside each mapping, a descriptor of its own (closed with it) and its size.
+# The files mapped now, by (device, inode, size) at mapping time, each to its mapping (weakly: a mapping lives as
+# long as some array views it), and each mapping's length. A mapping keeps a descriptor of its file open, and a
+# model may keep every tensor in a file of its own: past this many mapped files, tensors are read instead.
+MAX_MAPPED_FILES = 256
 _MAPPINGS: dict[tuple[int, int, int], weakref.ref[mmap.mmap]] = {}
-_MAPPED_FILES: weakref.WeakKeyDictionary[mmap.mmap, tuple[int, int]] = weakref.WeakKeyDictionary()
+_MAPPED_LENGTHS: weakref.WeakKeyDictionary[mmap.mmap, int] = weakref.WeakKeyDictionary()
 
 
 def _mapped(path: Path) -> mmap.mmap | None:
@@ -297,26 +299,21 @@ def _mapped(path: Path) -> mmap.mmap | None:
     mapping = reference() if reference is not None else None
     if mapping is not None:
         return mapping
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
+    if len(_MAPPED_LENGTHS) >= MAX_MAPPED_FILES:
         return None
     try:
-        mapping = mmap.mmap(descriptor, status.st_size, access=mmap.ACCESS_READ)
+        with open(path, "rb") as handle:
+            mapping = mmap.mmap(handle.fileno(), status.st_size, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
-        os.close(descriptor)
         return None
-    _MAPPINGS[key] = weakref.ref(mapping)
-    _MAPPED_FILES[mapping] = (descriptor, status.st_size)
-    weakref.finalize(mapping, _unmapped, key, descriptor)
+
+    def forget(dead: weakref.ref[mmap.mmap]) -> None:
+        if _MAPPINGS.get(key) is dead:
+            del _MAPPINGS[key]
+
+    _MAPPINGS[key] = weakref.ref(mapping, forget)
+    _MAPPED_LENGTHS[mapping] = status.st_size
     return mapping
-
-
-def _unmapped(key: tuple[int, int, int], descriptor: int) -> None:
-    reference = _MAPPINGS.get(key)
-    if reference is not None and reference() is None:
-        del _MAPPINGS[key]
-    os.close(descriptor)
 
 
 def check_sources_intact(values: Iterable[HeldValue]) -> None:
@@ -325,10 +322,7 @@ def check_sources_intact(values: Iterable[HeldValue]) -> None:
     raising."""
     for value in values:
         mapping = _mapping_of(value if isinstance(value, np.ndarray) else value.weight)
-        if mapping is None or mapping not in _MAPPED_FILES:
-            continue
-        descriptor, size = _MAPPED_FILES[mapping]
-        if os.fstat(descriptor).st_size < size:
+        if isinstance(mapping, mmap.mmap) and mapping in _MAPPED_LENGTHS and mapping.size() < _MAPPED_LENGTHS[mapping]:
             raise InputError("an input file shrank while the model was being folded; nothing was written")
 
 

@@ -5,6 +5,7 @@ line, never crash it."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from onnx import numpy_helper
 from bnfold import fold_onnx, write_model
 from bnfold.affine import RoundedProduct
 from bnfold.errors import InputError
+from bnfold.onnx_front import external
 from bnfold.onnx_front.external import MAP_MIN_BYTES
 from bnfold.onnx_front.io import LAZY_MIN_BYTES
 
@@ -171,3 +173,19 @@ def test_a_verified_fold_computes_each_deferred_weight_once(tmp_path: Path, monk
     out = tmp_path / "out.onnx"
     result.write(out)
     assert onnx.load(out).SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()
+
+
+def test_a_model_with_a_file_per_tensor_maps_no_more_files_than_the_cap(tmp_path: Path, monkeypatch):
+    """Each mapping keeps a descriptor open; with every tensor in a file of its own (as some exporters write
+    large models), mapping them all could run out of descriptors. Past the cap, tensors are read instead."""
+    gc.collect()  # other tests' mappings
+    monkeypatch.setattr(external, "MAX_MAPPED_FILES", len(external._MAPPED_LENGTHS) + 1)
+    model = chain()
+    onnx.save(chain(), tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=MAP_MIN_BYTES)
+    assert len(list(tmp_path.iterdir())) == 3, "each conv weight in a file of its own"
+    result = fold_onnx(tmp_path / "model.onnx", verify=False)
+    assert len(external._MAPPED_LENGTHS) <= external.MAX_MAPPED_FILES
+    deferred = [name for name, value in result._held.items() if isinstance(value, RoundedProduct)]
+    assert len(deferred) == 1, "the mapped weight is deferred, the one read is folded at once"
+    assert result.model.SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()
