@@ -26,7 +26,7 @@ from onnx import ModelProto
 
 from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError
-from bnfold.onnx_front.external import HeldTensors, is_external, model_tensors, payload_bytes
+from bnfold.onnx_front.external import HELD_MIN_BYTES, HeldTensors, is_external, model_tensors, payload_bytes
 from bnfold.onnx_front.wire import copy_fields
 from bnfold.report import BnRecord
 
@@ -34,8 +34,9 @@ GUARD_REJECTED = "guard_rejected"
 # Domain, operator, input and output element types: what onnxruntime chooses a kernel by.
 Signature = tuple[str, str, frozenset[int], frozenset[int]]
 # Initializers this large are weights, which the checks need only the type and shape of; smaller ones may
-# be shapes or axes whose values shape inference reads.
-LARGE_TENSOR_BYTES = 1024
+# be shapes or axes whose values shape inference reads. Held values are never smaller: their tensors have no
+# data in the proto, and the checker would refuse one left in the skeleton.
+LARGE_TENSOR_BYTES = HELD_MIN_BYTES
 
 # A fold site: (scope, node label), as BnRecord has them.
 SiteKey = tuple[str, str]
