@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from onnx import TensorProto, numpy_helper
 
-from bnfold import affine, fold_onnx
+from bnfold import affine, fold_onnx, guard
 from bnfold.affine import RoundedProduct
 from bnfold.errors import InputError
 from bnfold.onnx_front import external
@@ -72,6 +72,8 @@ def test_random_graphs_fold_from_a_file_as_from_memory(case, tmp_path_factory, m
     monkeypatch.setattr(external, "MAP_MIN_BYTES", 1)
     monkeypatch.setattr(RoundedProduct, "BLOCK_BYTES", 64)
     monkeypatch.setattr(RoundedProduct, "MIN_BYTES", 0)
+    monkeypatch.setattr(external, "HELD_MIN_BYTES", 1)  # every folded weight held, so deferred ones are streamed
+    monkeypatch.setattr(guard, "LARGE_TENSOR_BYTES", 1)
     path = tmp_path_factory.mktemp("lazy") / "model.onnx"
     path.write_bytes(case.model.SerializeToString())
     try:
