@@ -27,7 +27,7 @@ from onnx import ModelProto
 from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front.external import HELD_MIN_BYTES, HeldTensors, is_external, model_tensors, payload_bytes
-from bnfold.onnx_front.wire import copy_fields
+from bnfold.onnx_front.wire import without_initializers
 from bnfold.report import BnRecord
 
 GUARD_REJECTED = "guard_rejected"
@@ -109,7 +109,7 @@ def weightless(model: ModelProto) -> ModelProto | None:
     """``model`` with each main-graph initializer of ``LARGE_TENSOR_BYTES`` or more (or kept on disk)
     replaced by a graph input of its type and shape; None if tensors on disk remain elsewhere."""
     skeleton = ModelProto()
-    skeleton.CopyFrom(_without_initializers(model))
+    skeleton.CopyFrom(without_initializers(model))
     declared = {value.name for value in model.graph.input}
     for tensor in model.graph.initializer:
         if not is_external(tensor) and (payload_bytes(tensor) or 0) < LARGE_TENSOR_BYTES:
@@ -120,13 +120,6 @@ def weightless(model: ModelProto) -> ModelProto | None:
     if any(is_external(tensor) for tensor in model_tensors(skeleton)):
         return None
     return skeleton
-
-
-def _without_initializers(model: ModelProto) -> ModelProto:
-    shell = ModelProto()
-    copy_fields(model, shell, skip={"graph"})
-    copy_fields(model.graph, shell.graph, skip={"initializer"})
-    return shell
 
 
 def kernel_signatures(inferred: ModelProto) -> set[Signature]:

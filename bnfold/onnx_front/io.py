@@ -10,6 +10,7 @@ so a model over 2 GB never needs to be in memory.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -37,7 +38,7 @@ from bnfold.onnx_front.external import (
     read_external,
     write_held,
 )
-from bnfold.onnx_front.wire import WireError, copy_fields, read_skeleton, write_inline
+from bnfold.onnx_front.wire import WireError, copy_fields, read_skeleton, without_initializers, write_inline
 
 # Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
 PROTOBUF_LIMIT = 2**31 - 2**24
@@ -255,7 +256,11 @@ def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: Held
     """Write the whole model to ``path`` as one protobuf message, streaming the main graph's tensors; False,
     having written nothing, if it would be 2 GiB or more, which protobuf refuses to read (this happens when
     the graph itself weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
-    rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
+    attached = itertools.islice(model_tensors(model), len(model.graph.initializer), None)
+    if any(is_external(tensor) for tensor in attached):  # in subgraphs, attributes, functions: inlined
+        rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
+    else:  # nothing to inline, so protobuf copies the nodes itself, not one by one in Python
+        rest = without_initializers(model)
     with open(path, "wb") as handle:
         return write_inline(model, rest, handle, base_dir, held, limit=2**31 - 1)
 

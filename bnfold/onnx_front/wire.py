@@ -165,6 +165,14 @@ def copy_fields(source: Message, target: Message, skip: set[str], *, unknown: bo
             target.MergeFromString(encoded)
 
 
+def without_initializers(model: ModelProto) -> ModelProto:
+    """``model`` without its main graph's initializers; everything else copied whole, by protobuf itself."""
+    shell = ModelProto()
+    copy_fields(model, shell, skip={"graph"})
+    copy_fields(model.graph, shell.graph, skip={"initializer"})
+    return shell
+
+
 def _encode_unknown(fields: unknown_fields.UnknownFieldSet) -> bytes:
     out = bytearray()
     for field in fields:
@@ -283,4 +291,4 @@ def write_inline(model: ModelProto, rest: ModelProto, out: BinaryIO, base_dir: P
     return True
 
 
-__all__ = ["DecodeError", "WireError", "copy_fields", "read_skeleton", "write_inline"]
+__all__ = ["DecodeError", "WireError", "copy_fields", "read_skeleton", "without_initializers", "write_inline"]

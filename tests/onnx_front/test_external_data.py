@@ -20,7 +20,7 @@ from bnfold import fold_onnx, write_model
 from bnfold.cli import main
 from bnfold.onnx_front import graph as graph_module
 from bnfold.onnx_front.external import external_ref, is_external, model_tensors
-from bnfold.onnx_front.io import ALIGNMENT, PROTOBUF_LIMIT
+from bnfold.onnx_front.io import ALIGNMENT, PROTOBUF_LIMIT, read_model
 
 DOMAIN = "custom"
 
@@ -275,3 +275,16 @@ def test_held_weights_reach_the_checker_of_a_model_staged_for_its_subgraph_tenso
     folded_w1 = next(t for t in result.model.graph.initializer if t.name == "W1")
     staged_w1 = next(t for t in staged.graph.initializer if t.name == "W1")
     np.testing.assert_array_equal(numpy_helper.to_array(staged_w1), numpy_helper.to_array(folded_w1))
+
+
+def test_a_model_kept_on_disk_is_written_as_one_file_with_its_subgraph_and_function_tensors(source: Path,
+                                                                                           tmp_path: Path):
+    """``write_model`` of a model read without its external data: the tensors in the If branches and the
+    function travel into the one output file too, not as references to a data file the output does not have."""
+    model = read_model(source, load_external_data=False)
+    assert any(is_external(t) for t in model_tensors(model) if t not in model.graph.initializer)
+    target = tmp_path / "out" / "copy.onnx"
+    target.parent.mkdir()
+    write_model(model, target, base_dir=source.parent)
+    assert os.listdir(target.parent) == ["copy.onnx"] and not external_tensors(target)
+    assert_same_outputs(source, target)
