@@ -108,8 +108,7 @@ class FoldedModelCheck:
 def weightless(model: ModelProto) -> ModelProto | None:
     """``model`` with each main-graph initializer of ``LARGE_TENSOR_BYTES`` or more (or kept on disk)
     replaced by a graph input of its type and shape; None if tensors on disk remain elsewhere."""
-    skeleton = ModelProto()
-    skeleton.CopyFrom(without_initializers(model))
+    skeleton = without_initializers(model)
     declared = {value.name for value in model.graph.input}
     for tensor in model.graph.initializer:
         if not is_external(tensor) and (payload_bytes(tensor) or 0) < LARGE_TENSOR_BYTES:

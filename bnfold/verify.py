@@ -91,7 +91,6 @@ from onnx.reference.ops.op_conv_transpose import ConvTranspose as ReferenceConvT
 from bnfold.errors import InputError
 from bnfold.onnx_front.external import (
     HeldTensors,
-    check_sources_intact,
     held_array,
     held_value,
     is_external,
@@ -119,7 +118,6 @@ class UnwrittenModel:
         sessions), and the fold's result then writes it without computing it again."""
         value = self.held[name]
         if not isinstance(value, np.ndarray):
-            check_sources_intact([value])
             value = self.held[name] = held_array(value)
         return value
 

@@ -102,8 +102,11 @@ def holdable(value: HeldValue, held: HeldTensors | None) -> bool:
 
 
 def held_array(value: HeldValue) -> np.ndarray:
-    """A held value as one array (a deferred product computed now)."""
-    return value if isinstance(value, np.ndarray) else np.asarray(value)
+    """A held value as one array (a deferred product computed now, once its source is checked)."""
+    if isinstance(value, np.ndarray):
+        return value
+    check_sources_intact([value])
+    return np.asarray(value)
 
 
 def write_held(value: HeldValue, out: BinaryIO) -> None:

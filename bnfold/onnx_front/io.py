@@ -119,7 +119,6 @@ def _checked(model: ModelProto, source: Path, load_external_data: bool) -> Model
 def inline_main_tensors(model: ModelProto, source: Path | None, held: HeldTensors) -> None:
     """Bring into ``model`` the main-graph tensors :func:`read_model_lazy` left in ``source`` itself and the
     values a fold held outside it."""
-    check_sources_intact(held.values())
     for tensor in model.graph.initializer:
         value = held_value(tensor, held)
         if value is not None:
