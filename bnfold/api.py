@@ -24,6 +24,7 @@ from bnfold.onnx_front.io import (
     tensor_bytes,
     write_model,
 )
+from bnfold.onnx_front.types import infer_types
 from bnfold.patterns import ALL_PATTERNS, OPT_IN_PATTERNS, PATTERN_NAMES, STANDALONE_MODES, STANDALONE_PATTERNS
 from bnfold.report import BnRecord, FoldReport
 
@@ -153,7 +154,8 @@ def fold_onnx(
 
     # The values the latest attempt held outside its model; the model the guard settles on is the latest.
     latest_held: HeldTensors = {}
-    check = FoldedModelCheck(folded, base_dir, latest_held)
+    types = infer_types(folded)  # every attempt folds the same model: one inference serves them and the guard
+    check = FoldedModelCheck(folded, types, lambda: _editable(model)[0], base_dir, latest_held)
 
     def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
         working = unfolded.pop() if unfolded else _editable(model)[0]
@@ -163,7 +165,7 @@ def fold_onnx(
         try:
             records = fold_model(working, guarded(ALL_PATTERNS, rejected, events), enabled,
                                  allow_overridable=allow_overridable, progress=progress, base_dir=base_dir,
-                                 held=latest_held)
+                                 held=latest_held, types=types)
         except BnfoldError:
             raise
         except Exception as error:

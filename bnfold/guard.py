@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import ModelProto
+from onnx import GraphProto, ModelProto
 
 from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front.external import HELD_MIN_BYTES, HeldTensors, is_external, model_tensors, payload_bytes
+from bnfold.onnx_front.graph import subgraphs
+from bnfold.onnx_front.types import ValueType
 from bnfold.onnx_front.wire import without_initializers
 from bnfold.report import BnRecord
 
@@ -59,11 +61,16 @@ class FoldedModelCheck:
     graph's initializers is staged in a file for the checker, without the onnxruntime load (verification
     loads it anyway)."""
 
-    def __init__(self, original: ModelProto, base_dir: Path | None, held: HeldTensors) -> None:
-        """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``);
-        ``held`` the values each candidate keeps outside its proto (see ``external.HeldTensors``)."""
-        self._original_skeleton = weightless(original)
-        self._original_signatures: set[Signature] | None = None
+    def __init__(self, original: ModelProto, original_types: Mapping[str, ValueType],
+                 reread_original: Callable[[], ModelProto], base_dir: Path | None, held: HeldTensors) -> None:
+        """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``),
+        ``original_types`` the types of its values (``types.infer_types``, which the fold runs anyway), and
+        ``reread_original`` reads it again: the first fold edits ``original`` itself, and onnxruntime needs
+        the original only in the rare case a candidate it cannot load has a new kind of node. ``held`` are
+        the values each candidate keeps outside its proto (see ``external.HeldTensors``)."""
+        elem_types = {name: value_type.elem_type for name, value_type in original_types.items()}
+        self._original_signatures = kernel_signatures(original.graph, elem_types)
+        self._reread_original = reread_original
         self._original_loads: bool | None = None
         self._base_dir = base_dir
         self._held = held
@@ -80,18 +87,15 @@ class FoldedModelCheck:
             inferred = onnx.shape_inference.infer_shapes(serialized, check_type=True, strict_mode=True)
         except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
             return f"fails onnx.checker ({_first_line(error)})"
-        original = self._original_skeleton
-        if original is None:
-            return None
-        if self._original_signatures is None:
-            self._original_signatures = kernel_signatures(onnx.shape_inference.infer_shapes(original))
-        if kernel_signatures(inferred) <= self._original_signatures:
+        if kernel_signatures(inferred.graph, inferred_elem_types(inferred)) <= self._original_signatures:
             return None
         failure = _ort_load_failure(serialized)
         if failure is None:
             return None
         if self._original_loads is None:
-            self._original_loads = _ort_load_failure(original.SerializeToString()) is None
+            original = weightless(self._reread_original())
+            # An original that cannot be loaded without its data files proves nothing against the fold.
+            self._original_loads = original is not None and _ort_load_failure(original.SerializeToString()) is None
         return f"onnxruntime cannot load ({failure})" if self._original_loads else None
 
     def _check_staged(self, candidate: ModelProto) -> str | None:
@@ -121,25 +125,38 @@ def weightless(model: ModelProto) -> ModelProto | None:
     return skeleton
 
 
-def kernel_signatures(inferred: ModelProto) -> set[Signature]:
-    """What onnxruntime picks a kernel by, for every node of every graph of a model shape inference has run
-    on: domain, operator, and the element types of its inputs and outputs (0 where inference cannot tell)."""
+def kernel_signatures(graph: GraphProto, elem_types: Mapping[str, int]) -> set[Signature]:
+    """What onnxruntime picks a kernel by, for every node of ``graph`` and its subgraphs: domain, operator,
+    and the element types of its inputs and outputs (``elem_types``; 0 where inference could not tell)."""
     signatures: set[Signature] = set()
 
-    def visit(graph: onnx.GraphProto, outer: dict[str, int]) -> None:
-        types = dict(outer)
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            types[value.name] = value.type.tensor_type.elem_type
-        types.update((tensor.name, tensor.data_type) for tensor in graph.initializer)
+    def visit(graph: GraphProto) -> None:
         for node in graph.node:
-            signatures.add((node.domain, node.op_type, frozenset(types.get(name, 0) for name in node.input if name),
-                            frozenset(types.get(name, 0) for name in node.output if name)))
-            for attribute in node.attribute:
-                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                    visit(subgraph, types)
+            inputs = frozenset(elem_types.get(name, 0) for name in node.input if name)
+            signatures.add((node.domain, node.op_type, inputs,
+                            frozenset(elem_types.get(name, 0) for name in node.output if name)))
+            for subgraph in subgraphs(node):
+                visit(subgraph)
 
-    visit(inferred.graph, {})
+    visit(graph)
     return signatures
+
+
+def inferred_elem_types(inferred: ModelProto) -> dict[str, int]:
+    """The element type of every value a model shape inference has run on declares, in any of its graphs
+    (value names are unique model-wide)."""
+    elem_types: dict[str, int] = {}
+
+    def visit(graph: GraphProto) -> None:
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            elem_types[value.name] = value.type.tensor_type.elem_type
+        elem_types.update((tensor.name, tensor.data_type) for tensor in graph.initializer)
+        for node in graph.node:
+            for subgraph in subgraphs(node):
+                visit(subgraph)
+
+    visit(inferred.graph)
+    return elem_types
 
 
 def _ort_load_failure(model: bytes) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -12,6 +12,7 @@ from bnfold.onnx_front.external import HeldTensors, payload_bytes
 from bnfold.onnx_front.graph import GraphIndex, subgraphs
 from bnfold.onnx_front.rewrite import fold_node, is_batchnorm
 from bnfold.onnx_front.traversal import fold_all_graphs
+from bnfold.onnx_front.types import ValueType
 from bnfold.patterns import OPT_IN_PATTERNS
 from bnfold.patterns.base import AFFINE_CHAIN, Pattern
 from bnfold.patterns.runs import is_link
@@ -29,18 +30,21 @@ def fold_model(
     progress: Progress | None = None,
     base_dir: Path | None = None,
     held: HeldTensors | None = None,
+    types: Mapping[str, ValueType] | None = None,
 ) -> list[BnRecord]:
     """Fold ``model`` in place: its main graph, every subgraph and every model-local function (see
     :mod:`bnfold.onnx_front.traversal`). One record per batch norm; those of subgraphs and functions carry
     their ``scope``. ``base_dir`` is the directory a lazily read model's external tensors are in; values the
-    fold writes into the main graph go to ``held`` if given (see ``external.HeldTensors``)."""
+    fold writes into the main graph go to ``held`` if given (see ``external.HeldTensors``). ``types`` are
+    ``types.infer_types(model)``, if the caller has them."""
     chosen = set(enabled)
     overall = _OverallProgress(progress, model_totals(model)[0]) if progress is not None else None
 
     def fold_one(index: GraphIndex) -> list[BnRecord]:
         return fold_graph(index, patterns, chosen, overall.graph() if overall is not None else None)
 
-    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir, held=held)
+    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir, held=held,
+                           types=types)
 
 
 class _OverallProgress:

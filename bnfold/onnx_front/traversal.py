@@ -9,7 +9,7 @@ subgraph's ``scope`` is the path to it, e.g. ``If_0/then_branch`` or ``Loop_1/bo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto
@@ -33,11 +33,12 @@ FoldOne = Callable[[GraphIndex], list[BnRecord]]
 
 def fold_all_graphs(
     model: ModelProto, fold_one: FoldOne, *, allow_overridable: bool, base_dir: Path | None,
-    held: HeldTensors | None = None,
+    held: HeldTensors | None = None, types: Mapping[str, ValueType] | None = None,
 ) -> list[BnRecord]:
     """Apply ``fold_one`` to every graph of ``model`` (in place) and commit; the records of all of them.
-    Values written into the main graph go to ``held`` if given (see ``external.HeldTensors``)."""
-    types = infer_types(model)
+    Values written into the main graph go to ``held`` if given (see ``external.HeldTensors``); ``types`` are
+    ``infer_types(model)`` if the caller has them already."""
+    types = dict(types) if types is not None else infer_types(model)  # a copy: the fold records renames in it
     index = GraphIndex(model.graph, types, NameAllocator([model.graph]), opset=opset_version(model),
                        allow_overridable=allow_overridable, base_dir=base_dir, held=held)
     records = fold_tree(index, fold_one)

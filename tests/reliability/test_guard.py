@@ -89,9 +89,9 @@ def test_a_model_onnxruntime_cannot_load_is_repaired_too(monkeypatch):
     a bug onnx's checker misses)."""
     real_signatures = bnfold.guard.kernel_signatures
 
-    def signatures(model):
-        new = {("test", "NewKernel", frozenset(), frozenset())} if b"conv2.bias" in model.SerializeToString() else set()
-        return real_signatures(model) | new
+    def signatures(graph, elem_types):
+        new = {("test", "NewKernel", frozenset(), frozenset())} if b"conv2.bias" in graph.SerializeToString() else set()
+        return real_signatures(graph, elem_types) | new
 
     def load_failure(source):
         return "no kernel (injected)" if isinstance(source, bytes) and b"conv2.bias" in source else None
