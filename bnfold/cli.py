@@ -79,8 +79,9 @@ def _warn_guarded(report: FoldReport) -> None:
             click.echo(f"bnfold: warning: {where}: {record.message}", err=True)
 
 
-def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(payload, indent=2, default=float) if as_json else text)
+def _emit(as_json: bool, payload: Callable[[], dict[str, Any]], text: Callable[[], str]) -> None:
+    """Print the JSON payload or the text; only the one printed is built (a report's dict is not free)."""
+    click.echo(json.dumps(payload(), indent=2, default=float) if as_json else text())
 
 
 def _is_torch_file(path: Path) -> bool:
@@ -220,9 +221,9 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
         written = result.write(target, external_data=external_data,
                                external_threshold=external_threshold) if verified_ok else []
     passed = report.verification is None or report.verification.passed
-    payload = {"input": str(source), "output": str(target), "written": [str(p) for p in written], **report.to_dict()}
     note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification failed)"
-    _emit(as_json, payload, report.render() + note)
+    _emit(as_json, lambda: {"input": str(source), "output": str(target), "written": [str(p) for p in written],
+                            **report.to_dict()}, lambda: report.render() + note)
     sys.exit(EXIT_OK if passed else EXIT_NOT_EQUIVALENT)
 
 
@@ -238,7 +239,7 @@ def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], standalone
     """Show what would fold in MODEL and why each other batch norm stays. Writes nothing."""
     report = inspect_onnx(model, only=only, skip=skip, standalone=standalone, allow_overridable=allow_overridable)
     _warn_guarded(report)
-    _emit(as_json, {"input": model, **report.to_dict()}, report.render())
+    _emit(as_json, lambda: {"input": model, **report.to_dict()}, report.render)
 
 
 @main.command()
@@ -258,5 +259,5 @@ def verify(original: str, candidate: str, inputs: str | None, input_shapes: tupl
 
     report = verify_onnx(original, candidate, inputs=inputs, input_shapes=shapes, iterations=iterations,
                          seed=seed, rtol=rtol, atol=atol, progress=_progress(not as_json))
-    _emit(as_json, report.to_dict(), report.render())
+    _emit(as_json, report.to_dict, report.render)
     sys.exit(EXIT_OK if report.passed else EXIT_NOT_EQUIVALENT)
