@@ -46,9 +46,10 @@ def measure_model(model: BuiltModel, tools: tuple[Tool, ...], repeats: int, out_
     left in ``out_root/<model>/<tool>/`` for later sections; the caller removes them."""
     rows: dict[str, dict[str, Any]] = {}
     for tool in tools:
-        missing = tool.missing()
+        missing, cannot = tool.missing(), tool.cannot_fold(model.bytes)
         rows[tool.name] = {"tool": tool.name, "label": tool.label, "runs": [],
-                           **({"verdict": VERDICT_SKIPPED, "detail": missing} if missing else {})}
+                           **({"verdict": VERDICT_SKIPPED, "detail": missing} if missing else {}),
+                           **({"verdict": VERDICT_FAILED, "detail": cannot} if cannot and not missing else {})}
     for _ in range(repeats):
         for tool in tools:
             row = rows[tool.name]
