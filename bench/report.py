@@ -71,6 +71,13 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _split(row: dict[str, Any]) -> str:
+    wall, imports, work = row["wall_seconds"], row.get("import_seconds"), row.get("work_seconds")
+    if imports is None or work is None:
+        return f"{_seconds(wall)} s"
+    return f"{_seconds(wall)} s = {_seconds(imports)} + {_seconds(work)} + {_seconds(wall - imports - work)}"
+
+
 def _mb(count: float) -> str:
     return f"{count / 1e6:.1f}" if count < 1e9 else f"{count / 1e6:.0f}"
 
@@ -181,16 +188,23 @@ def _goal_summary(results: dict[str, Any]) -> list[str]:
     lines = []
     if results["scale"]:
         faster: dict[str, list[str]] = {}
+        splits = []
         for entry in results["scale"]:
             bnfold = _row(entry, "bnfold")
-            for row in entry["tools"]:
-                if row["tool"] in ("floor", "bnfold") or "wall_seconds" not in row or "wall_seconds" not in bnfold:
-                    continue
-                if row["wall_seconds"] < bnfold["wall_seconds"]:
-                    faster.setdefault(row["label"], []).append(_mb(entry["model"]["bytes"]))
+            quicker = [row for row in entry["tools"] if row["tool"] not in ("floor", "bnfold")
+                       and "wall_seconds" in row and "wall_seconds" in bnfold
+                       and row["wall_seconds"] < bnfold["wall_seconds"]]
+            for row in quicker:
+                faster.setdefault(row["label"], []).append(_mb(entry["model"]["bytes"]))
+            if quicker:
+                fastest = min(quicker, key=lambda row: row["wall_seconds"])
+                splits.append(f"at {_mb(entry['model']['bytes'])} MB bnfold {_split(bnfold)}, "
+                              f"{fastest['label']} {_split(fastest)}")
         beaten = "; ".join(f"{label} at {', '.join(sizes)} MB" for label, sizes in faster.items())
+        where = (" Where the time goes (median wall = imports + work + the rest: interpreter start-up and exit): "
+                 + "; ".join(splits) + ".") if splits else ""
         lines.append("- **Faster than every anchor at every size** (scale curve, whole-command wall time): "
-                     + (_goal(True) if not faster else f"{_goal(False)}; faster than bnfold: {beaten}."))
+                     + (_goal(True) if not faster else f"{_goal(False)}; faster than bnfold: {beaten}.{where}"))
     if results["latency"]:
         measured = [(entry, threads) for entry in results["latency"] for threads in _measured(entry)]
         contended = sum(_contended(threads) for _, threads in measured)
