@@ -2,25 +2,30 @@
 
 Inference runs on a skeleton of the model: large initializers and ``Constant`` tensors, of the main graph
 and of every subgraph, are replaced by main-graph inputs of the same type and shape, so the weights are never
-copied or serialized just to learn ranks and dtypes. Subgraph values (``If`` branches, ``Loop``/``Scan``
-bodies) get their types from the same run.
+copied or serialized just to learn ranks and dtypes. A model with little tensor data in its proto (one read
+lazily, whose weights are still in the file, or a small one) is inferred as it is: serializing it costs less
+than building the skeleton. Subgraph values (``If`` branches, ``Loop``/``Scan`` bodies) get their types from
+the same run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto
+
+from bnfold.onnx_front.external import is_external, model_tensors, payload_bytes
 
 # Initializers at most this many elements stay in the skeleton: shape inference needs the values of
 # small integer tensors such as Reshape targets, never those of weights. (So the lazy reader never leaves
 # them in the file.)
 KEPT_ELEMENTS = 64
+# Tensor bytes in the proto from which inference runs on a skeleton instead of the model itself.
+SKELETON_FROM_BYTES = 8 << 20
 
 
-@dataclass(frozen=True)
-class ValueType:
+class ValueType(NamedTuple):  # a tuple, not a dataclass: a model has thousands of values, made on every fold
     elem_type: int
     shape: tuple[int | None, ...] | None  # None: rank unknown; None entries: dynamic dims
 
@@ -134,13 +139,25 @@ def _collect(graph: GraphProto, types: dict[str, ValueType]) -> None:
                     _collect(subgraph, types)
 
 
+def _needs_skeleton(model: ModelProto) -> bool:
+    """Whether inference should run on a skeleton: the model holds much tensor data, or a small tensor on disk
+    (the skeleton declares those as inputs; onnx's inference would fail on its missing value instead)."""
+    held = 0
+    for tensor in model_tensors(model):
+        size = payload_bytes(tensor)
+        if size is None or (is_external(tensor) and _element_count(tensor) <= KEPT_ELEMENTS):
+            return True
+        held += 0 if is_external(tensor) else size
+    return held >= SKELETON_FROM_BYTES
+
+
 def infer_types(model: ModelProto) -> dict[str, ValueType]:
     """Map every value name (all graphs, including subgraphs) to its element type and static shape."""
-    skeleton = _skeleton(model)
+    source = _skeleton(model) if _needs_skeleton(model) else model
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(source, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is advisory; what the model declares still counts
-        inferred = skeleton
+        inferred = source
     types: dict[str, ValueType] = {}
     _collect(inferred.graph, types)
     # Real initializer dims win over anything inferred for the stand-in inputs.
