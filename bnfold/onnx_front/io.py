@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
 
@@ -150,15 +151,26 @@ def check_supported(model: ModelProto) -> None:
 def _non_utf8_text(message: Message) -> str | None:
     """The first string field in ``message`` or the messages inside it that is not valid UTF-8, by name."""
     for field, value in message.ListFields():  # set fields only: a model has thousands of messages
-        if field.type == field.TYPE_STRING:
-            if any(isinstance(text, bytes) for text in (value if field.is_repeated else [value])):
+        is_text, is_message, repeated = _FIELD_KINDS.get(field) or _field_kind(field)
+        if is_text:
+            if (bytes in map(type, value)) if repeated else type(value) is bytes:
                 return field.full_name
-        elif field.type == field.TYPE_MESSAGE:
-            for child in value if field.is_repeated else [value]:
+        elif is_message:
+            for child in value if repeated else (value,):
                 found = _non_utf8_text(child)
                 if found is not None:
                     return found
     return None
+
+
+# Per field descriptor: (string, message, repeated); the walk asks for every field of every message.
+_FIELD_KINDS: dict[FieldDescriptor, tuple[bool, bool, bool]] = {}
+
+
+def _field_kind(field: FieldDescriptor) -> tuple[bool, bool, bool]:
+    kind = (field.type == field.TYPE_STRING, field.type == field.TYPE_MESSAGE, field.is_repeated)
+    _FIELD_KINDS[field] = kind
+    return kind
 
 
 def has_external_tensors(model: ModelProto) -> bool:

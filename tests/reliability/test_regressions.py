@@ -98,6 +98,14 @@ def non_utf8_model(tmp_path: Path) -> Path:
     return path
 
 
+def non_utf8_value_name(tmp_path: Path) -> Path:
+    """The invalid text in repeated fields (node inputs and outputs) and in a singular one (the value info)."""
+    model = conv_bn()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"\x12\x04conv", b"\x12\x04\xff\xfe\xfd\xfc"))
+    return path
+
+
 def tensor_of_unknown_type(tmp_path: Path) -> Path:
     model = conv_bn()
     model.graph.initializer[0].data_type = 33
@@ -108,8 +116,9 @@ def tensor_of_unknown_type(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("build", "message"), [
     (non_utf8_model, "not UTF-8"),
+    (non_utf8_value_name, "field onnx.NodeProto.output holds text that is not UTF-8"),
     (tensor_of_unknown_type, "fails onnx.checker: Invalid tensor data type 33"),
-], ids=["text-not-utf8", "checker-value-error"])
+], ids=["text-not-utf8", "repeated-text-not-utf8", "checker-value-error"])
 def test_malformed_models_the_fuzzer_found_are_the_inputs_fault(tmp_path, build, message):
     """Protobuf hands invalid UTF-8 text back as bytes, and onnx's checker raises ValueError (not
     ValidationError) for an unknown tensor type: both ended as 'internal error', exit 3."""
