@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import mmap
 import os
 import stat
@@ -279,6 +280,19 @@ def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     if filled != ref.length:
         raise InputError(f"tensor {tensor.name!r}: its external data file shrank while being read")
     return value
+
+
+def inline_array(tensor: TensorProto) -> np.ndarray:
+    """The value of a tensor kept in the proto: onnx's ``to_array``, without its per-call dtype lookups where the
+    raw data is a plain little-endian array (a fold reads every batch norm's four parameters)."""
+    dtype = _NATIVE_DTYPES.get(tensor.data_type)
+    if dtype is None or not tensor.HasField("raw_data") or tensor.HasField("segment"):
+        return numpy_helper.to_array(tensor)
+    data = tensor.raw_data
+    shape = tuple(tensor.dims)
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        return numpy_helper.to_array(tensor)  # its error names the mismatch
+    return np.frombuffer(data, dtype).reshape(shape)  # read-only, as to_array's
 
 
 # Tensors this large are mapped rather than read; smaller ones are cheaper to copy than to map.

@@ -34,6 +34,7 @@ from bnfold.onnx_front.external import (
     held_value,
     hold,
     holdable,
+    inline_array,
     is_external,
 )
 from bnfold.onnx_front.types import ValueType
@@ -163,7 +164,7 @@ class GraphIndex:
         if value is not None:
             return held_array(value)
         if not is_external(tensor):
-            return numpy_helper.to_array(tensor)
+            return inline_array(tensor)
         if self.base_dir is None:
             raise InputError(f"tensor {tensor.name!r} keeps its data in an external file, but the model's "
                              f"directory is unknown; load the model from its path")

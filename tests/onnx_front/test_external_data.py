@@ -14,12 +14,14 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from graphs import FLOAT, GraphBuilder
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from bnfold import fold_onnx, write_model
 from bnfold.cli import main
 from bnfold.onnx_front import graph as graph_module
-from bnfold.onnx_front.external import external_ref, is_external, model_tensors
+from bnfold.onnx_front.external import external_ref, inline_array, is_external, model_tensors
 from bnfold.onnx_front.io import ALIGNMENT, PROTOBUF_LIMIT, read_model
 
 DOMAIN = "custom"
@@ -288,3 +290,26 @@ def test_a_model_kept_on_disk_is_written_as_one_file_with_its_subgraph_and_funct
     write_model(model, target, base_dir=source.parent)
     assert os.listdir(target.parent) == ["copy.onnx"] and not external_tensors(target)
     assert_same_outputs(source, target)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([np.float32, np.float64, np.float16, np.int8, np.uint8, np.int32, np.int64, np.uint64]),
+       st.lists(st.integers(0, 4), max_size=4), st.booleans(), st.data())
+def test_an_inline_tensor_reads_as_onnx_reads_it(dtype, shape, typed_fields, data):
+    """``inline_array`` is onnx's ``to_array`` for tensors in the proto, raw or in typed fields, whatever the
+    dtype and shape; a raw payload that does not match its dims is refused as onnx refuses it."""
+    value = np.asarray(data.draw(st.lists(st.integers(0, 100), min_size=int(np.prod(shape)),
+                                          max_size=int(np.prod(shape)))), dtype=dtype).reshape(shape)
+    tensor = numpy_helper.from_array(value, "t")
+    if typed_fields:
+        tensor = helper.make_tensor("t", tensor.data_type, shape, value.ravel().tolist())
+    expected = numpy_helper.to_array(tensor)
+    actual = inline_array(tensor)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape and np.array_equal(actual, expected)
+    assert not actual.flags.writeable or typed_fields
+    if not typed_fields:
+        tensor.raw_data += b"\0"
+        with pytest.raises(ValueError):
+            numpy_helper.to_array(tensor)
+        with pytest.raises(ValueError):
+            inline_array(tensor)
