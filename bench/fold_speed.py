@@ -184,6 +184,7 @@ def verify_cost(args: list[str]) -> dict[str, Any]:
     return {
         "fold_total_seconds": total,
         "stages": dict(result.report.seconds),
+        "verify_weights_seconds": verification.seconds.get("weights"),
         "verify_session_seconds": verification.seconds.get("session"),
         "verify_run_seconds": verification.seconds.get("run"),
         "iterations": iterations,
