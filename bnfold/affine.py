@@ -9,6 +9,7 @@ back to the model's dtype exactly once, by :func:`cast_checked`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
@@ -26,13 +27,14 @@ class FoldRefused(Exception):
 
 
 def _as_float64_vector(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` widened to float64; the caller ignores the invalid flag (a signalling NaN raises it as it
+    widens, and is refused later as not finite)."""
     array = np.asarray(values)
     if array.dtype.kind not in "fc" and not str(array.dtype).startswith("bfloat16"):
         raise FoldRefused("unsupported_dtype", f"{name} has non-float dtype {array.dtype}")
     if array.ndim != 1:
         raise FoldRefused("param_shape", f"{name} has shape {array.shape}, expected one value per channel")
-    with np.errstate(invalid="ignore"):  # a signalling NaN raises the flag as it widens; it is refused later
-        return array.astype(np.float64)
+    return array.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -60,37 +62,41 @@ class ChannelAffine:
         epsilon: float,
     ) -> ChannelAffine:
         """The inference-time map of a BN; ``gamma``/``beta`` of ``None`` mean an affine-free BN."""
-        mean64 = _as_float64_vector("running mean", mean)
-        var64 = _as_float64_vector("running variance", var)
-        channels = mean64.shape[0]
-        gamma64 = np.ones(channels) if gamma is None else _as_float64_vector("scale (gamma)", gamma)
-        beta64 = np.zeros(channels) if beta is None else _as_float64_vector("bias (beta)", beta)
+        # One errstate and one finiteness pass for the four vectors: a model has hundreds of batch norms.
+        with np.errstate(invalid="ignore"):
+            mean64 = _as_float64_vector("running mean", mean)
+            var64 = _as_float64_vector("running variance", var)
+            channels = mean64.shape[0]
+            gamma64 = np.ones(channels) if gamma is None else _as_float64_vector("scale (gamma)", gamma)
+            beta64 = np.zeros(channels) if beta is None else _as_float64_vector("bias (beta)", beta)
         lengths = {v.shape[0] for v in (gamma64, beta64, mean64, var64)}
         if len(lengths) != 1:
             raise FoldRefused("param_shape", f"parameter lengths differ: {sorted(lengths)}")
         if channels == 0:
             raise FoldRefused("param_shape", "parameters have zero channels")
-        for name, values in (("gamma", gamma64), ("beta", beta64), ("mean", mean64), ("var", var64)):
-            if not np.all(np.isfinite(values)):
-                raise FoldRefused("non_finite_params", f"{name} contains NaN or infinity")
+        params = {"gamma": gamma64, "beta": beta64, "mean": mean64, "var": var64}
+        if not np.isfinite(np.stack(list(params.values()))).all():
+            name = next(name for name, values in params.items() if not np.isfinite(values).all())
+            raise FoldRefused("non_finite_params", f"{name} contains NaN or infinity")
         eps = float(epsilon)
-        if not np.isfinite(eps):
+        if not math.isfinite(eps):
             raise FoldRefused("non_finite_params", "epsilon is not finite")
         denominator = var64 + eps
-        if np.any(denominator <= 0):
-            bad = int(np.argmax(denominator <= 0))
-            raise FoldRefused("nonpositive_variance", f"var + epsilon <= 0 at channel {bad}")
+        nonpositive = denominator <= 0
+        if nonpositive.any():
+            raise FoldRefused("nonpositive_variance", f"var + epsilon <= 0 at channel {int(np.argmax(nonpositive))}")
         scale = gamma64 / np.sqrt(denominator)
         shift = beta64 - scale * mean64
-        if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
             raise FoldRefused("non_finite_params", "the folded scale or shift is not finite")
         return cls(scale, shift)
 
     @classmethod
     def from_elementwise(cls, op: str, values: np.ndarray, constant_first: bool) -> ChannelAffine:
         """The map of ``x op values`` (or ``values op x``) for ``op`` in Mul, Add, Sub, Div."""
-        vector = _as_float64_vector("constant", values)
-        if not np.all(np.isfinite(vector)):
+        with np.errstate(invalid="ignore"):
+            vector = _as_float64_vector("constant", values)
+        if not np.isfinite(vector).all():
             raise FoldRefused("non_finite_params", f"the {op} constant contains NaN or infinity")
         ones, zeros = np.ones_like(vector), np.zeros_like(vector)
         if op == "Mul":
