@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from types import EllipsisType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,8 +37,7 @@ def _as_float64_vector(name: str, values: np.ndarray) -> np.ndarray:
     return array.astype(np.float64)
 
 
-@dataclass(frozen=True)
-class ChannelAffine:
+class ChannelAffine(NamedTuple):
     """``y[c] = scale[c] * x[c] + shift[c]`` along one channel axis, in float64."""
 
     scale: np.ndarray

@@ -16,9 +16,8 @@ import os
 import stat
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
@@ -152,8 +151,7 @@ def model_tensors(model: ModelProto) -> Iterator[TensorProto]:
                 yield from _attribute_tensors(attribute)
 
 
-@dataclass(frozen=True)
-class ExternalRef:
+class ExternalRef(NamedTuple):
     """A checked byte range of an existing file inside the model's directory."""
 
     path: Path

@@ -5,7 +5,7 @@ any point (including the final cast) leaves the graph as it was."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -26,8 +26,7 @@ FLOAT_TYPES = {
 AFFINE_CHAIN = "affine-chain"
 
 
-@dataclass(frozen=True)
-class Site:
+class Site(NamedTuple):
     """An affine node the driver asks the patterns to fold; ``chains``: Mul/Add/Sub/Div may join its run."""
 
     anchor: NodeProto

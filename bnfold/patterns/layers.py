@@ -3,7 +3,7 @@ space a run next to it lives in, and its bias."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from onnx import NodeProto
@@ -14,8 +14,7 @@ from bnfold.patterns.base import constant, float_dtype
 from bnfold.patterns.runs import ChannelSpace
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(NamedTuple):
     """A linear ``node`` whose channels on one side are ``space``.
 
     ``output`` is the value after the layer: its own output, or that of ``bias_add``, the Add of a

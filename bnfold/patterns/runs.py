@@ -9,7 +9,7 @@ therefore always read *for* a layer, through a :class:`ChannelSpace`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from onnx import NodeProto
@@ -22,8 +22,7 @@ ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
 _SHIFT_OPS = ("Add", "Sub")
 
 
-@dataclass(frozen=True)
-class ChannelSpace:
+class ChannelSpace(NamedTuple):
     """Where a run's channels are: ``axis`` of a rank-``rank`` tensor with ``channels`` entries. Each run
     channel covers ``block`` consecutive channels of the layer (1 unless a reshape merged axes)."""
 
@@ -37,8 +36,7 @@ class ChannelSpace:
         return (self.channels,) + (1,) * (self.rank - 1 - self.axis)
 
 
-@dataclass(frozen=True)
-class AffineRun:
+class AffineRun(NamedTuple):
     """Consecutive affine nodes reading ``input`` and producing ``output``; ``affine`` is their composition."""
 
     nodes: tuple[NodeProto, ...]
