@@ -33,7 +33,8 @@ class BnRecord:
     op_type: str = "BatchNormalization"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a string or None: a plain copy, not asdict's recursive one (a report has a record per BN).
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
