@@ -115,6 +115,11 @@ def write_held(value: HeldValue, out: BinaryIO) -> None:
         out.write(memoryview(block).cast("B"))
 
 
+# Attribute types that hold tensors, directly or in subgraphs (most attributes are numbers, lists or strings).
+_TENSOR_ATTRIBUTES = frozenset({AttributeProto.TENSOR, AttributeProto.TENSORS, AttributeProto.SPARSE_TENSOR,
+                                AttributeProto.SPARSE_TENSORS, AttributeProto.GRAPH, AttributeProto.GRAPHS})
+
+
 def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto]:
     if attribute.type == AttributeProto.TENSOR:
         yield attribute.t
@@ -139,7 +144,8 @@ def graph_tensors(graph: GraphProto) -> Iterator[TensorProto]:
         yield from (sparse.values, sparse.indices)
     for node in graph.node:
         for attribute in node.attribute:
-            yield from _attribute_tensors(attribute)
+            if attribute.type in _TENSOR_ATTRIBUTES:
+                yield from _attribute_tensors(attribute)
 
 
 def model_tensors(model: ModelProto) -> Iterator[TensorProto]:
@@ -148,7 +154,8 @@ def model_tensors(model: ModelProto) -> Iterator[TensorProto]:
     for function in model.functions:
         for node in function.node:
             for attribute in node.attribute:
-                yield from _attribute_tensors(attribute)
+                if attribute.type in _TENSOR_ATTRIBUTES:
+                    yield from _attribute_tensors(attribute)
 
 
 class ExternalRef(NamedTuple):
