@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,18 @@ def _check(model: ModelLike, what: str) -> None:
         raise InputError(f"{what} fails onnx.checker: {first_line}") from None
 
 
+@contextlib.contextmanager
+def _blaming(original: ModelLike) -> Iterator[None]:
+    """Blame the input when it is invalid itself; anything else is bnfold's bug, and nothing is written."""
+    try:
+        yield
+    except BnfoldError:
+        raise
+    except Exception as error:
+        _check(original, "the input model")
+        raise BnfoldError(f"internal error while folding ({type(error).__name__}: {error})") from error
+
+
 def fold_onnx(
     model: ModelLike,
     *,
@@ -154,23 +167,18 @@ def fold_onnx(
 
     # The values the latest attempt held outside its model; the model the guard settles on is the latest.
     latest_held: HeldTensors = {}
-    types = infer_types(folded)  # every attempt folds the same model: one inference serves them and the guard
-    check = FoldedModelCheck(folded, types, lambda: _editable(model)[0], base_dir, latest_held)
+    with _blaming(original):
+        types = infer_types(folded)  # every attempt folds the same model: one inference serves them and the guard
+        check = FoldedModelCheck(folded, types, lambda: _editable(model)[0], base_dir, latest_held)
 
     def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
         working = unfolded.pop() if unfolded else _editable(model)[0]
         events: dict[SiteKey, str] = {}
         latest_held.clear()
-        # Blame the input when it is invalid itself; anything else is bnfold's bug, and nothing is written.
-        try:
+        with _blaming(original):
             records = fold_model(working, guarded(ALL_PATTERNS, rejected, events), enabled,
                                  allow_overridable=allow_overridable, progress=progress, base_dir=base_dir,
                                  held=latest_held, types=types)
-        except BnfoldError:
-            raise
-        except Exception as error:
-            _check(original, "the input model")
-            raise BnfoldError(f"internal error while folding ({type(error).__name__}: {error})") from error
         return working, mark_guarded(records, events)
 
     folded, records = attempt({})

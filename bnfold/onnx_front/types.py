@@ -142,13 +142,13 @@ def _collect(graph: GraphProto, types: dict[str, ValueType]) -> None:
 def _needs_skeleton(model: ModelProto) -> bool:
     """Whether inference should run on a skeleton: the model holds much tensor data, or a small tensor on disk
     (the skeleton declares those as inputs; onnx's inference would fail on its missing value instead)."""
-    held = 0
+    inline_bytes = 0
     for tensor in model_tensors(model):
         size = payload_bytes(tensor)
         if size is None or (is_external(tensor) and _element_count(tensor) <= KEPT_ELEMENTS):
             return True
-        held += 0 if is_external(tensor) else size
-    return held >= SKELETON_FROM_BYTES
+        inline_bytes += 0 if is_external(tensor) else size
+    return inline_bytes >= SKELETON_FROM_BYTES
 
 
 def infer_types(model: ModelProto) -> dict[str, ValueType]:
