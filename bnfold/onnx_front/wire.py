@@ -215,6 +215,11 @@ def _split(message: Message, number: int) -> tuple[bytes, bytes]:
     return below.SerializeToString(), above.SerializeToString()
 
 
+# Inline raw data below this size is encoded with its tensor by protobuf itself; larger payloads are written
+# between the tensor's encoded fields, never copied into a serialization.
+_SPLIT_FROM_BYTES = 64 << 10
+
+
 class _Payload:
     """One initializer as it will be written: encoded metadata around its raw data, wherever that is."""
 
@@ -233,17 +238,29 @@ class _Payload:
             self.inline = False
         elif tensor.HasField("raw_data") and payload_bytes(tensor) is not None:
             self.raw_length = payload_bytes(tensor)
+            if self.raw_length < _SPLIT_FROM_BYTES:
+                self._check_raw_length(tensor.raw_data)
+                self._encode_whole(tensor)
+                return
             metadata = TensorProto()
             copy_fields(tensor, metadata, {"raw_data"})
             self.inline = True
         else:  # typed fields (float_data, ...): small, encoded as they are
-            self.raw_length = None
-            self.whole = tensor.SerializeToString()
-            self.length = len(self.whole)
+            self._encode_whole(tensor)
             return
         self.below, self.above = _split(metadata, _TENSOR_RAW_DATA)
         self.raw_header = _header(_TENSOR_RAW_DATA, self.raw_length)
         self.length = len(self.below) + len(self.raw_header) + self.raw_length + len(self.above)
+
+    def _encode_whole(self, tensor: TensorProto) -> None:
+        self.raw_length = None
+        self.whole = tensor.SerializeToString()
+        self.length = len(self.whole)
+
+    def _check_raw_length(self, raw: bytes) -> None:
+        if len(raw) != self.raw_length:
+            raise ValueError(f"tensor {self.tensor.name!r} has {len(raw)} bytes of raw data, its dims need "
+                             f"{self.raw_length}")
 
     def write(self, out: BinaryIO) -> None:
         if self.raw_length is None:
@@ -255,9 +272,7 @@ class _Payload:
             write_held(self.value, out)
         elif self.inline:
             raw = self.tensor.raw_data
-            if len(raw) != self.raw_length:
-                raise ValueError(f"tensor {self.tensor.name!r} has {len(raw)} bytes of raw data, its dims need "
-                                 f"{self.raw_length}")
+            self._check_raw_length(raw)
             out.write(raw)
         else:
             copy_external(self.tensor, self.base_dir, out)

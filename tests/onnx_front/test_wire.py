@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import fold_onnx, write_model
 from bnfold.cli import main
-from bnfold.onnx_front import external
+from bnfold.onnx_front import external, wire
 from bnfold.onnx_front.io import LAZY_MIN_BYTES, read_model_lazy
 
 MODELS = sorted((Path(__file__).parents[2] / "models").glob("*.onnx"))
@@ -101,6 +102,11 @@ def test_any_model_round_trips_byte_for_byte(tmp_path_factory, data):
     out = directory / "out.onnx"
     write_model(lazy, out, base_dir=directory)
     assert out.read_bytes() == model.SerializeToString()
+    # In memory every tensor is inline: small ones are encoded whole, large ones around their raw data.
+    for split_from in (0, wire._SPLIT_FROM_BYTES):
+        with mock.patch.object(wire, "_SPLIT_FROM_BYTES", split_from):
+            write_model(model, out)
+        assert out.read_bytes() == model.SerializeToString()
     # With external data every tensor changes, but no field a newer onnx added is lost anywhere else.
     write_model(lazy, out, base_dir=directory, external_threshold=0)
     assert without_tensors(onnx.load(out)) == without_tensors(model)
