@@ -120,7 +120,7 @@ def _header(results: dict[str, Any]) -> list[str]:
         "",
         "```sh",
         ".venv/bin/pip install -e '.[bench]'   # the anchors and matplotlib; missing anchors are skipped",
-        ".venv/bin/python -m bench             # full run, about 15 min on 2 cores; writes bench/results/, BENCHMARKS.md",
+        ".venv/bin/python -m bench             # full run, ~15 min on 2 cores; writes bench/results/, BENCHMARKS.md",
         ".venv/bin/python -m bench --quick     # under 2 minutes; writes bench/results/quick/ (BENCHMARKS.md inside)",
         "```",
         "",

@@ -6,7 +6,8 @@ Each tool's :attr:`Tool.load` imports what the tool needs and returns a function
 ``options`` are bnfold's per-model keyword arguments (other tools have no equivalent and ignore them).
 
 - ``floor``: ``onnx.load`` + ``onnx.save`` of the same model, the least any file-to-file tool must do.
-- ``bnfold``: the ``bnfold fold IN -o OUT --no-verify`` command, run in-process through its click entry point.
+- ``bnfold``: the ``bnfold fold IN -o OUT --no-verify`` command, run in-process through its console-script entry
+  point (``bnfold.cli.run``).
 - ``ort-basic``: onnxruntime's offline optimizer: a session at ``ORT_ENABLE_BASIC`` (its Conv/ConvTranspose+BN,
   MatMul+BN, Conv+Mul/Add fusions; the level whose output is still standard ONNX) saving
   ``optimized_model_filepath``.
@@ -66,14 +67,14 @@ def _load_floor() -> Fold:
 
 
 def _load_bnfold() -> Fold:
-    from bnfold.cli import main
+    from bnfold.cli import run
 
     def fold(source: Path, target: Path, external: bool, options: dict[str, Any]) -> None:
         arguments = ["fold", str(source), "-o", str(target), "--no-verify", "--json"]
         for key, value in options.items():
             arguments += [f"--{key.replace('_', '-')}", str(value)]
         try:
-            main(arguments, prog_name="bnfold")
+            run(arguments)
         except SystemExit as exit_:
             if exit_.code:
                 raise RuntimeError(f"bnfold exited with status {exit_.code}") from None

@@ -164,6 +164,28 @@ def test_cli_shim_runs_from_a_checkout():
     assert "fold" in completed.stdout and "verify" in completed.stdout
 
 
+@pytest.mark.parametrize("entry", ["console script", "python -m bnfold", "cli.py"])
+def test_every_process_entry_point_folds_and_fails_as_the_command_does(entry, model_path, tmp_path):
+    """The processes users start run ``bnfold.cli.run`` (``main`` with the collector frozen): same output,
+    same exit codes, the model written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = {"console script": [str(Path(sys.executable).parent / "bnfold")],
+               "python -m bnfold": [sys.executable, "-m", "bnfold"],
+               "cli.py": [sys.executable, str(root / "cli.py")]}[entry]
+    out = tmp_path / "out.onnx"
+    folded = subprocess.run([*command, "fold", str(model_path), "-o", str(out), "--no-verify", "--json"],
+                            capture_output=True, text=True, cwd=root, check=False)
+    assert folded.returncode == 0, folded.stderr
+    assert json.loads(folded.stdout)["written"] == [str(out)] and onnx.load(out).graph.node
+    missing = subprocess.run([*command, "fold", str(tmp_path / "missing.onnx")], capture_output=True, text=True,
+                             cwd=root, check=False)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"bnfold: error: {tmp_path / 'missing.onnx'}: no such file"]
+
+
 def _torch_model():
     torch = pytest.importorskip("torch")
     from bnfold.testing.zoo import resnet
