@@ -161,7 +161,7 @@ def model_tensors(model: ModelProto) -> Iterator[TensorProto]:
 class ExternalRef(NamedTuple):
     """A checked byte range of an existing file inside the model's directory."""
 
-    path: Path
+    path: str  # its real path (a string: a model has hundreds of these, and Path objects cost)
     offset: int
     length: int
 
@@ -196,7 +196,7 @@ def _checked_ref(tensor: TensorProto, base_dir: Path, located: dict[str, tuple[s
     name = tensor.name
     if not location:
         raise InputError(f"tensor {name!r} is marked as external data but names no file")
-    if os.path.isabs(location) or PureWindowsPath(location).drive or location.startswith("\\"):
+    if _is_absolute(location):
         raise InputError(f"tensor {name!r} has external data at an absolute path ({location!r})")
     if location not in located:
         located[location] = _locate(location, base_dir, name)
@@ -214,14 +214,29 @@ def _checked_ref(tensor: TensorProto, base_dir: Path, located: dict[str, tuple[s
                          f"({size - offset} of {length} bytes after offset {offset})")
     if length != expected:
         raise InputError(f"tensor {name!r}: external data has {length} bytes, its dtype and dims need {expected}")
-    return ExternalRef(Path(target), offset, length)
+    return ExternalRef(target, offset, length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_absolute(location: str) -> bool:
+    return os.path.isabs(location) or bool(PureWindowsPath(location).drive) or location.startswith("\\")
 
 
 def _locate(location: str, base_dir: Path, name: str) -> tuple[str, int]:
     """The file ``location`` names, symlinks followed, and its size, if it is a regular file inside
-    ``base_dir``."""
+    ``base_dir``. A path found inside before is taken again while it still leads to that same file (one
+    ``stat``, not a walk of every component): a model keeps hundreds of tensors in one file."""
+    key = (os.fspath(base_dir), location)
+    approved = _APPROVED.get(key)
+    if approved is not None:
+        try:
+            status = os.stat(os.path.join(*key))
+        except (OSError, ValueError):
+            status = None
+        if status is not None and stat.S_ISREG(status.st_mode) and (status.st_dev, status.st_ino) == approved[1:]:
+            return approved[0], status.st_size
     try:
-        # Strings, not Paths: a large model has thousands of tensors, and this runs on every read.
+        # Strings, not Paths: a large model has thousands of tensors.
         base = os.path.realpath(base_dir)
         target = os.path.realpath(os.path.join(base, location))
         if target == base or os.path.commonpath([base, target]) != base:
@@ -234,7 +249,15 @@ def _locate(location: str, base_dir: Path, name: str) -> tuple[str, int]:
             raise InputError(f"external data file {location!r} of tensor {name!r} is missing or not a regular file")
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
         raise InputError(f"tensor {name!r}: unusable external data location {location!r} ({error})") from None
+    if len(_APPROVED) >= _MAX_APPROVED:
+        _APPROVED.clear()
+    _APPROVED[key] = (target, status.st_dev, status.st_ino)
     return target, status.st_size
+
+
+# (base directory, location) -> the file found there, inside the directory: (its real path, device, inode).
+_APPROVED: dict[tuple[str, str], tuple[str, int, int]] = {}
+_MAX_APPROVED = 4096
 
 
 def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
@@ -242,7 +265,8 @@ def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
         handle = open(ref.path, "rb")  # noqa: SIM115 - the callers close it
         handle.seek(ref.offset)
     except OSError as error:
-        raise InputError(f"tensor {tensor.name!r}: cannot read {ref.path.name!r} ({error.strerror or error})") from None
+        raise InputError(f"tensor {tensor.name!r}: cannot read {os.path.basename(ref.path)!r} "
+                         f"({error.strerror or error})") from None
     return handle
 
 
@@ -310,7 +334,7 @@ _MAPPINGS: dict[tuple[int, int, int], weakref.ref[mmap.mmap]] = {}
 _MAPPED_LENGTHS: weakref.WeakKeyDictionary[mmap.mmap, int] = weakref.WeakKeyDictionary()
 
 
-def _mapped(path: Path) -> mmap.mmap | None:
+def _mapped(path: str) -> mmap.mmap | None:
     """The whole file mapped read-only, shared by every tensor in it; None where it cannot be mapped."""
     try:
         status = os.stat(path)

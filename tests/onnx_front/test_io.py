@@ -131,6 +131,19 @@ def test_symlink_that_stays_inside_the_directory_is_followed(model_dir: Path):
     assert result.report.folded
 
 
+def test_a_location_approved_before_is_checked_again_once_it_leads_elsewhere(model_dir: Path):
+    """A path found inside the directory is taken again only while it leads to that same file: a symlink
+    swapped to point outside after a first fold is refused on the next read."""
+    alias = model_dir / "alias.bin"
+    alias.symlink_to(model_dir / "weights.bin")
+    set_entries(model_dir / "model.onnx", location="alias.bin")
+    assert fold_onnx(model_dir / "model.onnx", verify=False).report.folded
+    alias.unlink()
+    alias.symlink_to(model_dir.parent / "secret.bin")
+    with pytest.raises(InputError, match="outside the model's directory"):
+        fold_onnx(model_dir / "model.onnx", verify=False)
+
+
 def test_fold_and_cli_refuse_an_escaping_location_with_exit_code_2(model_dir: Path, tmp_path: Path):
     set_entries(model_dir / "model.onnx", location="../secret.bin")
     with pytest.raises(InputError, match="outside the model's directory"):
