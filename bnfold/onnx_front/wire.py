@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
-from onnx import GraphProto, ModelProto, TensorProto
+from onnx import ModelProto, TensorProto
 
 from bnfold.onnx_front.external import (
     HeldTensors,
@@ -103,20 +103,20 @@ def read_skeleton(path: Path, min_bytes: int) -> ModelProto:
             raise WireError("no graph")
         model = ModelProto()
         model.ParseFromString(b"".join(model_parts))
+        # The graph is parsed in one piece, in order; an initializer large enough to hold ``min_bytes`` of raw
+        # data is re-encoded first, its raw data replaced by a reference to where it lies in the file.
         graph_parts: list[bytes] = []
-        initializers: list[tuple[int, int]] = []
         for number, wire_type, field_start, payload_start, end in _fields(data, *graph_span):
-            if number == _GRAPH_INITIALIZER and wire_type == _LENGTH_DELIMITED:
-                initializers.append((payload_start, end))
+            if number == _GRAPH_INITIALIZER and wire_type == _LENGTH_DELIMITED and end - payload_start >= min_bytes:
+                encoded = _read_initializer(data, payload_start, end, path.name, min_bytes).SerializeToString()
+                graph_parts.append(_header(_GRAPH_INITIALIZER, len(encoded)) + encoded)
             else:
                 graph_parts.append(data[field_start:end])
         model.graph.MergeFromString(b"".join(graph_parts))
-        for start, end in initializers:
-            _read_initializer(data, start, end, model.graph, path.name, min_bytes)
     return model
 
 
-def _read_initializer(data: mmap.mmap, start: int, end: int, graph: GraphProto, location: str, min_bytes: int) -> None:
+def _read_initializer(data: mmap.mmap, start: int, end: int, location: str, min_bytes: int) -> TensorProto:
     metadata: list[bytes] = []
     raw: tuple[int, int] | None = None
     for number, wire_type, field_start, payload_start, field_end in _fields(data, start, end):
@@ -126,21 +126,22 @@ def _read_initializer(data: mmap.mmap, start: int, end: int, graph: GraphProto, 
             raw = (payload_start, field_end)
         else:
             metadata.append(data[field_start:field_end])
-    tensor = graph.initializer.add()
+    tensor = TensorProto()
     tensor.MergeFromString(b"".join(metadata))
     if raw is None:
-        return
+        return tensor
     offset, length = raw[0], raw[1] - raw[0]
     # Left in the file only when it is unambiguous what the bytes are; anything odd stays inline, for the
     # checker to judge as it would have.
     if (length < min_bytes or length != payload_bytes(tensor) or is_external(tensor) or tensor.external_data
             or tensor.HasField("data_location") or math.prod(tensor.dims) <= KEPT_ELEMENTS):
         tensor.raw_data = data[offset:offset + length]
-        return
+        return tensor
     tensor.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
+    return tensor
 
 
 # --- writing ----------------------------------------------------------------------------------------------
