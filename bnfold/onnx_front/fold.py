@@ -29,22 +29,22 @@ def fold_model(
     allow_overridable: bool = False,
     progress: Progress | None = None,
     base_dir: Path | None = None,
+    types: Mapping[str, ValueType],
     held: HeldTensors | None = None,
-    types: Mapping[str, ValueType] | None = None,
 ) -> list[BnRecord]:
     """Fold ``model`` in place: its main graph, every subgraph and every model-local function (see
     :mod:`bnfold.onnx_front.traversal`). One record per batch norm; those of subgraphs and functions carry
     their ``scope``. ``base_dir`` is the directory a lazily read model's external tensors are in; values the
     fold writes into the main graph go to ``held`` if given (see ``external.HeldTensors``). ``types`` are
-    ``types.infer_types(model)``, if the caller has them."""
+    ``types.infer_types(model)``."""
     chosen = set(enabled)
     overall = _OverallProgress(progress, model_totals(model)[0]) if progress is not None else None
 
     def fold_one(index: GraphIndex) -> list[BnRecord]:
         return fold_graph(index, patterns, chosen, overall.graph() if overall is not None else None)
 
-    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir, held=held,
-                           types=types)
+    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir, types=types,
+                           held=held)
 
 
 class _OverallProgress:

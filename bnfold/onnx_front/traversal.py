@@ -25,7 +25,7 @@ from bnfold.onnx_front.functions import (
 )
 from bnfold.onnx_front.graph import GraphIndex, NameAllocator, opset_version
 from bnfold.onnx_front.rewrite import is_batchnorm
-from bnfold.onnx_front.types import ValueType, infer_types
+from bnfold.onnx_front.types import ValueType
 from bnfold.report import BnRecord
 
 FoldOne = Callable[[GraphIndex], list[BnRecord]]
@@ -33,12 +33,12 @@ FoldOne = Callable[[GraphIndex], list[BnRecord]]
 
 def fold_all_graphs(
     model: ModelProto, fold_one: FoldOne, *, allow_overridable: bool, base_dir: Path | None,
-    held: HeldTensors | None = None, types: Mapping[str, ValueType] | None = None,
+    types: Mapping[str, ValueType], held: HeldTensors | None = None,
 ) -> list[BnRecord]:
     """Apply ``fold_one`` to every graph of ``model`` (in place) and commit; the records of all of them.
-    Values written into the main graph go to ``held`` if given (see ``external.HeldTensors``); ``types`` are
-    ``infer_types(model)`` if the caller has them already."""
-    types = dict(types) if types is not None else infer_types(model)  # a copy: the fold records renames in it
+    ``types`` are ``types.infer_types(model)``; values written into the main graph go to ``held`` if given
+    (see ``external.HeldTensors``)."""
+    types = dict(types)  # a copy: the fold records renames in it, and the caller may fold the model again
     index = GraphIndex(model.graph, types, NameAllocator([model.graph]), opset=opset_version(model),
                        allow_overridable=allow_overridable, base_dir=base_dir, held=held)
     records = fold_tree(index, fold_one)
