@@ -10,6 +10,7 @@ so a model over 2 GB never needs to be in memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import shutil
@@ -151,7 +152,7 @@ def check_supported(model: ModelProto) -> None:
 def _non_utf8_text(message: Message) -> str | None:
     """The first string field in ``message`` or the messages inside it that is not valid UTF-8, by name."""
     for field, value in message.ListFields():  # set fields only: a model has thousands of messages
-        is_text, is_message, repeated = _FIELD_KINDS.get(field) or _field_kind(field)
+        is_text, is_message, repeated = _field_kind(field)
         if is_text:
             if (bytes in map(type, value)) if repeated else type(value) is bytes:
                 return field.full_name
@@ -163,14 +164,10 @@ def _non_utf8_text(message: Message) -> str | None:
     return None
 
 
-# Per field descriptor: (string, message, repeated); the walk asks for every field of every message.
-_FIELD_KINDS: dict[FieldDescriptor, tuple[bool, bool, bool]] = {}
-
-
+@functools.cache  # the walk asks for every field of every message
 def _field_kind(field: FieldDescriptor) -> tuple[bool, bool, bool]:
-    kind = (field.type == field.TYPE_STRING, field.type == field.TYPE_MESSAGE, field.is_repeated)
-    _FIELD_KINDS[field] = kind
-    return kind
+    """(string, message, repeated)"""
+    return field.type == field.TYPE_STRING, field.type == field.TYPE_MESSAGE, field.is_repeated
 
 
 def has_external_tensors(model: ModelProto) -> bool:
