@@ -90,15 +90,12 @@ def _scale_goal(scale: list[dict[str, Any]]) -> str:
             if verdict != "met":
                 splits.append(f"at {_mb(entry['model']['bytes'])} MB bnfold {_split(bnfold)}, "
                               f"{row['label']} {_split(row)}")
-    total = sum(map(len, verdicts.values()))
-    parts = [f"met for {len(verdicts['met'])} of {total}"]
-    parts += [f"{_goal(False) if verdict == 'not met' else verdict} for {', '.join(labels)}"
-              for verdict, labels in verdicts.items() if verdict != "met" and labels]
     where = (" Where the time goes (median wall = imports + work + the rest: interpreter start-up and exit): "
              + "; ".join(splits) + ".") if splits else ""
     return ("- **Faster than every anchor at every size** (scale curve, whole-command wall time; met where every "
             "bnfold run beat every run of the anchor, interleaved with it; with three runs each, one comparison "
-            "of equal speeds in 20 still lands wholly on one side by chance): " + "; ".join(parts) + "." + where)
+            "of equal speeds in 20 still lands wholly on one side by chance): " + _verdict_summary(verdicts) + "."
+            + where)
 
 
 def _split(row: dict[str, Any]) -> str:
@@ -301,11 +298,16 @@ def _latency_goal(measured: list[tuple[dict[str, Any], dict[str, Any]]], gain: s
         else:
             verdict = "met" if figures["high"] < bound else "not met" if figures["low"] > bound else "within noise"
         verdicts[verdict].append(f"{entry['model']['name']} ({_threads(threads['threads'])}: {format_gain(figures)})")
+    return _verdict_summary(verdicts) + "."
+
+
+def _verdict_summary(verdicts: dict[str, list[str]]) -> str:
+    """"met for K of N; within noise for ...; **not met** for ...", from labels by verdict ("met" first)."""
     total = sum(map(len, verdicts.values()))
     parts = [f"met for {len(verdicts['met'])} of {total}"]
     parts += [f"{_goal(False) if verdict == 'not met' else verdict} for {', '.join(labels)}"
               for verdict, labels in verdicts.items() if verdict != "met" and labels]
-    return "; ".join(parts) + "."
+    return "; ".join(parts)
 
 
 def _threads(threads: int) -> str:
