@@ -7,7 +7,7 @@ Each tool's :attr:`Tool.load` imports what the tool needs and returns a function
 
 - ``floor``: ``onnx.load`` + ``onnx.save`` of the same model, the least any file-to-file tool must do.
 - ``bnfold``: the ``bnfold fold IN -o OUT --no-verify`` command, run in-process through its console-script entry
-  point (``bnfold.cli.run``).
+  point (``bnfold.cli.run``: the command, then the process's end, after the worker has written its findings).
 - ``ort-basic``: onnxruntime's offline optimizer: a session at ``ORT_ENABLE_BASIC`` (its Conv/ConvTranspose+BN,
   MatMul+BN, Conv+Mul/Add fusions; the level whose output is still standard ONNX) saving
   ``optimized_model_filepath``.
@@ -23,9 +23,12 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-Fold = Callable[[Path, Path, bool, dict[str, Any]], None]
+# How a tool's process ends with an exit code, when the tool has a way of its own.
+ProcessEnd = Callable[[object], NoReturn]
+# Folds SOURCE into TARGET; returns the tool's ProcessEnd, or None to end the process as Python does.
+Fold = Callable[[Path, Path, bool, dict[str, Any]], ProcessEnd | None]
 
 
 @dataclass(frozen=True)
@@ -67,17 +70,16 @@ def _load_floor() -> Fold:
 
 
 def _load_bnfold() -> Fold:
-    from bnfold.cli import run
+    from bnfold.cli import end_process, run_command
 
-    def fold(source: Path, target: Path, external: bool, options: dict[str, Any]) -> None:
+    def fold(source: Path, target: Path, external: bool, options: dict[str, Any]) -> ProcessEnd:
         arguments = ["fold", str(source), "-o", str(target), "--no-verify", "--json"]
         for key, value in options.items():
             arguments += [f"--{key.replace('_', '-')}", str(value)]
-        try:
-            run(arguments)
-        except SystemExit as exit_:
-            if exit_.code:
-                raise RuntimeError(f"bnfold exited with status {exit_.code}") from None
+        code = run_command(arguments)
+        if code:
+            raise RuntimeError(f"bnfold exited with status {code}")
+        return end_process  # the bnfold process skips the interpreter's teardown
 
     return fold
 

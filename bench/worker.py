@@ -17,17 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import self_rss_mib
-from bench.tools import TOOLS
+from bench.tools import TOOLS, ProcessEnd
+
+# How this process ends once its findings are written: as the measured tool's own process would.
+_process_end: ProcessEnd = sys.exit
 
 
 def fold(args: list[str]) -> dict[str, Any]:
     """``fold TOOL SOURCE TARGET EXTERNAL OPTIONS_JSON``: import the tool, then fold SOURCE into TARGET."""
+    global _process_end
     name, source, target, external, options = args
     started = time.perf_counter()
     run = TOOLS[name].load()
     imported = time.perf_counter()
     _, import_peak = self_rss_mib()
-    run(Path(source), Path(target), external == "1", json.loads(options))
+    _process_end = run(Path(source), Path(target), external == "1", json.loads(options)) or sys.exit
     finished = time.perf_counter()
     return {"import_seconds": imported - started, "work_seconds": finished - imported,
             "import_peak_rss_mib": import_peak}
@@ -62,7 +66,7 @@ def main() -> None:
         status = 1
     result["peak_rss_mib"] = self_rss_mib()[1]
     Path(result_path).write_text(json.dumps(result))
-    sys.exit(status)
+    _process_end(status)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -264,16 +264,41 @@ def verify(original: str, candidate: str, inputs: str | None, input_shapes: tupl
     sys.exit(EXIT_OK if report.passed else EXIT_NOT_EQUIVALENT)
 
 
-def run(args: list[str] | None = None) -> None:
+def run(args: list[str] | None = None) -> NoReturn:
     """The ``bnfold`` command as a process of its own (the console script, ``python -m bnfold``, ``cli.py``):
-    :func:`main`, in a process that ends with it.
+    :func:`run_command`, then :func:`end_process`."""
+    end_process(run_command(args))
+
+
+def run_command(args: list[str] | None = None) -> object:
+    """:func:`main` in a process that ends with it; the exit code it asks for (as ``SystemExit`` has it).
 
     Everything imported is alive until the process ends, so the garbage collector is told to leave it be
     (``gc.freeze``): the fold's collections no longer walk onnx's, numpy's and protobuf's objects again and
-    again, nor does the interpreter's last collection at exit (on a 1 MB model that walk was a fifth of the
-    command's time). Not for in-process callers of :func:`main`, whose objects outlive the command."""
+    again. Not for in-process callers of :func:`main`, whose objects outlive the command."""
     gc.freeze()
     try:
         main(args=args, prog_name="bnfold")
-    finally:
-        gc.freeze()
+    except SystemExit as exit_:
+        return exit_.code
+    return EXIT_OK
+
+
+def end_process(code: object) -> NoReturn:
+    """End the process with ``code`` (as ``SystemExit`` takes it) once stdout and stderr are flushed, without
+    the interpreter's teardown: every file bnfold writes is closed (and synced) by then, and tearing down
+    onnx, numpy, protobuf and the model's objects only to free memory the exit frees anyway took 7 ms of a
+    0.2 s fold of a 1 MB model and 20 ms at 16 MB. (mypy ends its processes the same way.)"""
+    if code is None:
+        status = EXIT_OK
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: as the interpreter's own exit reports it
+            status = status or 120
+    os._exit(status)

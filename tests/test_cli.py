@@ -186,6 +186,25 @@ def test_every_process_entry_point_folds_and_fails_as_the_command_does(entry, mo
     assert missing.stderr.strip().splitlines() == [f"bnfold: error: {tmp_path / 'missing.onnx'}: no such file"]
 
 
+@pytest.mark.parametrize(("ending", "status", "stdout", "stderr"), [
+    ("print('folded', end=''); end_process(None)", 0, "folded", ""),
+    ("print('partial', end=''); end_process(2)", 2, "partial", ""),
+    ("end_process('bnfold: error: a message')", 1, "", "bnfold: error: a message\n"),
+    ("reader, writer = os.pipe(); os.close(reader); os.dup2(writer, 1); print('lost'); end_process(0)", 120, "", ""),
+])
+def test_the_process_ends_with_its_output_flushed_and_its_exit_code(ending, status, stdout, stderr):
+    """``end_process`` skips the interpreter's teardown, never what was printed: buffered output reaches the
+    pipe, and output that cannot be written turns a success into exit status 120, as Python's own exit does."""
+    import os
+    import subprocess
+    import sys
+
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    ended = subprocess.run([sys.executable, "-c", f"import os\nfrom bnfold.cli import end_process\n{ending}"],
+                           capture_output=True, text=True, check=False, env=buffered)
+    assert (ended.returncode, ended.stdout, ended.stderr) == (status, stdout, stderr)
+
+
 def _torch_model():
     torch = pytest.importorskip("torch")
     from bnfold.testing.zoo import resnet
