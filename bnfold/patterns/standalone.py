@@ -3,7 +3,9 @@ becomes its inference-time linear transform of Ioffe & Szegedy with precomputed 
 runtimes without a BatchNormalization kernel can run the model. Two forms, both opt-in, tried last and only
 for what nothing else folds:
 
-- ``mul-add``: one ``Mul`` and one ``Add``, any rank. Fastest under onnxruntime's basic optimizations.
+- ``mul-add``: one ``Mul`` and one ``Add``, any rank and dtype. For runtimes without a BatchNormalization
+  kernel: under onnxruntime it is no faster than the BN it replaces, whose kernel makes one pass over the
+  tensor where Mul and Add make two (``bench``: within noise to 1% slower at basic optimizations).
 - ``conv``: one depthwise ``Conv`` with a 1x...x1 kernel where the tensor has spatial axes and the dtype is
   float32 or float16 (the Conv kernels runtimes have); otherwise ``Mul`` and ``Add``. Under onnxruntime's
   default ``ORT_ENABLE_ALL`` the Conv stays in the blocked NCHWc layout a BatchNormalization gets, where a
