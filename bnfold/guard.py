@@ -15,7 +15,6 @@ the model only together are rejected pattern by pattern.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -222,7 +221,7 @@ def mark_guarded(records: list[BnRecord], events: Mapping[SiteKey, str]) -> list
     """The records, with every site the guard refused that stayed unfolded given reason ``guard_rejected``
     (the driver reports the first pattern's reason, which may be another pattern's refusal)."""
     return [
-        dataclasses.replace(record, reason=GUARD_REJECTED, message=events[record_key(record)])
+        record._replace(reason=GUARD_REJECTED, message=events[record_key(record)])
         if record.status == "left" and record_key(record) in events else record
         for record in records
     ]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 Status = Literal["folded", "left"]
 
@@ -16,8 +15,9 @@ class Renderable(Protocol):
     def render(self) -> str: ...
 
 
-@dataclass(frozen=True)
-class BnRecord:
+# The records are NamedTuples and the report a plain class, not dataclasses: making the classes cost a
+# tenth of what dataclasses do, and the dataclasses module stays out of every command's imports.
+class BnRecord(NamedTuple):
     """One batch norm: ``folded`` by ``pattern`` into ``into``, or ``left`` with a ``reason`` code.
 
     Runs of Mul/Add/Sub/Div by constants that fold without a batch norm get records too; ``op_type``
@@ -33,12 +33,10 @@ class BnRecord:
     op_type: str = "BatchNormalization"
 
     def to_dict(self) -> dict[str, Any]:
-        # Every field is a string or None: a plain copy, not asdict's recursive one (a report has a record per BN).
-        return dict(self.__dict__)
+        return self._asdict()
 
 
-@dataclass(frozen=True)
-class Totals:
+class Totals(NamedTuple):
     bn_before: int
     bn_after: int
     nodes_before: int
@@ -52,12 +50,19 @@ class Totals:
         return cls(before[0], after[0], before[1], after[1], before[2], after[2])
 
 
-@dataclass
 class FoldReport:
-    records: list[BnRecord] = field(default_factory=list)
-    totals: Totals | None = None
-    verification: Renderable | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
+    """The records of one fold, its totals, and (once verified) the verification's verdict; ``seconds``
+    has the time each stage took."""
+
+    def __init__(self, records: list[BnRecord] | None = None, totals: Totals | None = None,
+                 verification: Renderable | None = None, seconds: dict[str, float] | None = None) -> None:
+        self.records = [] if records is None else records
+        self.totals = totals
+        self.verification = verification
+        self.seconds = {} if seconds is None else seconds
+
+    def __repr__(self) -> str:
+        return f"FoldReport({len(self.folded)} folded, {len(self.left)} left, totals={self.totals})"
 
     @property
     def folded(self) -> list[BnRecord]:
@@ -72,7 +77,7 @@ class FoldReport:
             "batchnorms": [r.to_dict() for r in self.records],
             "folded": len(self.folded),
             "left": len(self.left),
-            "totals": None if self.totals is None else asdict(self.totals),
+            "totals": None if self.totals is None else self.totals._asdict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
         }

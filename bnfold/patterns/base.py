@@ -4,7 +4,7 @@ any point (including the final cast) leaves the graph as it was."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -34,8 +34,7 @@ class Site(NamedTuple):
     chains: bool
 
 
-@dataclass
-class TensorUpdate:
+class TensorUpdate(NamedTuple):
     """Feed ``value`` (float64, cast once to ``dtype`` when applied) to ``node.input[slot]``."""
 
     node: NodeProto
@@ -45,8 +44,7 @@ class TensorUpdate:
     role: str
 
 
-@dataclass
-class Elementwise:
+class Elementwise(NamedTuple):
     """An elementwise ``op_type`` node with the constant ``value`` (cast once to ``dtype``) as second operand."""
 
     op_type: str
@@ -61,8 +59,7 @@ class Elementwise:
         return {}
 
 
-@dataclass
-class DepthwiseConv:
+class DepthwiseConv(NamedTuple):
     """``scale * x + shift`` per channel of an N x C x spatial tensor as one depthwise ``Conv`` with a 1x...x1
     kernel: onnxruntime keeps a Conv in its blocked NCHWc layout (as it does a BatchNormalization), where a
     Mul and an Add by constants would each force the tensor out of that layout and back."""
@@ -85,8 +82,7 @@ class DepthwiseConv:
 Replacement = Elementwise | DepthwiseConv
 
 
-@dataclass
-class Rewrite:
+class Rewrite(NamedTuple):
     """How ``run`` disappears: folded into ``target`` (``None`` when it is only re-expressed).
 
     Afterwards ``run.output`` is produced by ``tail`` (forward folds), by the ``replacement`` nodes
@@ -97,10 +93,10 @@ class Rewrite:
     run: AffineRun
     target: NodeProto | None
     updates: list[TensorUpdate]
-    attributes: list[tuple[NodeProto, str, float]] = field(default_factory=list)
+    attributes: Sequence[tuple[NodeProto, str, float]] = ()
     tail: NodeProto | None = None
     reader: NodeProto | None = None
-    replacement: list[Replacement] = field(default_factory=list)
+    replacement: Sequence[Replacement] = ()
     bias_after: Elementwise | None = None
     note: str = ""
 

@@ -4,8 +4,6 @@ and folding its result again changes nothing."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -44,7 +42,7 @@ def test_the_oracle_catches_a_fold_that_is_off_by_one_percent(monkeypatch, dtype
         rewrite = real(self, layer, run, space, mapper, index)
         wrong = np.array(rewrite.updates[0].value)
         wrong[0] *= 1.01
-        rewrite.updates[0] = dataclasses.replace(rewrite.updates[0], value=wrong)
+        rewrite.updates[0] = rewrite.updates[0]._replace(value=wrong)
         return rewrite
 
     monkeypatch.setattr(ConvBn, "fold", off)

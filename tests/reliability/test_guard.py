@@ -39,7 +39,7 @@ def break_conv_bn(monkeypatch, where: set[str] | None = None, crash: bool = Fals
         if where is None or {bn.name for bn in run.batchnorms} & where:
             if crash:
                 raise RuntimeError("injected failure")
-            rewrite.updates[0].dtype = np.dtype(np.float64)
+            rewrite.updates[0] = rewrite.updates[0]._replace(dtype=np.dtype(np.float64))
         return rewrite
 
     monkeypatch.setattr(ConvBn, "fold", broken)
