@@ -15,8 +15,8 @@ class Renderable(Protocol):
     def render(self) -> str: ...
 
 
-# The records are NamedTuples and the report a plain class, not dataclasses: making the classes cost a
-# tenth of what dataclasses do, and the dataclasses module stays out of every command's imports.
+# The records are NamedTuples and the report a plain class, not dataclasses: making the classes costs a
+# tenth of what dataclasses do, and a fold without verification never imports the dataclasses module.
 class BnRecord(NamedTuple):
     """One batch norm: ``folded`` by ``pattern`` into ``into``, or ``left`` with a ``reason`` code.
 
