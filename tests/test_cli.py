@@ -166,8 +166,8 @@ def test_cli_shim_runs_from_a_checkout():
 
 @pytest.mark.parametrize("entry", ["console script", "python -m bnfold", "cli.py"])
 def test_every_process_entry_point_folds_and_fails_as_the_command_does(entry, model_path, tmp_path):
-    """The processes users start run ``bnfold.cli.run`` (``main`` with the collector frozen): same output,
-    same exit codes, the model written."""
+    """The processes users start run ``bnfold.cli.run`` (``main`` with the collector frozen, then
+    ``end_process``): same output, same exit codes, the model written."""
     import subprocess
     import sys
 
