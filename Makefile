@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 
 # The long reliability profile (bad inputs, 5000 random graphs, 5000 byte mutants); rewrites docs/reliability.md.
 reliability: $(VENV)/.installed
-	$(BIN)/python -m bnfold.testing.fuzz
+	$(BIN)/python -m tests.support.fuzz
 
 clean:
 	rm -rf $(VENV) build

@@ -1,6 +1,6 @@
 """The benchmark models, built in code with fixed seeds (nothing is downloaded), and their dtype variants.
 
-Every model is an eval-mode PyTorch module from :mod:`bnfold.testing.zoo` (or one of the pattern models
+Every model is an eval-mode PyTorch module from :mod:`tests.support.zoo` (or one of the pattern models
 below) whose BatchNorm layers carry random, non-trivial statistics, exported by the TorchScript exporter
 at opset 17 with every BatchNorm kept as an inference ``BatchNormalization`` node. torch is imported only by
 the builders, which run in a worker process (:func:`build_task`).
@@ -46,7 +46,7 @@ class Case:
 
 def _zoo():
     # The zoo imports torch, which only the build worker may pay for.
-    from bnfold.testing import zoo
+    from tests.support import zoo
 
     return zoo
 

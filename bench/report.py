@@ -392,7 +392,7 @@ def _tools(results: dict[str, Any]) -> list[str]:
         "## Every tool on the benchmark models",
         "",
         "What each tool leaves and whether its output is right: batch norms and nodes before → after, output size, "
-        "and the check of the output (`onnx.checker` full check, then `bnfold.verify` against the original at "
+        "and the check of the output (`onnx.checker` full check, then `bnfold.onnx.verify.verify` against the original at "
         "`ORT_DISABLE_ALL` on 2 random inputs; the percentage is how much of the default float32 tolerance the "
         "largest difference used). Times are the median whole-command wall time (× the floor).",
         "",
@@ -613,7 +613,7 @@ def _method(results: dict[str, Any]) -> list[str]:
     return [
         "## Method",
         "",
-        "- **Models** are built in code from `bnfold.testing.zoo` and `bench/models.py` with seed 0 (random weights,"
+        "- **Models** are built in code from `tests.support.zoo` and `bench/models.py` with seed 0 (random weights,"
         " random non-trivial BN statistics; nothing is downloaded) and exported by the TorchScript exporter at "
         "opset 17 with every BatchNorm kept (`TrainingMode.PRESERVE`). The float16 variants convert every float "
         "initializer, Constant and graph type of the float32 export.",
@@ -633,7 +633,7 @@ def _method(results: dict[str, Any]) -> list[str]:
         "the arithmetic as runtime nodes); onnxslim runs `slim()` with its defaults. bnfold runs "
         "`bnfold fold IN -o OUT --no-verify` (plus `--standalone mul-add` on standalone_bn and `--standalone conv` "
         "on standalone_bn_conv, the same model, the one where its opt-in rewrites apply).",
-        "- **Equivalence** of every output is checked with `bnfold.verify` against the original, both at "
+        "- **Equivalence** of every output is checked with `bnfold.onnx.verify.verify` against the original, both at "
         "`ORT_DISABLE_ALL` (so onnxruntime's own fusions cannot hide a wrong fold), after `onnx.checker`'s full "
         "check. A tool that crashes, times out, writes an invalid model or a different function is reported so.",
         f"- **Latency:** per model and thread setting (intra-op threads 1, and onnxruntime's default; inter-op "

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bnfold.api import FoldResult, enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.core.report import BnRecord, FoldReport, Totals
 from bnfold.errors import BnfoldError, InputError, MissingDependencyError, OutputError
-from bnfold.onnx_front.io import read_model, write_model
-from bnfold.patterns import PATTERN_NAMES
-from bnfold.report import BnRecord, FoldReport, Totals
+from bnfold.onnx.api import FoldResult, enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.onnx.fold.patterns import PATTERN_NAMES
+from bnfold.onnx.store.io import read_model, write_model
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ _VERIFY_API = {"VerifyReport", "verify_onnx"}
 
 def __getattr__(name: str) -> Any:
     if name in _VERIFY_API:
-        from bnfold import verify
+        from bnfold.onnx.verify import verify
 
         return getattr(verify, name)
     if name in _TORCH_API:
@@ -33,7 +33,7 @@ def __getattr__(name: str) -> Any:
             raise MissingDependencyError(
                 f"bnfold.{name} needs PyTorch: pip install 'bnfold[torch]'"
             ) from None
-        from bnfold import torch_front
+        from bnfold import torch as torch_front
 
         return getattr(torch_front, name)
     raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

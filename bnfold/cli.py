@@ -18,13 +18,13 @@ from typing import Any, NoReturn
 
 import click
 
-from bnfold.api import enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.core.interrupts import Interrupted, interrupt_on_stop_signals
+from bnfold.core.report import FoldReport
 from bnfold.errors import BnfoldError, InputError, MissingDependencyError
-from bnfold.guard import GUARD_REJECTED
-from bnfold.interrupts import Interrupted, interrupt_on_stop_signals
-from bnfold.onnx_front.io import PROTOBUF_LIMIT
-from bnfold.patterns import PATTERN_NAMES, STANDALONE_MODES
-from bnfold.report import FoldReport
+from bnfold.onnx.api import enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
+from bnfold.onnx.guard import GUARD_REJECTED
+from bnfold.onnx.store.io import PROTOBUF_LIMIT
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip archives (.pt2, TorchScript, torch.save) and raw pickles
@@ -199,7 +199,7 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
     progress = _progress(not as_json)
     if source.is_file() and _is_torch_file(source):
         from bnfold import fold_torch_file
-        from bnfold.torch_front.files import VerificationFailed
+        from bnfold.torch.files import VerificationFailed
 
         try:
             report = fold_torch_file(source, target, trust_pickle=trust_pickle, input_shapes=shapes,
@@ -256,7 +256,7 @@ def verify(original: str, candidate: str, inputs: str | None, input_shapes: tupl
     for path in (original, candidate):
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: not a file")
-    from bnfold.verify import verify_onnx
+    from bnfold.onnx.verify.verify import verify_onnx
 
     report = verify_onnx(original, candidate, inputs=inputs, input_shapes=shapes, iterations=iterations,
                          seed=seed, rtol=rtol, atol=atol, progress=_progress(not as_json))

@@ -1,6 +1,6 @@
 """Regenerate the sample ONNX models next to this script: ``python models/make_models.py``.
 
-The models come from :mod:`bnfold.testing.zoo` with fixed seeds, so every run writes the same graphs.
+The models come from :mod:`tests.support.zoo` with fixed seeds, so every run writes the same graphs.
 They are exported by the TorchScript exporter with ``TrainingMode.PRESERVE`` at opset 17: of the two
 exporters it gives the cleanest graph (parameters as initializers, no computed zero biases for
 bias-less convolutions), and opset 17 is one both exporters' users commonly meet.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(MODELS_DIR.parent))
 
 import onnx  # noqa: E402
 
-from bnfold.testing.zoo import BuiltModel, export_onnx, mlp, mobilenet_v2, resnet, unet_decoder  # noqa: E402
+from tests.support.zoo import BuiltModel, export_onnx, mlp, mobilenet_v2, resnet, unet_decoder  # noqa: E402
 
 OPSET = 17
 SEED = 0

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from graphs import GraphBuilder, count_ops
 from onnx import numpy_helper
 
 from bnfold.cli import main
+from tests.support.graphs import GraphBuilder, count_ops
 
 
 @pytest.fixture
@@ -136,15 +136,15 @@ def test_verify_uses_given_inputs_and_input_shapes(model_path, tmp_path):
 
 
 def test_fold_that_fails_verification_writes_nothing(model_path, tmp_path, monkeypatch):
-    import bnfold.verify
+    import bnfold.onnx.verify.verify
 
-    real = bnfold.verify.verify_onnx
+    real = bnfold.onnx.verify.verify.verify_onnx
 
     def strict(*args, **kwargs):
         kwargs["atol"], kwargs["rtol"] = 0.0, 0.0
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bnfold.verify, "verify_onnx", strict)
+    monkeypatch.setattr(bnfold.onnx.verify.verify, "verify_onnx", strict)
     out = tmp_path / "f.onnx"
     out.write_bytes(b"previous")
     result = invoke("fold", model_path, "-o", out)
@@ -207,7 +207,7 @@ def test_the_process_ends_with_its_output_flushed_and_its_exit_code(ending, stat
 
 def _torch_model():
     torch = pytest.importorskip("torch")
-    from bnfold.testing.zoo import resnet
+    from tests.support.zoo import resnet
 
     module, shape = resnet()
     return torch, module, shape

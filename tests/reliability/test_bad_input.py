@@ -1,4 +1,4 @@
-"""Every bad input of the catalog (:mod:`bnfold.testing.bad_inputs`), through the command line and the API:
+"""Every bad input of the catalog (:mod:`tests.support.bad_inputs`), through the command line and the API:
 one line on stderr, exit code 2, no traceback, nothing written; the API raises the documented error."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfold.cli import main
-from bnfold.testing.bad_inputs import (
+from tests.support.bad_inputs import (
     CASES,
     BadInput,
     Outcome,

@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import bnfold.onnx_front.io as bnfold_io
+import bnfold.onnx.store.io as bnfold_io
 from bnfold import OutputError, fold_onnx
 from bnfold.cli import main
-from bnfold.testing.bad_inputs import conv_bn
+from tests.support.bad_inputs import conv_bn
 
 
 def conv_chain(channels: int, layers: int, seed: int = 0) -> onnx.ModelProto:

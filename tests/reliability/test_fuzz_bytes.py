@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bnfold.testing.byte_fuzz import IsolatedRunner, campaign
+from tests.support.byte_fuzz import IsolatedRunner, campaign
 
 # A stand-in worker: answers like the real one, but aborts (as a C++ crash would) on a directory named
 # "crash" and never answers on one named "hang".

@@ -1,4 +1,4 @@
-"""The quick profile of the random-graph fuzzer (the long one: ``python -m bnfold.testing.fuzz``): on every
+"""The quick profile of the random-graph fuzzer (the long one: ``python -m tests.support.fuzz``): on every
 random model the fold does not crash, gives a valid and equivalent model, leaves every unsafe batch norm,
 and folding its result again changes nothing."""
 
@@ -9,14 +9,16 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from onnx import TensorProto, numpy_helper
 
-from bnfold import affine, fold_onnx, guard
-from bnfold.affine import RoundedProduct
+from bnfold import fold_onnx
+from bnfold.core import affine
+from bnfold.core.affine import RoundedProduct
 from bnfold.errors import InputError
-from bnfold.onnx_front import external
-from bnfold.onnx_front import io as bnfold_io
-from bnfold.patterns.forward import ConvBn
-from bnfold.testing.bad_inputs import conv_bn
-from bnfold.testing.graph_fuzz import FuzzCase, check, fuzz_cases, generator_problem
+from bnfold.onnx import guard
+from bnfold.onnx.fold.patterns.forward import ConvBn
+from bnfold.onnx.store import external
+from bnfold.onnx.store import io as bnfold_io
+from tests.support.bad_inputs import conv_bn
+from tests.support.graph_fuzz import FuzzCase, check, fuzz_cases, generator_problem
 
 QUICK_EXAMPLES = 1000
 

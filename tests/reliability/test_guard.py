@@ -7,13 +7,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from graphs import GraphBuilder, assert_equivalent, count_ops
 
-import bnfold.guard
+import bnfold.onnx.guard
 from bnfold import BnfoldError, fold_onnx
 from bnfold.cli import main
-from bnfold.guard import GUARD_REJECTED
-from bnfold.patterns.forward import ConvBn
+from bnfold.onnx.fold.patterns.forward import ConvBn
+from bnfold.onnx.guard import GUARD_REJECTED
+from tests.support.graphs import GraphBuilder, assert_equivalent, count_ops
 
 
 def model_with_three_conv_bns_and_a_gemm_bn() -> onnx.ModelProto:
@@ -87,7 +87,7 @@ def test_a_model_onnxruntime_cannot_load_is_repaired_too(monkeypatch):
     """The checker passes; the bias conv-bn creates counts as a node of a new kernel signature, and
     onnxruntime refuses every model with it (both stood in for by fakes, since a real such rewrite would be
     a bug onnx's checker misses)."""
-    real_signatures = bnfold.guard.kernel_signatures
+    real_signatures = bnfold.onnx.guard.kernel_signatures
 
     def signatures(graph, elem_types):
         new = {("test", "NewKernel", frozenset(), frozenset())} if b"conv2.bias" in graph.SerializeToString() else set()
@@ -96,8 +96,8 @@ def test_a_model_onnxruntime_cannot_load_is_repaired_too(monkeypatch):
     def load_failure(source):
         return "no kernel (injected)" if isinstance(source, bytes) and b"conv2.bias" in source else None
 
-    monkeypatch.setattr(bnfold.guard, "kernel_signatures", signatures)
-    monkeypatch.setattr(bnfold.guard, "_ort_load_failure", load_failure)
+    monkeypatch.setattr(bnfold.onnx.guard, "kernel_signatures", signatures)
+    monkeypatch.setattr(bnfold.onnx.guard, "_ort_load_failure", load_failure)
     records = by_name(fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False))
     assert records["bn2"].reason == GUARD_REJECTED and "onnxruntime cannot load" in records["bn2"].message
     assert [records[name].status for name in ("bn1", "bn3", "bn_gemm")] == ["folded"] * 3
@@ -109,7 +109,7 @@ def test_onnxruntime_is_not_asked_when_the_fold_makes_no_new_kind_of_node(monkey
     def load_failure(source):
         raise AssertionError("onnxruntime was asked")
 
-    monkeypatch.setattr(bnfold.guard, "_ort_load_failure", load_failure)
+    monkeypatch.setattr(bnfold.onnx.guard, "_ort_load_failure", load_failure)
     records = by_name(fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False))
     assert {record.status for record in records.values()} == {"folded"}
 
@@ -118,8 +118,8 @@ def test_a_new_kind_of_node_is_loaded_in_onnxruntime(monkeypatch):
     """The standalone rewrite makes a Mul and an Add, which the original has nowhere: onnxruntime loads the
     result."""
     asked = []
-    real = bnfold.guard._ort_load_failure
-    monkeypatch.setattr(bnfold.guard, "_ort_load_failure", lambda source: asked.append(source) or real(source))
+    real = bnfold.onnx.guard._ort_load_failure
+    monkeypatch.setattr(bnfold.onnx.guard, "_ort_load_failure", lambda source: asked.append(source) or real(source))
     g = GraphBuilder(seed=5)
     bn = g.bn(g.node("Relu", [g.input("x", [1, 3, 6, 6])]), 3, name="bn")
     model = g.model([g.node("Relu", [bn])])
@@ -139,7 +139,7 @@ def test_the_cli_warns_on_stderr_and_writes_the_repaired_model(monkeypatch, tmp_
 
 
 def test_when_no_rejection_gives_a_valid_model_nothing_is_written(monkeypatch, tmp_path):
-    monkeypatch.setattr(bnfold.guard.FoldedModelCheck, "__call__", lambda self, candidate: "fails (injected)")
+    monkeypatch.setattr(bnfold.onnx.guard.FoldedModelCheck, "__call__", lambda self, candidate: "fails (injected)")
     with pytest.raises(BnfoldError, match="^internal error"):
         fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False)
     source, out = tmp_path / "model.onnx", tmp_path / "out.onnx"

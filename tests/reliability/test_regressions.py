@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from graphs import GraphBuilder, assert_equivalent, count_ops
 from onnx import TensorProto, numpy_helper
 
 from bnfold import InputError, fold_onnx
 from bnfold.cli import main
-from bnfold.testing.bad_inputs import conv_bn
+from tests.support.bad_inputs import conv_bn
+from tests.support.graphs import GraphBuilder, assert_equivalent, count_ops
 
 
 def fold_twice(model: onnx.ModelProto, **options):

@@ -1,0 +1,19 @@
+"""Fold pattern units, each *match -> check safety -> plan a rewrite*; the driver applies and records.
+
+Unit names say where a batch norm folds (``conv-bn``: into the Conv before it, ``bn-conv``: into the
+Conv after it). ``affine-chain`` lets Mul/Add/Sub/Div by per-channel constants join the runs the units
+fold, and folds runs of them without a batch norm. Opt-in units run only when asked for by name.
+"""
+
+from bnfold.onnx.fold.patterns.backward import BACKWARD_PATTERNS
+from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN
+from bnfold.onnx.fold.patterns.forward import FORWARD_PATTERNS
+from bnfold.onnx.fold.patterns.standalone import STANDALONE_MODES, STANDALONE_PATTERNS
+
+STANDALONE = tuple(STANDALONE_PATTERNS.values())
+ALL_PATTERNS = (*FORWARD_PATTERNS, *BACKWARD_PATTERNS, *STANDALONE)
+PATTERN_NAMES = (*(p.name for p in FORWARD_PATTERNS + BACKWARD_PATTERNS), AFFINE_CHAIN, *(p.name for p in STANDALONE))
+OPT_IN_PATTERNS = tuple(p.name for p in STANDALONE)
+
+__all__ = ["AFFINE_CHAIN", "ALL_PATTERNS", "OPT_IN_PATTERNS", "PATTERN_NAMES", "STANDALONE_MODES",
+           "STANDALONE_PATTERNS"]

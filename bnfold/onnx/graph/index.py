@@ -1,0 +1,329 @@
+"""An editable index over one ONNX graph: producers, consumers, constants and safe rewrites.
+
+Tensors are converted to numpy only when a fold touches them; one kept in an external file is read then,
+through :mod:`bnfold.onnx.store.external`'s checks. Weights used by more than one node are cloned under a
+fresh name, never changed in place; values a rewrite disconnects are removed at :meth:`GraphIndex.commit`
+only if nothing else reads them.
+
+A subgraph (``If`` branch, ``Loop``/``Scan`` body) gets its own index with ``outer`` set to the enclosing
+one: outer values resolve as constants through it, and a node whose subgraph reads an outer value counts
+as a reader of that value in the outer graph. A fold inside never edits an outer tensor: the new tensor
+becomes an initializer of the subgraph itself, so the outer one stays intact for its other readers (and
+the outer sweep drops it once :meth:`GraphIndex.refresh_reads` shows nothing reads it any more).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
+
+from bnfold.core.affine import ChannelAffine
+from bnfold.errors import InputError
+from bnfold.onnx.graph.constants import ConstantResolver
+from bnfold.onnx.graph.types import ValueType
+from bnfold.onnx.store.external import (
+    HeldTensors,
+    HeldValue,
+    clear_value,
+    external_array,
+    held_array,
+    held_value,
+    hold,
+    holdable,
+    inline_array,
+    is_external,
+)
+
+
+def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
+    for attribute in node.attribute:
+        if attribute.type == AttributeProto.GRAPH:
+            yield attribute.g
+        elif attribute.type == AttributeProto.GRAPHS:
+            yield from attribute.graphs
+
+
+def outer_names(graph: GraphProto) -> set[str]:
+    """Names a (sub)graph reads from enclosing scopes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(i for i in node.input if i)
+        for subgraph in subgraphs(node):
+            used.update(outer_names(subgraph))
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+class NameAllocator:
+    """Fresh, deterministic names that collide with nothing in the model."""
+
+    def __init__(self, graphs: Iterable[GraphProto]) -> None:
+        self._taken: set[str] = set()
+        for graph in graphs:
+            self._add_graph(graph)
+
+    def _add_graph(self, graph: GraphProto) -> None:
+        self._taken.update(t.name for t in graph.initializer)
+        self._taken.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+        for node in graph.node:
+            self._taken.update(node.input)
+            self._taken.update(node.output)
+            self._taken.add(node.name)
+            for subgraph in subgraphs(node):
+                self._add_graph(subgraph)
+
+    def fresh(self, base: str) -> str:
+        name, suffix = base, 1
+        while name in self._taken:
+            name = f"{base}_{suffix}"
+            suffix += 1
+        self._taken.add(name)
+        return name
+
+
+class GraphIndex:
+    def __init__(
+        self,
+        graph: GraphProto,
+        types: dict[str, ValueType],
+        names: NameAllocator,
+        *,
+        opset: int,
+        allow_overridable: bool = False,
+        outer: GraphIndex | None = None,
+        scope: str = "",
+        base_dir: Path | None = None,
+        held: HeldTensors | None = None,
+    ) -> None:
+        self.graph = graph
+        # Where written values go instead of the proto (main graph only, see external.HeldTensors).
+        self.held = held
+        self.types = types
+        self.names = names
+        self.opset = opset
+        self.allow_overridable = allow_overridable
+        self.scope = scope
+        self.base_dir = base_dir if base_dir is not None or outer is None else outer.base_dir
+        self.initializers: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {i.name for i in graph.input}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.nodes: list[NodeProto] = list(graph.node)
+        self.producers: dict[str, NodeProto] = {}
+        self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            self._register(node)
+        self.constants = ConstantResolver(self, outer.constants if outer is not None else None)
+        self._arrays: dict[str, np.ndarray] = {}
+        self._removed: set[int] = set()
+        self._maybe_dead: set[str] = set()
+        self._vanished: set[str] = set()
+        # Nodes a rewrite created or re-typed: the driver does not fold them again in the same pass.
+        self.placed: set[int] = set()
+        # Batch norms' maps while one anchor is planned (every pattern reads the same ones); see fold_node.
+        self.batchnorm_affines: dict[int, ChannelAffine] = {}
+
+    # -- queries ---------------------------------------------------------------------------------
+    def _reads(self, node: NodeProto) -> list[str]:
+        reads = [i for i in node.input if i]
+        for subgraph in subgraphs(node):
+            reads.extend(sorted(outer_names(subgraph)))
+        return reads
+
+    def _register(self, node: NodeProto) -> None:
+        for name in node.output:
+            if name:
+                self.producers[name] = node
+        for name in self._reads(node):
+            self.consumers[name].append(node)
+
+    def users(self, name: str) -> list[NodeProto]:
+        return self.consumers.get(name, [])
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.graph_outputs
+
+    def tensor_value(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = self.tensor_array(self.initializers[name])
+        return self._arrays[name]
+
+    def forget_value(self, name: str) -> None:
+        self._arrays.pop(name, None)
+        self.constants.forget(name)
+
+    def tensor_array(self, tensor: TensorProto) -> np.ndarray:
+        """The value of any tensor of this graph, an external one read from ``base_dir`` after its checks."""
+        value = held_value(tensor, self.held)
+        if value is not None:
+            return held_array(value)
+        if not is_external(tensor):
+            return inline_array(tensor)
+        if self.base_dir is None:
+            raise InputError(f"tensor {tensor.name!r} keeps its data in an external file, but the model's "
+                             f"directory is unknown; load the model from its path")
+        return external_array(tensor, self.base_dir)
+
+    def value_type(self, name: str) -> ValueType | None:
+        return self.types.get(name)
+
+    def is_removed(self, node: NodeProto) -> bool:
+        return id(node) in self._removed
+
+    def node_label(self, node: NodeProto) -> str:
+        return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+    # -- rewrites --------------------------------------------------------------------------------
+    def set_input(self, node: NodeProto, slot: int, name: str) -> None:
+        while len(node.input) <= slot:
+            node.input.append("")
+        old = node.input[slot]
+        if old:
+            self.consumers[old].remove(node)
+            self._maybe_dead.add(old)
+        node.input[slot] = name
+        self.consumers[name].append(node)
+
+    def set_output(self, node: NodeProto, slot: int, name: str) -> None:
+        old = node.output[slot]
+        self.producers.pop(old, None)
+        self._vanished.add(old)
+        node.output[slot] = name
+        self.producers[name] = node
+        # The node computes what it did, under a new name: a fresh name must not lose the known type, or a
+        # later fold in this run refuses what a second run (inferring types again) would fold.
+        if old in self.types and name not in self.types:
+            self.types[name] = self.types[old]
+
+    def remove_node(self, node: NodeProto) -> None:
+        self._removed.add(id(node))
+        for name in node.output:
+            if self.producers.get(name) is node:
+                del self.producers[name]
+                self._vanished.add(name)
+        for name in self._reads(node):
+            self.consumers[name].remove(node)
+            self._maybe_dead.add(name)
+
+    def write_tensor(self, node: NodeProto, slot: int, value: HeldValue, base: str) -> str:
+        """Feed ``value`` to ``node.input[slot]``; reuse the initializer only if nothing else reads it."""
+        old = node.input[slot] if slot < len(node.input) else ""
+        if self._exclusive(old, node):
+            self._store(self.initializers[old], value, old)
+            # The proto (or ``held``) has the value now; a second numpy copy of every folded weight would
+            # double the memory a large model needs. A later read converts it again.
+            self.forget_value(old)
+            return old
+        name = self.names.fresh(base)
+        tensor = TensorProto()
+        self._store(tensor, value, name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = self.graph.initializer[-1]
+        self.set_input(node, slot, name)
+        return name
+
+    def _exclusive(self, name: str, node: NodeProto) -> bool:
+        """``name`` is an initializer only ``node`` reads, once, and no caller can override."""
+        return (
+            name in self.initializers
+            and name not in self.graph_inputs
+            and self.users(name) == [node]
+            and list(node.input).count(name) == 1
+        )
+
+    def _store(self, tensor: TensorProto, value: HeldValue, name: str) -> None:
+        if holdable(value, self.held):
+            hold(tensor, value, name, self.held)
+        else:
+            clear_value(tensor)
+            tensor.MergeFrom(numpy_helper.from_array(held_array(value), name))
+
+    def turn_into(self, node: NodeProto, replacement: NodeProto) -> None:
+        """Replace ``node`` by ``replacement`` at the same position (keeps topological order)."""
+        for name in self._reads(node):
+            self.consumers[name].remove(node)
+            self._maybe_dead.add(name)
+        for name in node.output:
+            self.producers.pop(name, None)
+            self._vanished.add(name)
+        node.CopyFrom(replacement)
+        self._register(node)
+        self.placed.add(id(node))
+
+    def insert_after(self, anchor: NodeProto, node: NodeProto) -> NodeProto:
+        """Add ``node`` right after ``anchor`` (keeps topological order); returns the node as stored."""
+        position = next(i for i, n in enumerate(self.nodes) if n is anchor) + 1
+        self.graph.node.insert(position, node)
+        stored = self.graph.node[position]
+        self.nodes.insert(position, stored)
+        self._register(stored)
+        self.placed.add(id(stored))
+        return stored
+
+    def refresh_reads(self, node: NodeProto) -> None:
+        """Re-register what ``node`` reads after a fold inside one of its subgraphs; outer values the
+        subgraph stopped reading become candidates for the dead-value sweep."""
+        before = {name for name, readers in self.consumers.items() if any(r is node for r in readers)}
+        for name in before:
+            self.consumers[name] = [r for r in self.consumers[name] if r is not node]
+        reads = self._reads(node)
+        for name in reads:
+            self.consumers[name].append(node)
+        self._maybe_dead.update(before - set(reads))
+
+    # -- commit ----------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Drop what the rewrites left unread, then write nodes and initializers back to the graph."""
+        self._sweep_dead_values()
+        if self._removed:
+            for position in reversed(range(len(self.nodes))):
+                if id(self.nodes[position]) in self._removed:
+                    del self.graph.node[position]
+            self.nodes = [n for n in self.nodes if id(n) not in self._removed]
+            self._removed.clear()
+        dead_initializers = [
+            name for name in self.initializers
+            if name in self._maybe_dead and not self.users(name) and name not in self.graph_inputs
+            and name not in self.graph_outputs
+        ]
+        if dead_initializers:
+            dead = set(dead_initializers)
+            for position in reversed(range(len(self.graph.initializer))):
+                if self.graph.initializer[position].name in dead:
+                    del self.graph.initializer[position]
+            for name in dead:
+                del self.initializers[name]
+        if self._vanished:
+            stale = [v for v in self.graph.value_info if v.name in self._vanished and v.name not in self.producers]
+            for info in stale:
+                self.graph.value_info.remove(info)
+            self._vanished.clear()
+        self._maybe_dead.clear()
+        # Every value is in the protos now; cached arrays would hold a copy of each tensor read.
+        self._arrays.clear()
+        self.constants.forget_all()
+
+    def _sweep_dead_values(self) -> None:
+        pending = sorted(self._maybe_dead)
+        while pending:
+            name = pending.pop()
+            producer = self.producers.get(name)
+            if producer is None or id(producer) in self._removed:
+                continue
+            if any(self.users(out) or self.is_graph_output(out) for out in producer.output if out):
+                continue
+            self.remove_node(producer)
+            pending.extend(i for i in self._reads(producer))
+
+
+def opset_version(model: onnx.ModelProto | onnx.FunctionProto, domain: str = "") -> int:
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(entry.version)
+    return 0

@@ -1,0 +1,423 @@
+"""Reading and writing ONNX files safely: one-line errors for bad input, atomic writes, and external data
+that may only come from the model's own directory (the rules are in :mod:`bnfold.onnx.store.external`).
+
+A model read with ``load_external_data=False`` keeps its external tensors on disk: their ``location``s stay
+relative to the directory it was read from, which the caller passes on as ``base_dir``. Reads then fetch one
+tensor on demand, and :func:`write_model` copies the tensors nobody touched from their source file in chunks,
+so a model over 2 GB never needs to be in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import onnx
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
+
+from bnfold.core.interrupts import deferred_interrupts
+from bnfold.errors import InputError, OutputError
+from bnfold.onnx.store.external import (
+    HeldTensors,
+    check_external_refs,
+    check_sources_intact,
+    copy_external,
+    external_ref,
+    held_array,
+    held_value,
+    is_external,
+    model_tensors,
+    payload_bytes,
+    read_external,
+    write_held,
+)
+from bnfold.onnx.store.wire import WireError, copy_fields, read_skeleton, without_initializers, write_inline
+
+# Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
+PROTOBUF_LIMIT = 2**31 - 2**24
+# Smaller tensors stay inline in the .onnx file, as onnx's own converter does.
+EXTERNAL_MIN_BYTES = 1024
+# A lazily read model leaves main-graph tensors this large in the file until a fold reads them: the weights.
+# Smaller ones (batch norm parameters, biases) are parsed with the rest; reading each on its own costs more
+# than the memory it saves.
+LAZY_MIN_BYTES = 16 << 10
+# Tensors at least this large start on this boundary in the data file, so onnxruntime can memory-map them
+# (64 KiB is Windows' mapping granularity and a multiple of every page size; onnx caps padding at it too).
+ALIGNMENT = 64 << 10
+
+
+def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> ModelProto:
+    """Load an ONNX file; raise ``InputError`` with one line on any problem.
+
+    Every external tensor's location is checked before anything is read. With ``load_external_data=False``
+    the tensors stay on disk (see the module docstring); their base directory is ``Path(path).parent``.
+    """
+    source = _regular_file(path)
+    try:
+        data = source.read_bytes()
+    except OSError as error:
+        raise InputError(f"{source}: cannot read ({error.strerror or error})") from None
+    if not data:
+        raise InputError(f"{source}: file is empty")
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        raise InputError(f"{source}: not an ONNX model (the protobuf does not parse)") from None
+    del data
+    return _checked(model, source, load_external_data)
+
+
+def read_model_lazy(path: str | os.PathLike[str]) -> ModelProto:
+    """:func:`read_model` with ``load_external_data=False``, and the main graph's large inline tensors left
+    in the file too: they become external references to the file itself (see :mod:`bnfold.onnx.store.wire`),
+    read only when a fold needs them. Their base directory is ``Path(path).parent``."""
+    source = _regular_file(path)
+    try:
+        model = read_skeleton(source, LAZY_MIN_BYTES)
+    except (WireError, DecodeError, ValueError, RuntimeError, OSError):
+        return read_model(source, load_external_data=False)  # which names the problem, if there is one
+    return _checked(model, source, load_external_data=False)
+
+
+def _regular_file(path: str | os.PathLike[str]) -> Path:
+    source = Path(path)
+    if not source.exists():
+        raise InputError(f"{source}: no such file")
+    if source.is_dir():
+        raise InputError(f"{source}: is a directory, not an ONNX file")
+    if not source.is_file():  # a FIFO or a device would block the read or never end it
+        raise InputError(f"{source}: not a regular file")
+    return source
+
+
+def _checked(model: ModelProto, source: Path, load_external_data: bool) -> ModelProto:
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise InputError(f"{source}: not an ONNX model (no graph or IR version)")
+    try:
+        check_supported(model)
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
+    external = [tensor for tensor in model_tensors(model) if is_external(tensor)]
+    try:
+        check_external_refs(external, source.parent)
+        if load_external_data:
+            for tensor in external:
+                _set_inline(tensor, read_external(tensor, source.parent))
+    except InputError as error:
+        raise InputError(f"{source}: {error}") from None
+    return model
+
+
+def inline_main_tensors(model: ModelProto, source: Path | None, held: HeldTensors) -> None:
+    """Bring into ``model`` the main-graph tensors :func:`read_model_lazy` left in ``source`` itself and the
+    values a fold held outside it."""
+    for tensor in model.graph.initializer:
+        value = held_value(tensor, held)
+        if value is not None:
+            tensor.raw_data = held_array(value).tobytes()
+        elif source is not None and is_external(tensor) and _location(tensor) == source.name:
+            _set_inline(tensor, read_external(tensor, source.parent))
+
+
+def _location(tensor: TensorProto) -> str | None:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+
+
+def check_supported(model: ModelProto) -> None:
+    """Refuse what no later step could handle: text that is not UTF-8 (protobuf hands it back as bytes), or
+    an IR or opset newer than the installed onnx, whose checker and shape inference cannot vouch for it."""
+    field = _non_utf8_text(model)
+    if field is not None:
+        raise InputError(f"not a valid ONNX model: field {field} holds text that is not UTF-8")
+    if model.ir_version > onnx.IR_VERSION:
+        raise InputError(f"IR version {model.ir_version} is newer than the installed onnx {onnx.__version__} "
+                         f"supports ({onnx.IR_VERSION})")
+    latest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and entry.version > latest:
+            raise InputError(f"opset {entry.version} is newer than the installed onnx {onnx.__version__} "
+                             f"supports ({latest})")
+
+
+def _non_utf8_text(message: Message) -> str | None:
+    """The first string field in ``message`` or the messages inside it that is not valid UTF-8, by name."""
+    for field, value in message.ListFields():  # set fields only: a model has thousands of messages
+        is_text, is_message, repeated = _field_kind(field)
+        if is_text:
+            if (bytes in map(type, value)) if repeated else type(value) is bytes:
+                return field.full_name
+        elif is_message:
+            for child in value if repeated else (value,):
+                found = _non_utf8_text(child)
+                if found is not None:
+                    return found
+    return None
+
+
+@functools.cache  # the walk asks for every field of every message
+def _field_kind(field: FieldDescriptor) -> tuple[bool, bool, bool]:
+    """(string, message, repeated)"""
+    return field.type == field.TYPE_STRING, field.type == field.TYPE_MESSAGE, field.is_repeated
+
+
+def has_external_tensors(model: ModelProto) -> bool:
+    return any(is_external(tensor) for tensor in model_tensors(model))
+
+
+def tensor_bytes(model: ModelProto) -> int:
+    """Bytes of all tensor data, in memory or in external files, from dims and dtypes. It stands in for
+    ``ByteSize()``, which under upb serializes the whole model to count (and fails at 2 GiB)."""
+    return sum(payload_bytes(tensor) or 0 for tensor in model_tensors(model))
+
+
+def write_model(
+    model: ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: str | None = None,
+    external_threshold: int = PROTOBUF_LIMIT,
+    base_dir: str | os.PathLike[str] | None = None,
+    held: HeldTensors | None = None,
+) -> list[Path]:
+    """Write ``model`` atomically: a temporary directory next to the destination, fsync, rename.
+
+    Models whose tensors have ``external_threshold`` bytes or more (counting those still on disk, see
+    :func:`tensor_bytes`), or that protobuf cannot hold in one message, are written with every
+    tensor of ``EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
+    ``external_data`` (a plain file name; default ``<name>.data``). Smaller models are one file. ``base_dir``
+    is where a lazily read model's external tensors are (its source directory); ``held`` has the values of
+    tensors a fold kept outside the model (see ``external.HeldTensors``). ``model`` is not modified.
+    Returns the paths written; on failure nothing at the destination changes and no temporary file remains.
+    """
+    destination = Path(path)
+    directory = destination.parent if str(destination.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"{destination}: directory {directory} does not exist")
+    if destination.is_dir():
+        raise OutputError(f"{destination}: is a directory")
+    location = external_data or f"{destination.name}.data"
+    _check_data_file_name(location, destination)
+    on_disk = [tensor for tensor in model_tensors(model) if is_external(tensor)]
+    if on_disk and base_dir is None:
+        raise OutputError(f"{destination}: the model keeps tensors in external files; pass the directory it was "
+                          f"read from as base_dir")
+    source_dir = Path(base_dir) if base_dir is not None else directory
+    check_external_refs(on_disk, source_dir)
+    check_sources_intact((held or {}).values())
+    staging: Path | None = None
+    try:
+        try:
+            # Deferred, so an interrupt cannot fall between creating the directory and knowing to remove it.
+            with deferred_interrupts():
+                staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory))
+        except OSError as error:
+            raise OutputError(f"{destination}: cannot write to {directory} ({error.strerror or error})") from None
+        staged = staging / destination.name
+        moves: list[tuple[Path, Path]] = []
+        one_message = (tensor_bytes(model) < external_threshold
+                       and _write_one_message(model, staged, source_dir, held))
+        if not one_message:
+            with open(staging / location, "wb") as data_file:
+                writer = _DataFileWriter(data_file, location, source_dir, held)
+                serialized = _copy_model(model, writer).SerializeToString()
+                if data_file.tell():  # no tensor was large enough: no data file
+                    moves.append((staging / location, directory / location))
+            staged.write_bytes(serialized)
+            del serialized
+        moves.append((staged, destination))
+        for source, _ in moves:
+            _fsync(source)
+        with deferred_interrupts():  # a model and its data file are replaced together or not at all
+            for source, target in moves:
+                os.replace(source, target)
+        _fsync_directory(directory)
+        return [target for _, target in moves]
+    except OSError as error:
+        raise OutputError(f"{destination}: write failed ({error.strerror or error}); nothing was replaced") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_file(model: ModelProto, base_dir: Path | None, held: HeldTensors | None = None, *,
+                external_threshold: int = PROTOBUF_LIMIT) -> Iterator[Path]:
+    """``model`` written (see :func:`write_model`) to a temporary file, for the checker or onnxruntime to
+    read from disk; removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
+        path = Path(staging) / "folded.onnx"
+        write_model(model, path, external_threshold=external_threshold, base_dir=base_dir, held=held)
+        yield path
+
+
+def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: HeldTensors | None) -> bool:
+    """Write the whole model to ``path`` as one protobuf message, streaming the main graph's tensors; False,
+    having written nothing, if it would be 2 GiB or more, which protobuf refuses to read (this happens when
+    the graph itself weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
+    attached = itertools.islice(model_tensors(model), len(model.graph.initializer), None)
+    if any(is_external(tensor) for tensor in attached):  # in subgraphs, attributes, functions: inlined
+        rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
+    else:  # nothing to inline, so protobuf copies the nodes itself, not one by one in Python
+        rest = without_initializers(model)
+    with open(path, "wb") as handle:
+        return write_inline(model, rest, handle, base_dir, held, limit=2**31 - 1)
+
+
+def _check_data_file_name(location: str, destination: Path) -> None:
+    if (not location or location in (".", "..") or os.path.basename(location) != location or "\\" in location
+            or "/" in location):
+        raise OutputError(f"{destination}: external data name {location!r} must be a plain file name")
+    if location == destination.name:
+        raise OutputError(f"{destination}: external data name {location!r} is the model file itself")
+
+
+def _set_inline(tensor: TensorProto, data: bytes) -> None:
+    tensor.raw_data = data
+    # Cleared, not set to DEFAULT: a tensor the lazy reader left in the file comes back as the file had it.
+    tensor.ClearField("data_location")
+    del tensor.external_data[:]
+
+
+def _inline_copy(tensor: TensorProto, base_dir: Path) -> TensorProto | None:
+    if not is_external(tensor):
+        return None
+    copy = _metadata_copy(tensor)
+    copy.raw_data = read_external(tensor, base_dir)
+    return copy
+
+
+def _metadata_copy(tensor: TensorProto) -> TensorProto:
+    copy = TensorProto()
+    copy_fields(tensor, copy, skip={"raw_data", "external_data", "data_location"})
+    return copy
+
+
+class _DataFileWriter:
+    """Moves the payload of every tensor of ``EXTERNAL_MIN_BYTES`` or more into one data file, in the order
+    the tensors are visited, so equal models give byte-identical files."""
+
+    def __init__(self, handle: BinaryIO, location: str, base_dir: Path, held: HeldTensors | None) -> None:
+        self._handle = handle
+        self._location = location
+        self._base_dir = base_dir
+        self._held = held
+
+    def __call__(self, tensor: TensorProto) -> TensorProto | None:
+        value = held_value(tensor, self._held)
+        if value is not None:
+            length = value.nbytes
+        elif is_external(tensor):
+            length = external_ref(tensor, self._base_dir).length
+        elif tensor.HasField("raw_data"):
+            length = len(tensor.raw_data)
+        else:
+            return None  # typed fields (float_data, ...): rare and small, left as they are
+        if length < EXTERNAL_MIN_BYTES:
+            return _inline_copy(tensor, self._base_dir)
+        handle = self._handle
+        if length >= ALIGNMENT:
+            handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
+        offset = handle.tell()
+        if value is not None:
+            write_held(value, handle)
+        elif is_external(tensor):
+            copy_external(tensor, self._base_dir, handle)
+        else:
+            handle.write(tensor.raw_data)
+        stored = _metadata_copy(tensor)
+        stored.data_location = TensorProto.EXTERNAL
+        for key, text in (("location", self._location), ("offset", str(offset)), ("length", str(length))):
+            entry = stored.external_data.add()
+            entry.key, entry.value = key, text
+        return stored
+
+
+# --- a copy of the model with some tensors replaced ------------------------------------------------------
+# Clearing a field does not give memory back (protobuf's arena keeps it until the message dies), so the
+# model is never edited and restored: the copy takes everything but the replaced tensors' payloads.
+
+Replace = Callable[[TensorProto], TensorProto | None]
+
+
+def _copy_tensor(source: TensorProto, target: TensorProto, replace: Replace) -> None:
+    target.CopyFrom(replace(source) or source)
+
+
+def _copy_sparse(source: SparseTensorProto, target: SparseTensorProto, replace: Replace) -> None:
+    copy_fields(source, target, skip={"values", "indices"})
+    _copy_tensor(source.values, target.values, replace)
+    _copy_tensor(source.indices, target.indices, replace)
+
+
+def _copy_attribute(source: AttributeProto, target: AttributeProto, replace: Replace) -> None:
+    copy_fields(source, target, skip={"t", "tensors", "g", "graphs", "sparse_tensor", "sparse_tensors"})
+    if source.HasField("t"):
+        _copy_tensor(source.t, target.t, replace)
+    for tensor in source.tensors:
+        _copy_tensor(tensor, target.tensors.add(), replace)
+    if source.HasField("sparse_tensor"):
+        _copy_sparse(source.sparse_tensor, target.sparse_tensor, replace)
+    for sparse in source.sparse_tensors:
+        _copy_sparse(sparse, target.sparse_tensors.add(), replace)
+    if source.HasField("g"):
+        _copy_graph(source.g, target.g, replace)
+    for graph in source.graphs:
+        _copy_graph(graph, target.graphs.add(), replace)
+
+
+def _copy_nodes(source: list[NodeProto], target, replace: Replace) -> None:
+    for node in source:
+        copy = target.add()
+        copy_fields(node, copy, skip={"attribute"})
+        for attribute in node.attribute:
+            _copy_attribute(attribute, copy.attribute.add(), replace)
+
+
+def _copy_graph(source: GraphProto, target: GraphProto, replace: Replace, initializers: bool = True) -> None:
+    copy_fields(source, target, skip={"initializer", "sparse_initializer", "node"})
+    for tensor in source.initializer if initializers else ():
+        _copy_tensor(tensor, target.initializer.add(), replace)
+    for sparse in source.sparse_initializer:
+        _copy_sparse(sparse, target.sparse_initializer.add(), replace)
+    _copy_nodes(source.node, target.node, replace)
+
+
+def _copy_function(source: FunctionProto, target: FunctionProto, replace: Replace) -> None:
+    copy_fields(source, target, skip={"node"})
+    _copy_nodes(source.node, target.node, replace)
+
+
+def _copy_model(model: ModelProto, replace: Replace, initializers: bool = True) -> ModelProto:
+    """``model`` with each tensor ``t`` replaced by ``replace(t)`` unless that is None; in
+    :func:`~bnfold.onnx.store.external.model_tensors` order. Without the main graph's initializers unless
+    ``initializers``."""
+    copy = ModelProto()
+    copy_fields(model, copy, skip={"graph", "functions"})
+    _copy_graph(model.graph, copy.graph, replace, initializers)
+    for function in model.functions:
+        _copy_function(function, copy.functions.add(), replace)
+    return copy
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

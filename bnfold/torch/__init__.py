@@ -1,0 +1,66 @@
+"""PyTorch front: fold batch norms in nn.Module, TorchScript and torch.export programs.
+
+Importing this package does not import torch; each entry point does, and raises
+:class:`bnfold.errors.MissingDependencyError` when torch is missing.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+from bnfold.core.report import FoldReport
+from bnfold.torch.deps import require_torch
+from bnfold.torch.result import FoldResult
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from torch import nn
+
+__all__ = ["FoldResult", "fold_module", "fold_torch_file"]
+
+
+def fold_module(
+    module: nn.Module,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    **options: Any,
+) -> FoldResult:
+    """Fold the batch norms of ``module`` into neighbouring conv/linear layers, exactly.
+
+    Returns a model of the same class with folded BNs replaced by ``nn.Identity`` and layer
+    weights/biases updated; with ``inplace=False`` the original is left untouched. Options:
+    ``allow_train_mode`` (fold a train-mode model as its eval-mode behaviour), ``input_shapes``
+    (generate example inputs), ``verify`` (compare outputs, default True when inputs exist),
+    ``export_onnx`` (path: export the folded model and check it under onnxruntime), ``progress``.
+    """
+    require_torch()
+    from bnfold.torch.fold.module import fold_module as fold
+
+    return fold(module, example_inputs, inplace=inplace, **options)
+
+
+def fold_torch_file(
+    input_path: str | PathLike[str],
+    output_path: str | PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shapes: Mapping[str, tuple[int, ...]] | Sequence[tuple[int, ...]] | None = None,
+    export_onnx: str | PathLike[str] | None = None,
+    verify: bool = True,
+    allow_train_mode: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> FoldReport:
+    """Fold a ``.pt2`` program, a TorchScript file or (with ``trust_pickle``) a pickled module.
+
+    The format is detected from the content; the result is written atomically in the same format.
+    """
+    require_torch()
+    from bnfold.torch.files import fold_file
+
+    return fold_file(
+        input_path, output_path, trust_pickle=trust_pickle, input_shapes=input_shapes,
+        export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode, progress=progress,
+    )

@@ -1,0 +1,245 @@
+"""fold_torch_file: fold a .pt2 program, a TorchScript file or a (trusted) pickled module on disk.
+
+The input file is only read. The output is written to a temporary file beside the destination,
+checked, fsynced and renamed over it, so the destination never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bnfold.core.interrupts import deferred_interrupts
+from bnfold.core.report import FoldReport
+from bnfold.errors import BnfoldError, InputError, OutputError
+from bnfold.torch.checks import Verification, VerificationSet, compare, exact_math
+from bnfold.torch.running import Inputs, random_inputs
+
+Format = Literal["pt2", "torchscript", "pickle"]
+Shapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
+
+
+class VerificationFailed(BnfoldError):
+    """The folded model does not match the original; nothing was written."""
+
+    def __init__(self, report: FoldReport) -> None:
+        super().__init__("the folded model does not match the original; nothing was written")
+        self.report = report
+
+
+def detect_format(path: Path) -> Format:
+    """The file's format from its content (zip members or pickle header), not its extension."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        else:
+            names = []
+    except (OSError, zipfile.BadZipFile) as error:
+        raise InputError(f"cannot read {path}: {error}") from error
+    members = {name.split("/", 1)[1] if "/" in name else name for name in names}
+    if "archive_format" in members or any(m.startswith("models/") for m in members):
+        return "pt2"
+    if any(m.startswith("code/") for m in members) and "constants.pkl" in members:
+        return "torchscript"
+    if "data.pkl" in members or (not names and head[:1] == b"\x80"):
+        return "pickle"
+    raise InputError(f"{path} is not a .pt2 program, a TorchScript file or a pickled torch module")
+
+
+def fold_file(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shapes: Shapes | None = None,
+    export_onnx: str | os.PathLike[str] | None = None,
+    verify: bool = True,
+    allow_train_mode: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> FoldReport:
+    source, destination = Path(input_path), Path(output_path)
+    say = progress or (lambda _message: None)
+    if not source.is_file():
+        raise InputError(f"{source} does not exist or is not a file")
+    if destination.exists() and destination.resolve() == source.resolve():
+        raise InputError("the output path must differ from the input path (the input is never modified)")
+    if not destination.parent.is_dir():
+        raise OutputError(f"the output directory {destination.parent} does not exist")
+    kind = detect_format(source)
+    say(f"{source.name}: {kind}")
+    fold = {"pt2": _fold_pt2, "torchscript": _fold_torchscript, "pickle": _fold_pickle}[kind]
+    with exact_math():
+        return fold(
+            source, destination, trust_pickle=trust_pickle, input_shapes=input_shapes,
+            export_onnx=None if export_onnx is None else Path(export_onnx), verify=verify,
+            allow_train_mode=allow_train_mode, say=say,
+        )
+
+
+def _fold_pt2(source: Path, destination: Path, *, input_shapes, export_onnx, verify, say, **_: Any) -> FoldReport:
+    from bnfold.torch.fold.exported import fold_exported
+
+    program = _load(lambda: torch.export.load(str(source)), source, "a torch.export program")
+    inputs = _program_inputs(program, input_shapes)
+    reference = program.module()(*inputs.args, **inputs.kwargs) if inputs is not None else None
+    say("folding the exported program")
+    report = fold_exported(program)
+    with _atomic(destination) as temporary:
+        _save(lambda: torch.export.save(program, str(temporary)))
+        checks = []
+        if verify and reference is not None:
+            reloaded = torch.export.load(str(temporary))
+            checks.append(compare(reference, reloaded.module()(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))
+        if export_onnx is not None and inputs is not None:
+            from bnfold.torch.export import export_and_check
+
+            checks.append(export_and_check(program, inputs, reference, export_onnx))
+        _attach(report, checks)
+    return report
+
+
+def _fold_torchscript(
+    source: Path, destination: Path, *, input_shapes, export_onnx, verify, allow_train_mode, say, **_: Any
+) -> FoldReport:
+    from bnfold.torch.fold.scripted import fold_scripted
+
+    original = _load(lambda: torch.jit.load(str(source), map_location="cpu"), source, "TorchScript")
+    work = torch.jit.load(str(source), map_location="cpu")
+    if work.training:
+        if not allow_train_mode:
+            raise InputError(_TRAIN_MODE)
+        work.eval()
+        original.eval()
+    inputs = random_inputs(original, input_shapes) if input_shapes is not None else None
+    reference = original(*inputs.args, **inputs.kwargs) if inputs is not None else None
+    say("folding the TorchScript module")
+    report = fold_scripted(work)
+    with _atomic(destination) as temporary:
+        _save(lambda: torch.jit.save(work, str(temporary)))
+        reloaded = torch.jit.load(str(temporary), map_location="cpu")
+        checks = []
+        if verify and inputs is not None:
+            checks.append(compare(reference, reloaded(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))
+        if export_onnx is not None and inputs is not None:
+            from bnfold.torch.export import export_and_check
+
+            checks.append(export_and_check(reloaded, inputs, reference, export_onnx))
+        _attach(report, checks)
+    return report
+
+
+def _fold_pickle(
+    source: Path, destination: Path, *, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, say,
+) -> FoldReport:
+    from bnfold.torch.fold.module import fold_module
+
+    if not trust_pickle:
+        raise InputError(
+            f"{source.name} is a pickled module and unpickling runs arbitrary code: "
+            "refusing to load it without trust_pickle=True (--trust-pickle)"
+        )
+    model = _load(lambda: torch.load(str(source), map_location="cpu", weights_only=False), source, "a torch file")
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"{source.name} holds a {type(model).__name__}, not a module: a state dict cannot be folded "
+            "without the model's code"
+        )
+    result = fold_module(
+        model, None, inplace=True, allow_train_mode=allow_train_mode, input_shapes=input_shapes,
+        verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say,
+    )
+    if result.report.verification is not None and not result.report.verification.passed:
+        raise VerificationFailed(result.report)
+    with _atomic(destination) as temporary:
+        _save(lambda: torch.save(result.model, str(temporary)))
+    return result.report
+
+
+_TRAIN_MODE = (
+    "the model is in training mode; save it after model.eval(), or pass allow_train_mode=True "
+    "to fold its eval-mode behaviour"
+)
+
+
+def _program_inputs(program: Any, shapes: Shapes | None) -> Inputs | None:
+    if shapes is not None:
+        holder = nn.Module()
+        floats = [t for t in program.state_dict.values() if t.is_floating_point()]
+        if floats:
+            holder.register_buffer("reference", floats[0].detach())
+        return random_inputs(holder, shapes)
+    stored = getattr(program, "example_inputs", None)
+    if stored is None:
+        return None
+    args, kwargs = stored
+    return Inputs(tuple(args), dict(kwargs))
+
+
+def _attach(report: FoldReport, checks: list[Verification]) -> None:
+    if checks:
+        report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
+        if not report.verification.passed:
+            raise VerificationFailed(report)
+
+
+def _load(load: Callable[[], Any], source: Path, what: str) -> Any:
+    try:
+        return load()
+    except Exception as error:
+        message = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot load {source.name} as {what}: {message}") from error
+
+
+def _save(save: Callable[[], None]) -> None:
+    try:
+        save()
+    except Exception as error:
+        raise OutputError(f"cannot write the folded model: {type(error).__name__}: {error}") from error
+
+
+@contextlib.contextmanager
+def _atomic(destination: Path) -> Iterator[Path]:
+    """A temporary path beside ``destination``; renamed over it only if the block succeeds."""
+    temporary: Path | None = None
+    try:
+        # Deferred, so an interrupt cannot fall between creating the file and knowing to remove it.
+        with deferred_interrupts():
+            handle, name = tempfile.mkstemp(
+                prefix=f".{destination.name}.", suffix=destination.suffix or ".tmp", dir=destination.parent
+            )
+            os.close(handle)
+            temporary = Path(name)
+        yield temporary
+        with temporary.open("rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, destination)
+    except OSError as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {destination}: {error.strerror or error}") from None
+    except BaseException:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):
+        directory = os.open(destination.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def atomic_destination(destination: Path) -> contextlib.AbstractContextManager[Path]:
+    """The atomic write used for every file bnfold's PyTorch side writes."""
+    return _atomic(destination)

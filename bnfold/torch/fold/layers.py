@@ -1,0 +1,145 @@
+"""What bnfold knows about torch.nn modules: which are BNs and layers, and their fold geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
+
+from bnfold.core.affine import ChannelAffine, FoldRefused, contract_shift, scale_weight
+from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
+from bnfold.torch.fold.tensors import from_float64, optional_float64, to_float64
+
+_CONV_CLASSES: dict[type[nn.Module], tuple[str, int]] = {
+    nn.Conv1d: ("conv", 1), nn.Conv2d: ("conv", 2), nn.Conv3d: ("conv", 3),
+    nn.ConvTranspose1d: ("convtranspose", 1), nn.ConvTranspose2d: ("convtranspose", 2),
+    nn.ConvTranspose3d: ("convtranspose", 3),
+}
+_BN_RANKS: dict[type[nn.Module], frozenset[int]] = {
+    nn.BatchNorm1d: frozenset({2, 3}), nn.BatchNorm2d: frozenset({4}), nn.BatchNorm3d: frozenset({5}),
+}
+_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm)
+
+
+def is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (_ConvNd, nn.Linear))
+
+
+def _hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def bn_facts(module: _BatchNorm) -> BnFacts:
+    ranks = _pinned_ranks(module)
+    try:
+        return BnFacts(bn_affine(module), None, ranks)
+    except FoldRefused as refusal:
+        return BnFacts(None, refusal, ranks)
+
+
+def _pinned_ranks(module: _BatchNorm) -> frozenset[int] | None:
+    for base, ranks in _BN_RANKS.items():
+        if isinstance(module, base) and type(module)._check_input_dim is base._check_input_dim:
+            return ranks
+    return None
+
+
+def bn_affine(module: _BatchNorm) -> ChannelAffine:
+    if type(module).forward not in _BN_FORWARDS:
+        raise FoldRefused("unsupported_bn", f"{type(module).__name__} overrides forward()")
+    if _hooks(module):
+        raise FoldRefused("hooks", "it has forward hooks that would see its output")
+    if module.training:
+        raise FoldRefused("training_mode", "it is in training mode (normalizes with batch statistics)")
+    if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+        raise FoldRefused("no_running_stats", "track_running_stats=False: it always uses batch statistics")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        raise FoldRefused("unsupported_bn", "its lazy parameters are not initialized")
+    return ChannelAffine.from_batchnorm(
+        optional_float64(module.weight), optional_float64(module.bias),
+        to_float64(module.running_mean), to_float64(module.running_var), module.eps,
+    )
+
+
+def layer_geometry(module: nn.Module) -> LayerGeometry | FoldRefused:
+    """The layer's geometry, or why its weights must not be changed."""
+    if isinstance(module, nn.Linear):
+        base: type[nn.Module] = nn.Linear
+        kind, spatial = "linear", 0
+    else:
+        base = next((cls for cls in _CONV_CLASSES if isinstance(module, cls)), None)
+        if base is None:
+            return FoldRefused("unsupported_layer", f"{type(module).__name__} is not a supported layer")
+        kind, spatial = _CONV_CLASSES[base]
+        if kind == "conv" and type(module)._conv_forward is not base._conv_forward:
+            return FoldRefused("unsupported_layer", f"{type(module).__name__} overrides _conv_forward()")
+    if type(module).forward is not base.forward:
+        return FoldRefused("unsupported_layer", f"{type(module).__name__} overrides forward()")
+    if parametrize.is_parametrized(module):
+        return FoldRefused("unsupported_layer", "its weight is parametrized (computed at call time)")
+    if _hooks(module):
+        return FoldRefused("hooks", "the layer has forward hooks that would see folded values")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        return FoldRefused("unsupported_layer", "its lazy parameters are not initialized")
+    if kind == "linear":
+        return LayerGeometry("linear", 0, 1, module.in_features, module.out_features, False)
+    return LayerGeometry(
+        kind, spatial, module.groups, module.in_channels, module.out_channels, _zero_padded(module),
+    )
+
+
+def _zero_padded(conv: _ConvNd) -> bool:
+    if conv.padding_mode != "zeros" or conv.padding == "valid":
+        return False
+    if conv.padding == "same":
+        return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
+    return any(p > 0 for p in conv.padding)
+
+
+def fold_arrays(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    geometry: LayerGeometry,
+    before: ChannelAffine | None,
+    after: ChannelAffine | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """New float64 ``(weight, bias)`` of a layer with ``before`` on its input and ``after`` on its output."""
+    bias64 = np.zeros(geometry.out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    weight64 = np.asarray(weight, dtype=np.float64)
+    if before is not None:
+        axis, groups = geometry.input_axis
+        if np.any(before.shift != 0):
+            bias64 = bias64 + contract_shift(weight64, before.shift, axis, groups)
+        weight64 = scale_weight(weight64, before.scale, axis, groups)
+    if after is not None:
+        axis, groups = geometry.output_axis
+        weight64 = scale_weight(weight64, after.scale, axis, groups)
+        bias64 = after.apply(bias64)
+    return weight64, bias64
+
+
+def fold_module_weights(
+    module: nn.Module, geometry: LayerGeometry, before: ChannelAffine | None, after: ChannelAffine | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's folded ``(weight, bias)`` as tensors of its parameter dtype and device."""
+    weight, bias = fold_arrays(
+        to_float64(module.weight), optional_float64(module.bias), geometry, before, after
+    )
+    return from_float64(weight, module.weight, "weight"), from_float64(bias, module.weight, "bias")
+
+
+def install_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write folded values into the layer, keeping its parameter objects (and creating a bias)."""
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if module.bias is None:
+            module.bias = nn.Parameter(bias, requires_grad=module.weight.requires_grad)
+        else:
+            module.bias.copy_(bias)

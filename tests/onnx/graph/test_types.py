@@ -1,0 +1,56 @@
+"""Types from shape inference: a model with little tensor data is inferred as it is, a heavy one on its
+skeleton; both must give every value the same type and shape."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.onnx.graph import types
+from bnfold.onnx.store.io import read_model_lazy
+from tests.support.graph_fuzz import fuzz_cases
+
+
+def both_ways(model):
+    direct, needs = types.infer_types(model), types._needs_skeleton
+    types._needs_skeleton = lambda _model: True
+    try:
+        return direct, types.infer_types(model)
+    finally:
+        types._needs_skeleton = needs
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fuzz_cases())
+def test_a_model_and_its_skeleton_infer_the_same_types(case):
+    assert not types._needs_skeleton(case.model)
+    direct, skeleton = both_ways(case.model)
+    assert direct == skeleton
+
+
+def test_a_model_read_lazily_infers_the_same_types_from_itself_as_from_its_skeleton(tmp_path):
+    path = tmp_path / "model.onnx"
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((64, 32, 3, 3)).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("Reshape", ["y", "shape"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [weight, shape])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    model = read_model_lazy(path)
+    assert model.graph.initializer[0].data_location == TensorProto.EXTERNAL  # the weight stayed in the file
+    assert not types._needs_skeleton(model)
+    direct, skeleton = both_ways(model)
+    assert direct == skeleton and direct["z"] == types.ValueType(TensorProto.FLOAT, (1, 4096))
+
+
+def test_much_tensor_data_or_a_small_tensor_on_disk_takes_the_skeleton():
+    heavy = numpy_helper.from_array(np.zeros(types.SKELETON_FROM_BYTES // 4, np.float32), "heavy")
+    small_on_disk = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")
+    small_on_disk.data_location = TensorProto.EXTERNAL
+    for tensor in (heavy, small_on_disk):
+        graph = helper.make_graph([], "g", [], [], [tensor])
+        assert types._needs_skeleton(helper.make_model(graph))
