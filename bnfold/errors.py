@@ -17,3 +17,9 @@ class OutputError(BnfoldError):
 
 class MissingDependencyError(BnfoldError):
     """An optional dependency (e.g. torch) is needed for this operation and is not installed."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name if it has none), for a one-line error."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -159,13 +159,11 @@ def inferred_elem_types(inferred: ModelProto) -> dict[str, int]:
 
 
 def _ort_load_failure(model: bytes) -> str | None:
-    import onnxruntime as ort  # only when a fold needs it: the import alone costs a tenth of a second
+    # Only when a fold needs it: importing onnxruntime alone costs a tenth of a second.
+    from bnfold.core.runtime import unoptimized_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4  # the failure is reported once, by bnfold, not logged by onnxruntime too
     try:
-        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        unoptimized_session(model)
     except Exception as error:  # noqa: BLE001 - whatever the reason, it cannot be loaded
         return _first_line(error)
     return None

@@ -27,9 +27,10 @@ import onnxruntime as ort
 from hypothesis import strategies as st
 from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
+from bnfold.core.compare import default_tolerances
 from bnfold.core.report import BnRecord
 from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
-from bnfold.onnx.verify.verify import default_tolerances, reference_evaluator
+from bnfold.onnx.verify.reference_fixes import reference_evaluator
 
 DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
 OPSETS = (13, 15, 17, 21)

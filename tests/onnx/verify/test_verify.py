@@ -18,9 +18,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from bnfold.core.compare import COMPARE_CHUNK, DEFAULT_TOLERANCES, default_tolerances
 from bnfold.errors import InputError
-from bnfold.onnx.verify import verify as verify_module
-from bnfold.onnx.verify.verify import DEFAULT_TOLERANCES, default_tolerances, verify_onnx
+from bnfold.onnx.verify.verify import verify_onnx
 
 # --- ONNX graphs built in code ---------------------------------------------------------------------
 
@@ -327,7 +327,7 @@ def test_infinities_must_match_in_sign():
 
 
 def test_outputs_larger_than_a_comparison_chunk_count_every_element_once():
-    chunk = verify_module._COMPARE_CHUNK
+    chunk = COMPARE_CHUNK
     size = 3 * chunk + 5
     x = np.random.default_rng(0).standard_normal(size).astype(np.float32)
     delta = np.zeros(size, np.float32)

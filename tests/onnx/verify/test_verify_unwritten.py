@@ -12,7 +12,7 @@ import pytest
 
 from bnfold import fold_onnx, write_model
 from bnfold.onnx.graph import index as graph_module
-from bnfold.onnx.verify import verify as verify_module
+from bnfold.onnx.verify import unwritten as unwritten_module
 from tests.support.graphs import GraphBuilder
 
 
@@ -40,16 +40,16 @@ def source_of(kind: str, model: onnx.ModelProto, tmp_path: Path) -> onnx.ModelPr
 def route(request, monkeypatch) -> str:
     """How onnxruntime gets the folded model: as it is, or from a temporary file written for it."""
     if request.param == "in place":
-        if verify_module._ort_version() < verify_module._EXTERNAL_DATA_FOLDER_SINCE:
+        if unwritten_module.ort_version() < unwritten_module.EXTERNAL_DATA_FOLDER_SINCE:
             pytest.skip("this onnxruntime cannot find a model's external data unless it reads the model's file")
 
         def no_file(*args, **kwargs):
             raise AssertionError("the folded model was written to a file")
-        monkeypatch.setattr(verify_module, "staged_file", no_file)
+        monkeypatch.setattr(unwritten_module, "staged_file", no_file)
     elif request.param == "staged: too large for one message":
-        monkeypatch.setattr(verify_module, "PROTOBUF_LIMIT", 0)
+        monkeypatch.setattr(unwritten_module, "PROTOBUF_LIMIT", 0)
     else:
-        monkeypatch.setattr(verify_module, "_EXTERNAL_DATA_FOLDER_SINCE", (10**6,))
+        monkeypatch.setattr(unwritten_module, "EXTERNAL_DATA_FOLDER_SINCE", (10**6,))
     return request.param
 
 

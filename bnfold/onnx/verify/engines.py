@@ -1,0 +1,90 @@
+"""Which engine runs both models, and the runners it gives them.
+
+onnxruntime's CPU provider with every graph optimisation off (:mod:`bnfold.core.runtime`), unless it has no
+kernel for an operator of either model (float64 Conv, most bfloat16 operators) or a model takes or returns
+bfloat16 tensors (which onnxruntime's Python API cannot exchange): both models then run under
+``onnx.reference.ReferenceEvaluator``, with the fixes of :mod:`bnfold.onnx.verify.reference_fixes`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+from onnx import ModelProto, TensorProto
+
+from bnfold.core.runtime import unoptimized_options, unoptimized_session
+from bnfold.errors import InputError, first_line
+from bnfold.onnx.verify.inputs import Feeds
+from bnfold.onnx.verify.interface import ModelSource
+from bnfold.onnx.verify.reference_fixes import reference_evaluator
+from bnfold.onnx.verify.unwritten import UnwrittenModel, loaded_unwritten, unwritten_session
+
+ENGINE_ORT = "onnxruntime"
+ENGINE_REFERENCE = "onnx.reference"
+
+Runner = Callable[[list[str], Feeds], Sequence[Any]]
+
+
+def open_runners(
+    sources: Mapping[str, ModelSource], protos: Mapping[str, ModelProto], notes: list[str],
+    staged_files: contextlib.ExitStack,
+) -> tuple[str, dict[str, Runner]]:
+    """The engine and a runner per role of ``sources``; why onnx.reference was chosen goes to ``notes``.
+    Files staged for onnxruntime live as long as ``staged_files``."""
+    bfloat16_tensor = next((
+        value.name for proto in protos.values() for value in (*proto.graph.input, *proto.graph.output)
+        if value.type.tensor_type.elem_type == TensorProto.BFLOAT16), None)
+    if bfloat16_tensor is not None:
+        notes.append(f"'{bfloat16_tensor}' is bfloat16, which onnxruntime's Python API cannot feed or fetch; "
+                     f"both models ran under {ENGINE_REFERENCE}")
+        return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role]) for role in sources}
+    sessions = {}
+    for role in sources:
+        try:
+            sessions[role] = _ort_session(sources[role], staged_files)
+        except Exception as error:  # noqa: BLE001 - sorted below into "no kernel" and "unusable model"
+            message = first_line(error)
+            if "NOT_IMPLEMENTED" not in message and "Could not find an implementation" not in message:
+                raise InputError(f"onnxruntime cannot load the {role} model: {message}") from None
+            notes.append(f"onnxruntime lacks a kernel the {role} model needs ({message}); "
+                         f"both models ran under {ENGINE_REFERENCE}")
+            return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role]) for role in sources}
+    return ENGINE_ORT, {role: _runner(role, ENGINE_ORT, session.run) for role, session in sessions.items()}
+
+
+def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack) -> ort.InferenceSession:
+    if isinstance(source, UnwrittenModel):
+        return unwritten_session(source, unoptimized_options(), staged_files)
+    # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
+    return unoptimized_session(source.SerializeToString() if isinstance(source, ModelProto) else source)
+
+
+def _loaded(source: ModelSource) -> ModelProto:
+    """``source`` with every tensor in memory, as onnx.reference needs it."""
+    if isinstance(source, ModelProto):
+        return source
+    if isinstance(source, UnwrittenModel):
+        return loaded_unwritten(source)
+    # onnx.load on the path (not a file object) finds external data next to the model.
+    return onnx.load(os.fspath(source))
+
+
+def _reference_runner(role: str, source: ModelSource) -> Runner:
+    try:
+        evaluator = reference_evaluator(_loaded(source))
+    except Exception as error:  # noqa: BLE001 - unsupported operator or unreadable data
+        raise InputError(f"{ENGINE_REFERENCE} cannot load the {role} model: {first_line(error)}") from None
+    return _runner(role, ENGINE_REFERENCE, evaluator.run)
+
+
+def _runner(role: str, engine: str, run_model: Callable[[list[str], dict[str, Any]], Sequence[Any]]) -> Runner:
+    def run(names: list[str], feeds: Feeds) -> Sequence[Any]:
+        try:
+            return run_model(names, dict(feeds))
+        except Exception as error:  # noqa: BLE001 - a model that cannot run on these inputs
+            raise InputError(f"{engine} failed to run the {role} model: {first_line(error)}") from None
+    return run

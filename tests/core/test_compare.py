@@ -1,0 +1,165 @@
+"""The one compare rule (bnfold.core.compare) on arrays, as both fronts hand them to it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bnfold.core.compare import (
+    DEFAULT_TOLERANCES,
+    VerificationSet,
+    VerifyReport,
+    check_tolerances,
+    compare_output,
+    default_tolerances,
+)
+from bnfold.errors import InputError
+
+FLOAT_DTYPES = [np.float64, np.float32, np.float16]
+shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6)
+
+
+@st.composite
+def outputs(draw: st.DrawFn, dtype: type = np.float32) -> np.ndarray:
+    """An NCHW-like output of moderate finite values, with at least two channels."""
+    shape = draw(hnp.array_shapes(min_dims=2, max_dims=4, min_side=2, max_side=5))
+    return draw(hnp.arrays(dtype, shape, elements=st.floats(-100, 100, width=np.dtype(dtype).itemsize * 8)))
+
+
+def compared(reference: np.ndarray, candidate: np.ndarray, **tolerances: float | None):
+    return compare_output("y", [reference], [candidate], **tolerances)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(FLOAT_DTYPES))
+def test_an_exact_copy_passes_with_zero_error(data, dtype):
+    reference = data.draw(outputs(dtype))
+    output = compared(reference, reference.copy())
+    assert output.passed and output.mismatched == 0 and output.total == reference.size
+    assert output.max_abs_error == output.max_rel_error == output.required_atol == output.required_rtol == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(outputs(), st.sampled_from([0.97, 0.99, 1.01, 1.05]))
+def test_one_channel_scaled_by_a_percent_or_more_fails(reference, factor):
+    channel = reference[:, 0]
+    assume(np.abs(channel).max() >= 0.1 * np.abs(reference).max() and np.abs(channel).max() > 1)
+    candidate = reference.copy()
+    candidate[:, 0] *= np.float32(factor)
+    output = compared(reference, candidate)
+    assert not output.passed and output.mismatched >= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(outputs(np.float64), st.floats(0, 1e-3), st.floats(1e-3, 1))
+def test_looser_tolerances_never_turn_a_pass_into_a_fail(reference, tight, loose):
+    candidate = reference + np.random.default_rng(0).standard_normal(reference.shape) * 1e-3
+    for name in ("rtol", "atol"):
+        strict, lenient = (compared(reference, candidate, **{name: value}) for value in (tight, loose))
+        assert strict.mismatched >= lenient.mismatched
+        assert not strict.passed or lenient.passed
+
+
+@settings(max_examples=60, deadline=None)
+@given(outputs(np.float64), st.floats(1e-6, 1e-2))
+def test_the_required_tolerances_are_tight(reference, noise):
+    candidate = reference + noise * np.random.default_rng(1).standard_normal(reference.shape)
+    output = compared(reference, candidate, rtol=0.0, atol=0.0)
+    assume(output.required_atol > 0)
+    assert compared(reference, candidate, rtol=0.0, atol=output.required_atol * (1 + 1e-9)).passed
+    assert not compared(reference, candidate, rtol=0.0, atol=output.required_atol * (1 - 1e-6)).passed
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_nan_must_sit_at_the_same_positions_and_stays_out_of_the_statistics(data):
+    reference = data.draw(outputs(np.float64))
+    mask = data.draw(hnp.arrays(np.bool_, reference.shape))
+    reference = np.where(mask, np.nan, reference)
+    output = compared(reference, reference.copy())
+    assert output.passed and math.isfinite(output.max_abs_error)
+    flat = reference.reshape(-1).copy()
+    flat[data.draw(st.integers(0, flat.size - 1))] = 0.5  # a NaN made a number, or a number moved
+    moved = flat.reshape(reference.shape)
+    assume(not np.array_equal(moved, reference, equal_nan=True))
+    assert not compared(reference, moved).passed
+
+
+def test_infinities_must_match_in_sign():
+    reference = np.array([np.inf, -np.inf, 1.0])
+    assert compared(reference, reference.copy()).passed
+    assert compared(reference, -reference).mismatched == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([np.int8, np.int32, np.int64, np.uint8, np.bool_]), st.data())
+def test_integer_and_bool_outputs_must_match_exactly_whatever_the_tolerance(dtype, data):
+    reference = data.draw(hnp.arrays(dtype, shapes))
+    assert compared(reference, reference.copy(), rtol=1.0, atol=1.0).passed
+    flat = reference.reshape(-1).copy()
+    flat[0] = not flat[0] if dtype is np.bool_ else flat[0] ^ 1
+    assert not compared(reference, flat.reshape(reference.shape), rtol=1.0, atol=1e9).passed
+
+
+def test_int64_beyond_two_to_the_53_compares_exactly():
+    reference = np.array([2**53 + 1], np.int64)
+    assert not compared(reference, reference - 1).passed
+
+
+def test_another_dtype_or_shape_fails_whole_with_a_note():
+    reference = np.ones((2, 3), np.float32)
+    for candidate in (reference.astype(np.float64), reference.reshape(3, 2)):
+        notes: list[str] = []
+        output = compare_output("y", [reference], [candidate], notes=notes)
+        assert not output.passed and output.mismatched == output.total == 6 and notes
+
+
+def test_default_atol_is_the_dtype_factor_times_the_largest_finite_magnitude():
+    reference = np.array([np.nan, -8.0, 2.0, np.inf], np.float32)
+    output = compared(reference, reference.copy())
+    assert (output.rtol, output.atol) == (1e-4, 1e-4 * 8.0)
+    assert compared(np.zeros(3, np.float16), np.zeros(3, np.float16)).atol == DEFAULT_TOLERANCES["float16"][1]
+
+
+def test_bfloat16_has_its_own_defaults():
+    reference = np.array([1.0, -2.0], ml_dtypes.bfloat16)
+    output = compared(reference, reference.copy())
+    assert output.passed and (output.rtol, output.atol) == (5e-2, 1.5e-1 * 2.0)
+    assert default_tolerances("bfloat16") == DEFAULT_TOLERANCES["bfloat16"]
+    with pytest.raises(InputError, match="no default tolerance"):
+        default_tolerances(np.complex64)
+
+
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
+def test_unusable_tolerances_are_refused(value):
+    for name in ("rtol", "atol"):
+        with pytest.raises(InputError, match=f"{name} must be a finite number >= 0"):
+            check_tolerances(**{"rtol": None, "atol": None, name: value})
+
+
+def test_a_verdict_is_json_safe_and_one_schema_for_single_and_several_checks():
+    reference = np.array([0.0, 1.0])
+    missed = compared(reference, np.array([1.0, 1.0]))
+    report = VerifyReport([missed], 1, "onnxruntime")
+    payload = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert payload["outputs"][0]["required_rtol"] is None and payload["passed"] is False
+    assert set(payload) == {"passed", "engine", "iterations", "outputs", "seconds", "notes", "problem"}
+    both = VerificationSet([report, VerifyReport([], 1, "pytorch", problem="the outputs have a different structure")])
+    assert [set(check) for check in both.to_dict()["checks"]] == [set(payload)] * 2
+    assert not both.passed and "FAILED: the outputs have a different structure" in both.render()
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/verification.md"])
+def test_the_documented_default_tolerances_are_the_ones_in_force(document):
+    text = (Path(__file__).parents[2] / document).read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\w+) \| ([\d.e-]+) \| ([\d.e-]+) \|$", text, flags=re.MULTILINE)
+    assert {dtype: (float(rtol), float(factor)) for dtype, rtol, factor in rows} == DEFAULT_TOLERANCES
