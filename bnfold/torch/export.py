@@ -13,27 +13,25 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
+from bnfold.core.compare import VerifyReport
 from bnfold.errors import OutputError
-from bnfold.torch.checks import Verification, compare_tensor
+from bnfold.torch.checks import compare_tensor
 from bnfold.torch.running import Inputs
 
 
-def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.PathLike[str]) -> Verification:
+def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.PathLike[str]) -> VerifyReport:
     """Write ``model`` as ONNX to ``path`` (atomically) and compare onnxruntime's outputs to ``reference``."""
-    import onnxruntime
-
+    from bnfold.core.runtime import unoptimized_session
     from bnfold.torch.files import atomic_destination
 
     destination = Path(path)
-    result = Verification("onnxruntime (optimizations disabled)")
+    result = VerifyReport([], 1, "onnxruntime (optimizations disabled)")
     with atomic_destination(destination) as temporary:
         try:
             _export(model, inputs, temporary)
         except Exception as error:
             raise OutputError(f"ONNX export failed: {type(error).__name__}: {str(error)[:200]}") from error
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = onnxruntime.InferenceSession(str(temporary), options, providers=["CPUExecutionProvider"])
+        session = unoptimized_session(temporary)
         feeds = _feeds(session, inputs)
         outputs = session.run(None, feeds)
     expected, _ = tree_flatten(reference)
@@ -42,7 +40,7 @@ def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.
         result.problem = f"the ONNX model has {len(outputs)} outputs, PyTorch {len(tensors)}"
         return result
     for position, (want, got) in enumerate(zip(tensors, outputs, strict=True)):
-        result.outputs.append(compare_tensor(f"output {position}", want, torch.from_numpy(np.asarray(got))))
+        result.outputs.append(compare_tensor(f"output {position}", want, np.asarray(got), result.notes))
     return result
 
 

@@ -17,10 +17,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bnfold.core.compare import VerificationSet, VerifyReport
 from bnfold.core.interrupts import deferred_interrupts
 from bnfold.core.report import FoldReport
 from bnfold.errors import BnfoldError, InputError, OutputError
-from bnfold.torch.checks import Verification, VerificationSet, compare, exact_math
+from bnfold.torch.checks import compare, exact_math
 from bnfold.torch.running import Inputs, random_inputs
 
 Format = Literal["pt2", "torchscript", "pickle"]
@@ -186,7 +187,7 @@ def _program_inputs(program: Any, shapes: Shapes | None) -> Inputs | None:
     return Inputs(tuple(args), dict(kwargs))
 
 
-def _attach(report: FoldReport, checks: list[Verification]) -> None:
+def _attach(report: FoldReport, checks: list[VerifyReport]) -> None:
     if checks:
         report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
         if not report.verification.passed:

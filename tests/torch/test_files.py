@@ -187,7 +187,7 @@ def test_export_onnx_verifies_under_onnxruntime(tmp_path: Path) -> None:
         source, target, trust_pickle=True, input_shapes=[(2, 3, 8, 8)], export_onnx=onnx_path
     )
     assert report.verification.passed, report.render()
-    assert [c["target"] for c in report.verification.to_dict()["checks"]] == [
+    assert [c["engine"] for c in report.verification.to_dict()["checks"]] == [
         "pytorch", "onnxruntime (optimizations disabled)",
     ]
     assert onnx_path.exists()

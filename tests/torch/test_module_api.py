@@ -192,7 +192,7 @@ def test_verification_report_object() -> None:
     verification = result.report.verification
     assert verification.passed is True
     data = verification.to_dict()
-    assert data["passed"] is True and data["outputs"][0]["max_abs"] < 1e-4
+    assert data["passed"] is True and data["outputs"][0]["max_abs_error"] < 1e-4
     assert "PASSED" in verification.render()
     assert result.report.to_dict()["verification"]["passed"] is True
 
@@ -206,7 +206,7 @@ def test_export_onnx_checks_under_onnxruntime(tmp_path) -> None:
     path = tmp_path / "folded.onnx"
     result = fold_module(randomize(WithExtras()), input_shapes=[(2, 3, 6, 6)], export_onnx=str(path))
     assert result.report.verification.passed, result.report.render()
-    assert [p.target for p in result.report.verification.parts] == [
+    assert [p.engine for p in result.report.verification.parts] == [
         "pytorch", "onnxruntime (optimizations disabled)",
     ]
     assert path.exists()

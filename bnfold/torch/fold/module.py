@@ -11,12 +11,13 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from bnfold.core.affine import FoldRefused
+from bnfold.core.compare import VerificationSet, VerifyReport
 from bnfold.core.report import FoldReport, Totals
 from bnfold.errors import InputError
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
 from bnfold.torch.capture.fx import trace
 from bnfold.torch.capture.strategy import Capture, capture
-from bnfold.torch.checks import Verification, VerificationSet, compare, exact_math
+from bnfold.torch.checks import compare, exact_math
 from bnfold.torch.fold.layers import (
     bn_facts,
     fold_module_weights,
@@ -80,7 +81,7 @@ def fold_module(
         report = FoldReport(records=plan.records, seconds=seconds)
         after = _totals(work)
         report.totals = Totals.between(before, after)
-        checks: list[Verification] = []
+        checks: list[VerifyReport] = []
         if verify and observation is not None:
             say("verifying the folded model")
             checks.append(compare(observation.outputs, call(work, inputs), "pytorch"))
