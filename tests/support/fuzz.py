@@ -32,11 +32,11 @@ BUGS_FOUND = (
     ("graph fuzzer", "verify's onnx.reference fallback (float64, bfloat16) ran opset 9-13 BatchNormalization "
      "with batch statistics: onnx.reference reads the momentum attribute's default as training mode. Every "
      "correct fold of a float64 model at those opsets failed verification (exit 1, nothing written).",
-     "`verify.reference_evaluator` supplies an inference-mode BatchNormalization for opsets 9-13"),
+     "`reference_fixes.reference_evaluator` supplies an inference-mode BatchNormalization for opsets 9-13"),
     ("graph fuzzer", "verify's onnx.reference fallback computed grouped ConvTranspose wrongly (wrong weight rows, "
      "the whole bias added to every group, one output channel per group), so float64 and bfloat16 models with "
      "one were verified against wrong numbers.",
-     "`verify.reference_evaluator` runs grouped ConvTranspose one group at a time"),
+     "`reference_fixes.reference_evaluator` runs grouped ConvTranspose one group at a time"),
     ("graph fuzzer", "Not idempotent: a fold that leaves a shift Add (MatMul -> BN) which could fold into the next "
      "layer, or that unblocks a node the sweep had passed (Sub -> Flatten -> MatMul -> BN), was left to a "
      "second run of bnfold.",
@@ -83,7 +83,7 @@ BUGS_FOUND = (
      "(\"invalid value encountered in cast\") as it was widened to float64, beside bnfold's output.",
      "`affine._as_float64_vector` widens with the flag ignored; the NaN is refused as `non_finite_params`"),
     ("byte fuzzer", "A model that fails while onnxruntime runs it during verification printed onnxruntime's own "
-     "error log line above bnfold's one-line error.", "`verify._ort_session`: log severity 4 (fatal only)"),
+     "error log line above bnfold's one-line error.", "`runtime.unoptimized_options`: log severity 4 (fatal only)"),
 )
 
 
