@@ -10,16 +10,39 @@ exporter gives a bias-less conv, ``Expand(CastLike(0, x), Shape(W)[0:1])``: a ze
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, NodeProto, numpy_helper
+from onnx import AttributeProto, NodeProto, TensorProto, numpy_helper
 
 from bnfold.core.affine import FoldRefused
+from bnfold.onnx.graph.types import ValueType
 
-if TYPE_CHECKING:
-    from bnfold.onnx.graph.index import GraphIndex
+
+class GraphValues(Protocol):
+    """What the resolver reads of one graph (``index.GraphIndex`` provides it; this module does not import
+    that one, which builds a resolver)."""
+
+    @property
+    def initializers(self) -> Mapping[str, TensorProto]: ...
+
+    @property
+    def graph_inputs(self) -> set[str]: ...
+
+    @property
+    def allow_overridable(self) -> bool: ...
+
+    @property
+    def producers(self) -> Mapping[str, NodeProto]: ...
+
+    @property
+    def types(self) -> Mapping[str, ValueType]: ...
+
+    def tensor_value(self, name: str) -> np.ndarray: ...
+
+    def tensor_array(self, tensor: TensorProto) -> np.ndarray: ...
+
 
 # Only an op's listed inputs may be non-constant: for them, only the static shape or dtype is used.
 _SHAPE_ONLY_INPUTS = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
@@ -34,7 +57,7 @@ def _np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
-def _constant_node_value(node: NodeProto, index: GraphIndex) -> np.ndarray:
+def _constant_node_value(node: NodeProto, index: GraphValues) -> np.ndarray:
     attribute = node.attribute[0] if len(node.attribute) == 1 else None
     if attribute is None or attribute.ref_attr_name:
         raise FoldRefused("non_constant_params", f"Constant node {node.name!r} is malformed or set by its caller")
@@ -120,7 +143,7 @@ _EVALUATORS: dict[str, _Evaluator] = {
 class ConstantResolver:
     """Resolves values of one graph to numpy arrays, falling back to the enclosing graph's resolver."""
 
-    def __init__(self, index: GraphIndex, outer: ConstantResolver | None = None) -> None:
+    def __init__(self, index: GraphValues, outer: ConstantResolver | None = None) -> None:
         self._index = index
         self._outer = outer
         self._cache: dict[str, np.ndarray] = {}
