@@ -24,7 +24,7 @@ from bnfold.errors import BnfoldError, InputError, MissingDependencyError
 from bnfold.onnx.api import enabled_patterns, fold_onnx, inspect_onnx
 from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.onnx.guard import GUARD_REJECTED
-from bnfold.onnx.store.io import PROTOBUF_LIMIT
+from bnfold.onnx.store.limits import PROTOBUF_LIMIT
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip archives (.pt2, TorchScript, torch.save) and raw pickles

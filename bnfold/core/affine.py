@@ -10,8 +10,7 @@ back to the model's dtype exactly once, by :func:`cast_checked`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from types import EllipsisType
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -185,101 +184,13 @@ class ScaledWeight:
         product = np.multiply(self.weight, self.factors, dtype=np.float64)
         return product if dtype is None else product.astype(dtype)
 
-    def cast(self, dtype: np.dtype, what: str, *, deferred: bool = False) -> np.ndarray | RoundedProduct:
-        """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows.
-
-        ``deferred`` returns a :class:`RoundedProduct` instead, checked now and computed as it is read, where
-        the weight cannot change meanwhile (a read-only array: a view of the model's file or of bytes) and is
-        large enough for its memory to matter more than the per-block bookkeeping."""
-        if (deferred and not self.weight.flags.writeable and np.dtype(dtype) in _DEFERRABLE_DTYPES
-                and self.weight.nbytes >= RoundedProduct.MIN_BYTES):
-            return RoundedProduct(self, dtype, what)
+    def cast(self, dtype: np.dtype, what: str) -> np.ndarray:
+        """The product rounded once to ``dtype``; refuses (``cast_overflow``) where a finite product overflows."""
         out = np.empty(np.broadcast_shapes(self.weight.shape, self.factors.shape), dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(self.weight, self.factors, out=out, dtype=np.float64, casting="unsafe")
-        overflowed = _overflowed(out, self)
-        if overflowed:
-            raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
+        refuse_overflow(out, self, what)
         return out
-
-
-class RoundedProduct:
-    """A :class:`ScaledWeight` rounded once to ``dtype``, with exactly the values and the overflow verdict of
-    :meth:`ScaledWeight.cast`, but computed only when read, a block of rows at a time into one buffer
-    (:meth:`blocks`). A weight mapped from a multi-GB model file then never exists in memory whole, scaled
-    or not: fresh memory is the slowest part of folding a model that size.
-
-    The overflow check runs when it is made, without computing the product: a channel whose largest
-    magnitude times its factor stays within ``dtype``'s range cannot overflow (rounding is monotonic); only
-    blocks where that bound fails (large factors, infinities, NaNs) are multiplied out and counted."""
-
-    BLOCK_BYTES = 8 << 20
-    MIN_BYTES = 256 << 10
-
-    def __init__(self, scaled: ScaledWeight, dtype: np.dtype, what: str) -> None:
-        self._scaled = scaled
-        self.dtype = np.dtype(dtype).newbyteorder("<")  # the byte order of ONNX raw data
-        self.shape = np.broadcast_shapes(scaled.weight.shape, scaled.factors.shape)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        overflowed = self._overflows()
-        if overflowed:
-            raise FoldRefused("cast_overflow", f"folded {what} overflows {self.dtype.name} ({overflowed} values)")
-
-    @property
-    def weight(self) -> np.ndarray:
-        """The weight the product scales: it is read again each time the product is."""
-        return self._scaled.weight
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
-        for rows, weight, factors in self._row_blocks():
-            _multiply(weight, factors, out[rows])
-        return out if dtype is None else out.astype(dtype)
-
-    def blocks(self) -> Iterator[np.ndarray]:
-        """The rounded product in row-major order, a block of whole rows at a time, each block in the same
-        buffer (consume it before asking for the next)."""
-        buffer: np.ndarray | None = None
-        for _, weight, factors in self._row_blocks():
-            if buffer is None or buffer.size < weight.size:
-                buffer = np.empty(max(weight.size, self.BLOCK_BYTES // self.dtype.itemsize), self.dtype)
-            yield _multiply(weight, factors, buffer[:weight.size].reshape(weight.shape))
-
-    def _row_blocks(self) -> Iterator[tuple[slice | EllipsisType, np.ndarray, np.ndarray]]:
-        """``(rows, weight[rows], factors for those rows)`` covering the weight in order."""
-        weight, factors = self._scaled.weight, self._scaled.factors
-        if weight.ndim == 0 or weight.size == 0:  # channel_factors gave the factors the weight's own shape
-            yield ..., weight, factors
-            return
-        step = max(1, (self.BLOCK_BYTES // self.dtype.itemsize) // (weight.size // weight.shape[0]))
-        for start in range(0, weight.shape[0], step):
-            rows = slice(start, start + step)
-            yield rows, weight[rows], factors if factors.shape[0] == 1 else factors[rows]
-
-    def _overflows(self) -> int:
-        limit = np.finfo(self.dtype).max
-        # The axes a factor is constant along: the largest magnitude along them bounds the channel's products.
-        axes = tuple(axis for axis, size in enumerate(self._scaled.factors.shape) if size == 1)
-        overflowed = 0
-        for _, weight, factors in self._row_blocks():
-            if weight.size == 0:
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):
-                largest = np.maximum(weight.max(axis=axes, keepdims=True).astype(np.float64),
-                                     -weight.min(axis=axes, keepdims=True).astype(np.float64))
-                if np.all(largest * np.abs(factors) <= limit):
-                    continue
-                product = np.multiply(weight, factors, dtype=np.float64)
-                overflowed += _overflowed(product.astype(self.dtype), product)
-        return overflowed
-
-
-def _multiply(weight: np.ndarray, factors: np.ndarray, out: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.multiply(weight, factors, out=out, dtype=np.float64, casting="unsafe")
-
-
-_DEFERRABLE_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
 def contract_shift(weight: np.ndarray, shift: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
@@ -308,16 +219,21 @@ def contract_shift_transposed(weight: np.ndarray, shift: np.ndarray, groups: int
 def cast_checked(values: np.ndarray | ScaledWeight, dtype: np.dtype, what: str) -> np.ndarray:
     """Round float64 ``values`` once to ``dtype``; refuse if a finite value would become infinite."""
     if isinstance(values, ScaledWeight):
-        return values.cast(dtype, what)  # type: ignore[return-value] - not deferred
+        return values.cast(dtype, what)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = np.asarray(values).astype(dtype)
-    overflowed = _overflowed(cast, values)
-    if overflowed:
-        raise FoldRefused("cast_overflow", f"folded {what} overflows {np.dtype(dtype).name} ({overflowed} values)")
+    refuse_overflow(cast, values, what)
     return cast
 
 
-def _overflowed(cast: np.ndarray, values: np.ndarray | ScaledWeight) -> int:
+def refuse_overflow(cast: np.ndarray, values: np.ndarray | ScaledWeight, what: str) -> None:
+    """Refuse (``cast_overflow``) if finite ``values`` became infinite in ``cast``, naming how many."""
+    overflowed = overflow_count(cast, values)
+    if overflowed:
+        raise FoldRefused("cast_overflow", f"folded {what} overflows {cast.dtype.name} ({overflowed} values)")
+
+
+def overflow_count(cast: np.ndarray, values: np.ndarray | ScaledWeight) -> int:
     """How many finite ``values`` became infinite in ``cast``."""
     if np.issubdtype(cast.dtype, np.inexact) and not np.isinf(cast).any():
         return 0  # the common case, decided without a float64 pass

@@ -24,9 +24,9 @@ from bnfold.onnx.fold.patterns import (
 )
 from bnfold.onnx.graph.types import infer_types
 from bnfold.onnx.guard import FoldedModelCheck, Rejections, SiteKey, guarded, mark_guarded, repair
+from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import HeldTensors
 from bnfold.onnx.store.io import (
-    PROTOBUF_LIMIT,
     check_supported,
     has_external_tensors,
     inline_main_tensors,
@@ -72,7 +72,7 @@ class FoldResult:
         return self._base_dir if self._source is not None or has_external_tensors(self._model) else None
 
     def write(self, path: str | os.PathLike[str], *, external_data: str | None = None,
-              external_threshold: int = PROTOBUF_LIMIT) -> list[Path]:
+              external_threshold: int = limits.PROTOBUF_LIMIT) -> list[Path]:
         """:func:`bnfold.write_model` for this result; returns the paths written."""
         return write_model(self._model, path, external_data=external_data, external_threshold=external_threshold,
                            base_dir=self.base_dir, held=self._held)
@@ -117,7 +117,7 @@ def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | No
 
 def _check(model: ModelLike, what: str) -> None:
     """onnx's full check; from the file for a path, so external data and models over 2 GB are covered."""
-    if isinstance(model, ModelProto) and tensor_bytes(model) >= PROTOBUF_LIMIT:
+    if isinstance(model, ModelProto) and tensor_bytes(model) >= limits.PROTOBUF_LIMIT:
         return  # a caller's proto this large cannot be serialized for the checker; folded ones are staged
     try:
         onnx.checker.check_model(model if isinstance(model, ModelProto) else os.fspath(model), full_check=True)

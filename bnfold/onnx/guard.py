@@ -28,16 +28,13 @@ from bnfold.core.report import BnRecord
 from bnfold.errors import BnfoldError
 from bnfold.onnx.graph.index import subgraphs
 from bnfold.onnx.graph.types import ValueType
-from bnfold.onnx.store.external import HELD_MIN_BYTES, HeldTensors, is_external, model_tensors, payload_bytes
+from bnfold.onnx.store import limits
+from bnfold.onnx.store.external import HeldTensors, is_external, model_tensors, payload_bytes
 from bnfold.onnx.store.wire import without_initializers
 
 GUARD_REJECTED = "guard_rejected"
 # Domain, operator, input and output element types: what onnxruntime chooses a kernel by.
 Signature = tuple[str, str, frozenset[int], frozenset[int]]
-# Initializers this large are weights, which the checks need only the type and shape of; smaller ones may
-# be shapes or axes whose values shape inference reads. Held values are never smaller: their tensors have no
-# data in the proto, and the checker would refuse one left in the skeleton.
-LARGE_TENSOR_BYTES = HELD_MIN_BYTES
 
 # A fold site: (scope, node label), as BnRecord has them.
 SiteKey = tuple[str, str]
@@ -109,12 +106,12 @@ class FoldedModelCheck:
 
 
 def weightless(model: ModelProto) -> ModelProto | None:
-    """``model`` with each main-graph initializer of ``LARGE_TENSOR_BYTES`` or more (or kept on disk)
+    """``model`` with each main-graph initializer of ``limits.HELD_MIN_BYTES`` or more (or kept on disk)
     replaced by a graph input of its type and shape; None if tensors on disk remain elsewhere."""
     skeleton = without_initializers(model)
     declared = {value.name for value in model.graph.input}
     for tensor in model.graph.initializer:
-        if not is_external(tensor) and (payload_bytes(tensor) or 0) < LARGE_TENSOR_BYTES:
+        if not is_external(tensor) and (payload_bytes(tensor) or 0) < limits.HELD_MIN_BYTES:
             skeleton.graph.initializer.append(tensor)
         elif tensor.name not in declared:
             skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold.onnx.store.io as bnfold_io
 from bnfold import OutputError, fold_onnx
 from bnfold.cli import main
+from bnfold.onnx.store import limits
 from tests.support.bad_inputs import conv_bn
 
 
@@ -105,7 +106,7 @@ def test_full_disk_keeps_the_previous_output_and_leaves_no_temporary_file(tmp_pa
     (tmp_path / "out.onnx.data").write_bytes(b"previous data")
     inject(monkeypatch)
     with pytest.raises(OutputError, match="No space left"):
-        result.write(out, external_threshold=0 if external else bnfold_io.PROTOBUF_LIMIT)
+        result.write(out, external_threshold=0 if external else limits.PROTOBUF_LIMIT)
     assert out.read_bytes() == b"previous model"
     assert (tmp_path / "out.onnx.data").read_bytes() == b"previous data"
     assert leftovers(tmp_path) == []

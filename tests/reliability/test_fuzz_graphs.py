@@ -10,13 +10,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from onnx import TensorProto, numpy_helper
 
 from bnfold import fold_onnx
-from bnfold.core import affine
-from bnfold.core.affine import RoundedProduct
 from bnfold.errors import InputError
-from bnfold.onnx import guard
 from bnfold.onnx.fold.patterns.forward import ConvBn
-from bnfold.onnx.store import external
-from bnfold.onnx.store import io as bnfold_io
+from bnfold.onnx.store import deferred, limits
 from tests.support.bad_inputs import conv_bn
 from tests.support.graph_fuzz import FuzzCase, check, fuzz_cases, generator_problem
 
@@ -68,17 +64,16 @@ def test_random_graphs_fold_from_a_file_as_from_memory(case, tmp_path_factory, m
     """Read from a file with every main-graph tensor left on disk until a fold reads it, mapped, and each
     scaled weight computed only as it is written, a few bytes at a time (shared weights, fan-out, refusals,
     folds into a weight already folded and all), the fold gives the very model it gives from memory."""
-    monkeypatch.setattr(bnfold_io, "LAZY_MIN_BYTES", 1)
-    monkeypatch.setattr(external, "MAP_MIN_BYTES", 1)
-    monkeypatch.setattr(RoundedProduct, "BLOCK_BYTES", 64)
-    monkeypatch.setattr(RoundedProduct, "MIN_BYTES", 0)
-    monkeypatch.setattr(external, "HELD_MIN_BYTES", 1)  # every folded weight held, so deferred ones are streamed
-    monkeypatch.setattr(guard, "LARGE_TENSOR_BYTES", 1)
+    monkeypatch.setattr(limits, "LAZY_MIN_BYTES", 1)
+    monkeypatch.setattr(limits, "MAP_MIN_BYTES", 1)
+    monkeypatch.setattr(limits, "DEFERRED_BLOCK_BYTES", 64)
+    monkeypatch.setattr(limits, "DEFERRED_MIN_BYTES", 0)
+    monkeypatch.setattr(limits, "HELD_MIN_BYTES", 1)  # every folded weight held, so deferred ones are streamed
     path = tmp_path_factory.mktemp("lazy") / "model.onnx"
     path.write_bytes(case.model.SerializeToString())
     try:
         with pytest.MonkeyPatch.context() as eager:  # in memory, every product is computed when it is cast
-            eager.setattr(affine, "_DEFERRABLE_DTYPES", set())
+            eager.setattr(deferred, "_DEFERRABLE_DTYPES", set())
             in_memory = fold_onnx(case.model, verify=False, **case.options)
     except InputError:
         return  # a model the fold refuses from memory (the generator's) is refused from the file too

@@ -60,7 +60,7 @@ BUGS_FOUND = (
     ("bad inputs", "`verify` of models whose declared input shapes differ failed inside onnxruntime.",
      "`verify._check_interfaces` compares static input shapes first"),
     ("bad inputs", "`verify` of a model declaring a huge input (12 TiB) tried to allocate it: \"internal "
-     "error (MemoryError)\", exit 3.", "`verify.GENERATED_INPUT_LIMIT` (4 GiB per generated input)"),
+     "error (MemoryError)\", exit 3.", "`limits.GENERATED_INPUT_LIMIT` (4 GiB per generated input)"),
     ("bad inputs", "`--inputs` given a file that is not a .npz was refused with numpy's message about pickled "
      "data.", "`verify._read_npz` checks the zip signature first"),
     ("bad inputs", "`verify` passed a candidate with external data to onnx and onnxruntime without bnfold's "
@@ -75,7 +75,7 @@ BUGS_FOUND = (
     ("differential fuzz", "A model read lazily from a file (weights left on disk until a fold reads them) "
      "whose Reshape target was left on disk too hid the target's values from shape inference: a batch norm "
      "after the Reshape was left `unknown_shape` that the in-memory fold folded.",
-     "`wire._read_initializer` never leaves a tensor of `types.KEPT_ELEMENTS` or fewer elements on disk"),
+     "`wire._read_initializer` never leaves a tensor of `limits.KEPT_ELEMENTS` or fewer elements on disk"),
     ("differential fuzz", "Tensors the lazy reader left in the file came back in `FoldResult.model` with an "
      "explicit `data_location: DEFAULT` the file never had (4 bytes more than the in-memory fold's model).",
      "`io._set_inline` clears the field"),

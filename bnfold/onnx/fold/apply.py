@@ -16,6 +16,7 @@ from bnfold.onnx.fold.patterns import OPT_IN_PATTERNS
 from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site, TensorUpdate
 from bnfold.onnx.fold.patterns.runs import is_batchnorm
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.onnx.store.deferred import cast_deferred
 from bnfold.onnx.store.external import HeldValue
 
 __all__ = ["fold_node", "is_batchnorm"]
@@ -138,10 +139,10 @@ def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
 
 def _cast_update(update: TensorUpdate, what: str) -> HeldValue:
     """The update's value in its dtype; a scaled weight that cannot change (mapped from the model's file) is
-    computed only as the output is written (see ``affine.RoundedProduct``)."""
+    computed only as the output is written (see ``deferred.RoundedProduct``)."""
     value = update.value
     if isinstance(value, ScaledWeight):
-        return value.cast(update.dtype, what, deferred=True)
+        return cast_deferred(value, update.dtype, what)
     return cast_checked(value, update.dtype, what)
 
 

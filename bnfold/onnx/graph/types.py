@@ -15,14 +15,8 @@ from typing import NamedTuple
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto
 
+from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import is_external, model_tensors, payload_bytes
-
-# Initializers at most this many elements stay in the skeleton: shape inference needs the values of
-# small integer tensors such as Reshape targets, never those of weights. (So the lazy reader never leaves
-# them in the file.)
-KEPT_ELEMENTS = 64
-# Tensor bytes in the proto from which inference runs on a skeleton instead of the model itself.
-SKELETON_FROM_BYTES = 8 << 20
 
 
 class ValueType(NamedTuple):  # a tuple, not a dataclass: a model has thousands of values, made on every fold
@@ -52,7 +46,7 @@ def _element_count(tensor: TensorProto) -> int:
 
 
 def _is_large(tensor: TensorProto) -> bool:
-    return _element_count(tensor) > KEPT_ELEMENTS or tensor.data_location == TensorProto.EXTERNAL
+    return _element_count(tensor) > limits.KEPT_ELEMENTS or tensor.data_location == TensorProto.EXTERNAL
 
 
 def _stand_in(tensor: TensorProto, name: str) -> ValueInfoProto:
@@ -145,10 +139,10 @@ def _needs_skeleton(model: ModelProto) -> bool:
     inline_bytes = 0
     for tensor in model_tensors(model):
         size = payload_bytes(tensor)
-        if size is None or (is_external(tensor) and _element_count(tensor) <= KEPT_ELEMENTS):
+        if size is None or (is_external(tensor) and _element_count(tensor) <= limits.KEPT_ELEMENTS):
             return True
         inline_bytes += 0 if is_external(tensor) else size
-    return inline_bytes >= SKELETON_FROM_BYTES
+    return inline_bytes >= limits.SKELETON_FROM_BYTES
 
 
 def infer_types(model: ModelProto) -> dict[str, ValueType]:

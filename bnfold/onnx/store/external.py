@@ -22,10 +22,10 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
-from bnfold.core.affine import RoundedProduct
 from bnfold.errors import InputError
+from bnfold.onnx.store import limits
+from bnfold.onnx.store.deferred import RoundedProduct
 
-COPY_CHUNK = 16 << 20
 _SUB_BYTE_BITS = {
     getattr(TensorProto, name): bits
     for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2),
@@ -68,8 +68,6 @@ def is_external(tensor: TensorProto) -> bool:
 # tensor in the model keeps its name, dtype and dims, and no data.
 HeldValue = np.ndarray | RoundedProduct
 HeldTensors = dict[str, HeldValue]
-# Only values this large are held; smaller ones go into the model as usual.
-HELD_MIN_BYTES = 1024
 
 
 def held_value(tensor: TensorProto, held: HeldTensors | None) -> HeldValue | None:
@@ -98,7 +96,7 @@ def hold(tensor: TensorProto, value: HeldValue, name: str, held: HeldTensors) ->
 
 
 def holdable(value: HeldValue, held: HeldTensors | None) -> bool:
-    return held is not None and value.nbytes >= HELD_MIN_BYTES and value.dtype in _HOLDABLE_DTYPES
+    return held is not None and value.nbytes >= limits.HELD_MIN_BYTES and value.dtype in _HOLDABLE_DTYPES
 
 
 def held_array(value: HeldValue) -> np.ndarray:
@@ -249,7 +247,7 @@ def _locate(location: str, base_dir: Path, name: str) -> tuple[str, int]:
             raise InputError(f"external data file {location!r} of tensor {name!r} is missing or not a regular file")
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a symlink loop
         raise InputError(f"tensor {name!r}: unusable external data location {location!r} ({error})") from None
-    if len(_APPROVED) >= _MAX_APPROVED:
+    if len(_APPROVED) >= limits.MAX_APPROVED_LOCATIONS:
         _APPROVED.clear()
     _APPROVED[key] = (target, status.st_dev, status.st_ino)
     return target, status.st_size
@@ -257,7 +255,6 @@ def _locate(location: str, base_dir: Path, name: str) -> tuple[str, int]:
 
 # (base directory, location) -> the file found there, inside the directory: (its real path, device, inode).
 _APPROVED: dict[tuple[str, str], tuple[str, int, int]] = {}
-_MAX_APPROVED = 4096
 
 
 def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
@@ -289,13 +286,13 @@ def read_external(tensor: TensorProto, base_dir: Path) -> bytes:
 def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     """The value of an external tensor, read through :func:`read_external`'s checks. A large one is a
     read-only view of its file, mapped into memory: the kernel reads it as it is used, and a fold that
-    scales it (``affine.RoundedProduct``) never copies it."""
+    scales it (``deferred.RoundedProduct``) never copies it."""
     dtype = _NATIVE_DTYPES.get(tensor.data_type)
     if dtype is None:  # onnx's own conversion knows the exotic dtypes (bfloat16, float8, int4, ...)
         inline = TensorProto(data_type=tensor.data_type, dims=tensor.dims, raw_data=read_external(tensor, base_dir))
         return numpy_helper.to_array(inline)
     ref = external_ref(tensor, base_dir)
-    mapping = _mapped(ref.path) if ref.length >= MAP_MIN_BYTES else None
+    mapping = _mapped(ref.path) if ref.length >= limits.MAP_MIN_BYTES else None
     if mapping is not None:
         count = ref.length // dtype.itemsize
         return np.frombuffer(mapping, dtype, count, ref.offset).reshape(tuple(tensor.dims))
@@ -324,12 +321,8 @@ def inline_array(tensor: TensorProto) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(shape)  # read-only, as to_array's
 
 
-# Tensors this large are mapped rather than read; smaller ones are cheaper to copy than to map.
-MAP_MIN_BYTES = 256 << 10
 # The files mapped now, by (device, inode, size) at mapping time, each to its mapping (weakly: a mapping lives as
-# long as some array views it), and each mapping's length. A mapping keeps a descriptor of its file open, and a
-# model may keep every tensor in a file of its own: past this many mapped files, tensors are read instead.
-MAX_MAPPED_FILES = 256
+# long as some array views it), and each mapping's length (at most ``limits.MAX_MAPPED_FILES``).
 _MAPPINGS: dict[tuple[int, int, int], weakref.ref[mmap.mmap]] = {}
 _MAPPED_LENGTHS: weakref.WeakKeyDictionary[mmap.mmap, int] = weakref.WeakKeyDictionary()
 
@@ -345,7 +338,7 @@ def _mapped(path: str) -> mmap.mmap | None:
     mapping = reference() if reference is not None else None
     if mapping is not None:
         return mapping
-    if len(_MAPPED_LENGTHS) >= MAX_MAPPED_FILES:
+    if len(_MAPPED_LENGTHS) >= limits.MAX_MAPPED_FILES:
         return None
     try:
         with open(path, "rb") as handle:
@@ -389,7 +382,7 @@ def copy_external(tensor: TensorProto, base_dir: Path, out: BinaryIO) -> int:
             return ref.length
         remaining = ref.length
         while remaining:
-            chunk = _read(handle, min(COPY_CHUNK, remaining), tensor)
+            chunk = _read(handle, min(limits.COPY_CHUNK_BYTES, remaining), tensor)
             out.write(chunk)
             remaining -= len(chunk)
     return ref.length

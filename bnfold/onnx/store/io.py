@@ -26,6 +26,7 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 
 from bnfold.core.interrupts import deferred_interrupts
 from bnfold.errors import InputError, OutputError
+from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import (
     HeldTensors,
     check_external_refs,
@@ -41,18 +42,6 @@ from bnfold.onnx.store.external import (
     write_held,
 )
 from bnfold.onnx.store.wire import WireError, copy_fields, read_skeleton, without_initializers, write_inline
-
-# Protobuf cannot serialize a message of 2 GiB or more; stay clear of the limit.
-PROTOBUF_LIMIT = 2**31 - 2**24
-# Smaller tensors stay inline in the .onnx file, as onnx's own converter does.
-EXTERNAL_MIN_BYTES = 1024
-# A lazily read model leaves main-graph tensors this large in the file until a fold reads them: the weights.
-# Smaller ones (batch norm parameters, biases) are parsed with the rest; reading each on its own costs more
-# than the memory it saves.
-LAZY_MIN_BYTES = 16 << 10
-# Tensors at least this large start on this boundary in the data file, so onnxruntime can memory-map them
-# (64 KiB is Windows' mapping granularity and a multiple of every page size; onnx caps padding at it too).
-ALIGNMENT = 64 << 10
 
 
 def read_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> ModelProto:
@@ -83,7 +72,7 @@ def read_model_lazy(path: str | os.PathLike[str]) -> ModelProto:
     read only when a fold needs them. Their base directory is ``Path(path).parent``."""
     source = _regular_file(path)
     try:
-        model = read_skeleton(source, LAZY_MIN_BYTES)
+        model = read_skeleton(source, limits.LAZY_MIN_BYTES)
     except (WireError, DecodeError, ValueError, RuntimeError, OSError):
         return read_model(source, load_external_data=False)  # which names the problem, if there is one
     return _checked(model, source, load_external_data=False)
@@ -185,7 +174,7 @@ def write_model(
     path: str | os.PathLike[str],
     *,
     external_data: str | None = None,
-    external_threshold: int = PROTOBUF_LIMIT,
+    external_threshold: int = limits.PROTOBUF_LIMIT,
     base_dir: str | os.PathLike[str] | None = None,
     held: HeldTensors | None = None,
 ) -> list[Path]:
@@ -193,7 +182,7 @@ def write_model(
 
     Models whose tensors have ``external_threshold`` bytes or more (counting those still on disk, see
     :func:`tensor_bytes`), or that protobuf cannot hold in one message, are written with every
-    tensor of ``EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
+    tensor of ``limits.EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
     ``external_data`` (a plain file name; default ``<name>.data``). Smaller models are one file. ``base_dir``
     is where a lazily read model's external tensors are (its source directory); ``held`` has the values of
     tensors a fold kept outside the model (see ``external.HeldTensors``). ``model`` is not modified.
@@ -251,7 +240,7 @@ def write_model(
 
 @contextlib.contextmanager
 def staged_file(model: ModelProto, base_dir: Path | None, held: HeldTensors | None = None, *,
-                external_threshold: int = PROTOBUF_LIMIT) -> Iterator[Path]:
+                external_threshold: int = limits.PROTOBUF_LIMIT) -> Iterator[Path]:
     """``model`` written (see :func:`write_model`) to a temporary file, for the checker or onnxruntime to
     read from disk; removed on exit."""
     with tempfile.TemporaryDirectory(prefix="bnfold-") as staging:
@@ -263,14 +252,14 @@ def staged_file(model: ModelProto, base_dir: Path | None, held: HeldTensors | No
 def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: HeldTensors | None) -> bool:
     """Write the whole model to ``path`` as one protobuf message, streaming the main graph's tensors; False,
     having written nothing, if it would be 2 GiB or more, which protobuf refuses to read (this happens when
-    the graph itself weighs more than the margin :data:`PROTOBUF_LIMIT` leaves below the tensors)."""
+    the graph itself weighs more than the margin ``limits.PROTOBUF_LIMIT`` leaves below the tensors)."""
     attached = itertools.islice(model_tensors(model), len(model.graph.initializer), None)
     if any(is_external(tensor) for tensor in attached):  # in subgraphs, attributes, functions: inlined
         rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
     else:  # nothing to inline, so protobuf copies the nodes itself, not one by one in Python
         rest = without_initializers(model)
     with open(path, "wb") as handle:
-        return write_inline(model, rest, handle, base_dir, held, limit=2**31 - 1)
+        return write_inline(model, rest, handle, base_dir, held, limit=limits.PROTOBUF_MESSAGE_MAX)
 
 
 def _check_data_file_name(location: str, destination: Path) -> None:
@@ -303,7 +292,7 @@ def _metadata_copy(tensor: TensorProto) -> TensorProto:
 
 
 class _DataFileWriter:
-    """Moves the payload of every tensor of ``EXTERNAL_MIN_BYTES`` or more into one data file, in the order
+    """Moves the payload of every tensor of ``limits.EXTERNAL_MIN_BYTES`` or more into one data file, in the order
     the tensors are visited, so equal models give byte-identical files."""
 
     def __init__(self, handle: BinaryIO, location: str, base_dir: Path, held: HeldTensors | None) -> None:
@@ -322,11 +311,11 @@ class _DataFileWriter:
             length = len(tensor.raw_data)
         else:
             return None  # typed fields (float_data, ...): rare and small, left as they are
-        if length < EXTERNAL_MIN_BYTES:
+        if length < limits.EXTERNAL_MIN_BYTES:
             return _inline_copy(tensor, self._base_dir)
         handle = self._handle
-        if length >= ALIGNMENT:
-            handle.write(b"\0" * (-handle.tell() % ALIGNMENT))
+        if length >= limits.ALIGNMENT:
+            handle.write(b"\0" * (-handle.tell() % limits.ALIGNMENT))
         offset = handle.tell()
         if value is not None:
             write_held(value, handle)

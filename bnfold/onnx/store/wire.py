@@ -20,7 +20,7 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
 from onnx import ModelProto, TensorProto
 
-from bnfold.onnx.graph.types import KEPT_ELEMENTS
+from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import (
     HeldTensors,
     copy_external,
@@ -84,7 +84,7 @@ def _fields(data: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int
 
 def read_skeleton(path: Path, min_bytes: int) -> ModelProto:
     """The model in ``path`` with every main-graph initializer whose raw data has ``min_bytes`` or more (and
-    whose value shape inference never needs: more than ``KEPT_ELEMENTS`` elements) left in the file, as an
+    whose value shape inference never needs: more than ``limits.KEPT_ELEMENTS`` elements) left in the file, as an
     external reference to ``path``'s own name (relative to its directory).
 
     Raises :class:`WireError` if the bytes are not laid out as this scanner expects (the caller then parses
@@ -134,7 +134,7 @@ def _read_initializer(data: mmap.mmap, start: int, end: int, location: str, min_
     # Left in the file only when it is unambiguous what the bytes are; anything odd stays inline, for the
     # checker to judge as it would have.
     if (length < min_bytes or length != payload_bytes(tensor) or is_external(tensor) or tensor.external_data
-            or tensor.HasField("data_location") or math.prod(tensor.dims) <= KEPT_ELEMENTS):
+            or tensor.HasField("data_location") or math.prod(tensor.dims) <= limits.KEPT_ELEMENTS):
         tensor.raw_data = data[offset:offset + length]
         return tensor
     tensor.data_location = TensorProto.EXTERNAL
@@ -216,9 +216,6 @@ def _split(message: Message, number: int) -> tuple[bytes, bytes]:
     return below.SerializeToString(), above.SerializeToString()
 
 
-# Inline raw data below this size is encoded with its tensor by protobuf itself; larger payloads are written
-# between the tensor's encoded fields, never copied into a serialization.
-_SPLIT_FROM_BYTES = 64 << 10
 
 
 class _Payload:
@@ -239,7 +236,7 @@ class _Payload:
             self.inline = False
         elif tensor.HasField("raw_data") and payload_bytes(tensor) is not None:
             self.raw_length = payload_bytes(tensor)
-            if self.raw_length < _SPLIT_FROM_BYTES:
+            if self.raw_length < limits.SPLIT_FROM_BYTES:
                 self._check_raw_length(tensor.raw_data)
                 self._encode_whole(tensor)
                 return

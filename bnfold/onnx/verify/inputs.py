@@ -12,13 +12,11 @@ import numpy as np
 
 from bnfold.core.compare import is_float
 from bnfold.errors import InputError, first_line
+from bnfold.onnx.store import limits
 from bnfold.onnx.verify.interface import TensorSpec, type_name
 
 Feeds = Mapping[str, np.ndarray]
 InputsArg = Feeds | Sequence[Feeds | str | os.PathLike[str]] | str | os.PathLike[str] | None
-
-#: The most bytes one generated input may take: a model that declares more is refused, not allocated.
-GENERATED_INPUT_LIMIT = 4 << 30
 
 
 def generated_shapes(
@@ -65,7 +63,7 @@ def generated_shapes(
         shapes[spec.name] = tuple(shape)
     for spec in specs:
         size = math.prod(shapes[spec.name]) * spec.dtype.itemsize
-        if size > GENERATED_INPUT_LIMIT:
+        if size > limits.GENERATED_INPUT_LIMIT:
             raise InputError(f"input '{spec.name}' of shape {list(shapes[spec.name])} would need {size / 2**30:.3g} "
                              f"GiB of random values; give a smaller shape in input_shapes, or pass inputs")
     return shapes

@@ -14,8 +14,9 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto
 
 from bnfold.core.runtime import unoptimized_session
+from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import HeldTensors, held_array, held_value, is_external, model_tensors, payload_bytes
-from bnfold.onnx.store.io import PROTOBUF_LIMIT, staged_file
+from bnfold.onnx.store.io import staged_file
 
 
 @dataclass(frozen=True, eq=False)  # arrays have no truth value to compare by
@@ -61,7 +62,7 @@ def opens_in_place(model: UnwrittenModel) -> bool:
     message, and if some tensors are on disk, onnxruntime can be told where."""
     in_proto = sum(payload_bytes(tensor) or 0 for tensor in model_tensors(model.proto)
                    if not is_external(tensor) and held_value(tensor, model.held) is None)
-    if in_proto >= PROTOBUF_LIMIT:
+    if in_proto >= limits.PROTOBUF_LIMIT:
         return False
     return model.base_dir is None or ort_version() >= EXTERNAL_DATA_FOLDER_SINCE
 

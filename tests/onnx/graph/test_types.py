@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.onnx.graph import types
+from bnfold.onnx.store import limits
 from bnfold.onnx.store.io import read_model_lazy
 from tests.support.graph_fuzz import fuzz_cases
 
@@ -48,7 +49,7 @@ def test_a_model_read_lazily_infers_the_same_types_from_itself_as_from_its_skele
 
 
 def test_much_tensor_data_or_a_small_tensor_on_disk_takes_the_skeleton():
-    heavy = numpy_helper.from_array(np.zeros(types.SKELETON_FROM_BYTES // 4, np.float32), "heavy")
+    heavy = numpy_helper.from_array(np.zeros(limits.SKELETON_FROM_BYTES // 4, np.float32), "heavy")
     small_on_disk = numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")
     small_on_disk.data_location = TensorProto.EXTERNAL
     for tensor in (heavy, small_on_disk):

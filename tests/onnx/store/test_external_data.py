@@ -21,7 +21,8 @@ from bnfold import fold_onnx, write_model
 from bnfold.cli import main
 from bnfold.onnx.graph import index as graph_module
 from bnfold.onnx.store.external import external_ref, inline_array, is_external, model_tensors
-from bnfold.onnx.store.io import ALIGNMENT, PROTOBUF_LIMIT, read_model
+from bnfold.onnx.store.io import read_model
+from bnfold.onnx.store.limits import ALIGNMENT, PROTOBUF_LIMIT
 from tests.support.graphs import FLOAT, GraphBuilder
 
 DOMAIN = "custom"

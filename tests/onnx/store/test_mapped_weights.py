@@ -1,5 +1,5 @@
 """Large weights read from a model's file are read-only views of it (mapped), and the weights folded from them
-are computed only as the output is written (``affine.RoundedProduct``): the folded model must be exactly what
+are computed only as the output is written (``deferred.RoundedProduct``): the folded model must be exactly what
 a fold in memory gives, refusals included, and a source that changes underneath must stop the write with one
 line, never crash it."""
 
@@ -15,11 +15,10 @@ import pytest
 from onnx import numpy_helper
 
 from bnfold import fold_onnx, write_model
-from bnfold.core.affine import RoundedProduct
 from bnfold.errors import InputError
-from bnfold.onnx.store import external
-from bnfold.onnx.store.external import MAP_MIN_BYTES
-from bnfold.onnx.store.io import LAZY_MIN_BYTES
+from bnfold.onnx.store import external, limits
+from bnfold.onnx.store.deferred import RoundedProduct
+from bnfold.onnx.store.limits import LAZY_MIN_BYTES, MAP_MIN_BYTES
 from tests.support.graphs import GraphBuilder, assert_equivalent
 
 # A 96x96x3x3 float32 weight is 324 KiB: left in the file by the lazy reader, and mapped when a fold reads it.
@@ -179,13 +178,13 @@ def test_a_model_with_a_file_per_tensor_maps_no_more_files_than_the_cap(tmp_path
     """Each mapping keeps a descriptor open; with every tensor in a file of its own (as some exporters write
     large models), mapping them all could run out of descriptors. Past the cap, tensors are read instead."""
     gc.collect()  # other tests' mappings
-    monkeypatch.setattr(external, "MAX_MAPPED_FILES", len(external._MAPPED_LENGTHS) + 1)
+    monkeypatch.setattr(limits, "MAX_MAPPED_FILES", len(external._MAPPED_LENGTHS) + 1)
     model = chain()
     onnx.save(chain(), tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
               size_threshold=MAP_MIN_BYTES)
     assert len(list(tmp_path.iterdir())) == 3, "each conv weight in a file of its own"
     result = fold_onnx(tmp_path / "model.onnx", verify=False)
-    assert len(external._MAPPED_LENGTHS) <= external.MAX_MAPPED_FILES
+    assert len(external._MAPPED_LENGTHS) <= limits.MAX_MAPPED_FILES
     deferred = [name for name, value in result._held.items() if isinstance(value, RoundedProduct)]
     assert len(deferred) == 1, "the mapped weight is deferred, the one read is folded at once"
     assert result.model.SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()

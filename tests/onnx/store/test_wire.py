@@ -19,8 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import fold_onnx, write_model
 from bnfold.cli import main
-from bnfold.onnx.store import external, wire
-from bnfold.onnx.store.io import LAZY_MIN_BYTES, read_model_lazy
+from bnfold.onnx.store import external, limits
+from bnfold.onnx.store.io import read_model_lazy
+from bnfold.onnx.store.limits import LAZY_MIN_BYTES
 from tests.support.graphs import GraphBuilder
 
 MODELS = sorted((Path(__file__).resolve().parents[3] / "models").glob("*.onnx"))
@@ -103,8 +104,8 @@ def test_any_model_round_trips_byte_for_byte(tmp_path_factory, data):
     write_model(lazy, out, base_dir=directory)
     assert out.read_bytes() == model.SerializeToString()
     # In memory every tensor is inline: small ones are encoded whole, large ones around their raw data.
-    for split_from in (0, wire._SPLIT_FROM_BYTES):
-        with mock.patch.object(wire, "_SPLIT_FROM_BYTES", split_from):
+    for split_from in (0, limits.SPLIT_FROM_BYTES):
+        with mock.patch.object(limits, "SPLIT_FROM_BYTES", split_from):
             write_model(model, out)
         assert out.read_bytes() == model.SerializeToString()
     # With external data every tensor changes, but no field a newer onnx added is lost anywhere else.

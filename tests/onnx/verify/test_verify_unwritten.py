@@ -12,6 +12,7 @@ import pytest
 
 from bnfold import fold_onnx, write_model
 from bnfold.onnx.graph import index as graph_module
+from bnfold.onnx.store import limits
 from bnfold.onnx.verify import unwritten as unwritten_module
 from tests.support.graphs import GraphBuilder
 
@@ -47,7 +48,7 @@ def route(request, monkeypatch) -> str:
             raise AssertionError("the folded model was written to a file")
         monkeypatch.setattr(unwritten_module, "staged_file", no_file)
     elif request.param == "staged: too large for one message":
-        monkeypatch.setattr(unwritten_module, "PROTOBUF_LIMIT", 0)
+        monkeypatch.setattr(limits, "PROTOBUF_LIMIT", 0)
     else:
         monkeypatch.setattr(unwritten_module, "EXTERNAL_DATA_FOLDER_SINCE", (10**6,))
     return request.param
