@@ -25,15 +25,8 @@ from bnfold.onnx.fold.patterns import (
 from bnfold.onnx.graph.types import infer_types
 from bnfold.onnx.guard import FoldedModelCheck, Rejections, SiteKey, guarded, mark_guarded, repair
 from bnfold.onnx.store import limits
-from bnfold.onnx.store.external import HeldTensors
-from bnfold.onnx.store.io import (
-    check_supported,
-    has_external_tensors,
-    inline_main_tensors,
-    read_model_lazy,
-    tensor_bytes,
-    write_model,
-)
+from bnfold.onnx.store.io import has_external_tensors, tensor_bytes
+from bnfold.onnx.store.model_store import ModelStore
 
 ModelLike = ModelProto | str | os.PathLike[str]
 Inputs = Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | str | os.PathLike[str] | None
@@ -43,57 +36,39 @@ Progress = Callable[[str, int, int], None]
 class FoldResult:
     """The folded model and the report of what was folded, what was left and why.
 
-    For a model read from a path with external data, ``base_dir`` is the input's directory: tensors the
-    fold did not touch are still read from the input's data files, so write the model with :meth:`write`
-    (or :func:`bnfold.write_model` with ``base_dir``), which copies them into the output's own data file.
+    Until someone asks for :attr:`model`, the folded model stays in its :attr:`store`: tensors the fold did
+    not touch in the input's files, the ones it wrote beside the proto (arrays, or weights scaled from the
+    input file and computed as they are written). :meth:`write` streams each from where it is.
     """
 
-    def __init__(self, model: ModelProto, report: FoldReport, base_dir: Path | None = None,
-                 source: Path | None = None, held: HeldTensors | None = None) -> None:
-        self._model = model
+    def __init__(self, store: ModelStore, report: FoldReport) -> None:
+        self.store = store
         self.report = report
-        self._base_dir = base_dir
-        # Until someone asks for the model, the tensors the fold did not touch stay in the input file
-        # (``source``, see io.read_model_lazy) and the ones it wrote stay beside the model (``held``): numpy
-        # arrays, or weights scaled from the input file, computed as they are written.
-        self._source = source
-        self._held = held or {}
 
     @property
     def model(self) -> ModelProto:
         """The folded model, every tensor of its main graph in memory (external data stays external)."""
-        if self._source is not None or self._held:
-            inline_main_tensors(self._model, self._source, self._held)
-            self._source, self._held = None, {}
-        return self._model
+        return self.store.inline()
 
     @property
     def base_dir(self) -> Path | None:
-        return self._base_dir if self._source is not None or has_external_tensors(self._model) else None
+        """The input's directory while the model still reads tensors from the input's files, else None."""
+        return self.store.base_dir if has_external_tensors(self.store.proto) else None
 
     def write(self, path: str | os.PathLike[str], *, external_data: str | None = None,
               external_threshold: int = limits.PROTOBUF_LIMIT) -> list[Path]:
         """:func:`bnfold.write_model` for this result; returns the paths written."""
-        return write_model(self._model, path, external_data=external_data, external_threshold=external_threshold,
-                           base_dir=self.base_dir, held=self._held)
+        return self.store.write(path, external_data=external_data, external_threshold=external_threshold)
 
 
-def _editable(model: ModelLike) -> tuple[ModelProto, ModelLike, Path | None]:
-    """A model bnfold may edit, the untouched original to verify against (the caller's proto or path),
-    and the directory external tensors are read from. Read from a path, large tensors stay on disk until a
-    fold needs them (see :func:`bnfold.onnx.store.io.read_model_lazy`), so at most one copy of what is folded
-    is ever in memory."""
+def _editable(model: ModelLike) -> ModelStore:
+    """A store of the model that bnfold may edit; the caller's proto or file is never modified. Read from a
+    path, large tensors stay on disk until a fold needs them (see :meth:`ModelStore.read`), so at most one
+    copy of what is folded is ever in memory."""
     if isinstance(model, ModelProto):
-        check_supported(model)
-        if has_external_tensors(model):
-            raise InputError("the model keeps tensors in external files that are not loaded; pass its path, "
-                             "so bnfold reads them from the model's own directory")
-        copy = ModelProto()
-        copy.CopyFrom(model)
-        return copy, model, None
+        return ModelStore.copy_of(model)
     if isinstance(model, str | os.PathLike):
-        editable = read_model_lazy(model)
-        return editable, model, Path(model).parent if has_external_tensors(editable) else None
+        return ModelStore.read(model)
     raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
@@ -166,25 +141,20 @@ def fold_onnx(
     """
     started = time.perf_counter()
     enabled = enabled_patterns(only, skip, standalone)
-    folded, original, base_dir = _editable(model)
+    original = model
+    unfolded = [_editable(model)]  # the model just read serves the first attempt; the guard's refolds read it again
     loaded = time.perf_counter()
-    before = model_totals(folded)
-    unfolded = [folded]  # the model just read serves the first attempt; the guard's refolds read it again
-
-    # The values the latest attempt held outside its model; the model the guard settles on is the latest.
-    latest_held: HeldTensors = {}
+    before = model_totals(unfolded[0].proto)
     with _blaming(original):
-        types = infer_types(folded)  # every attempt folds the same model: one inference serves them and the guard
-        check = FoldedModelCheck(folded, types, lambda: _editable(model)[0], base_dir, latest_held)
+        types = infer_types(unfolded[0].proto)  # every attempt folds the same model: one inference serves all
+        check = FoldedModelCheck(unfolded[0].proto, types, lambda: _editable(model).proto)
 
-    def attempt(rejected: Rejections) -> tuple[ModelProto, list[BnRecord]]:
-        working = unfolded.pop() if unfolded else _editable(model)[0]
+    def attempt(rejected: Rejections) -> tuple[ModelStore, list[BnRecord]]:
+        working = unfolded.pop() if unfolded else _editable(model)
         events: dict[SiteKey, str] = {}
-        latest_held.clear()
         with _blaming(original):
             records = fold_model(working, guarded(ALL_PATTERNS, rejected, events), enabled,
-                                 allow_overridable=allow_overridable, progress=progress, base_dir=base_dir,
-                                 held=latest_held, types=types)
+                                 allow_overridable=allow_overridable, progress=progress, types=types)
         return working, mark_guarded(records, events)
 
     folded, records = attempt({})
@@ -192,23 +162,20 @@ def fold_onnx(
     if first_problem is not None:
         _check(original, "the input model")
         folded, records = repair(attempt, check, records, first_problem)
-    report = FoldReport(records, totals(before, model_totals(folded)))
+    report = FoldReport(records, totals(before, model_totals(folded.proto)))
     report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
     if verify:
-        from bnfold.onnx.verify.verify import (  # onnxruntime and onnx.reference: only when verifying
-            UnwrittenModel,
-            verify_onnx,
-        )
+        # onnxruntime and onnx.reference: only when verifying
+        from bnfold.onnx.verify.verify import verify_onnx
 
         verified = time.perf_counter()
         # The folded model as it is: its weights where the fold left them, so none is written or copied.
         report.verification = verify_onnx(
-            original, UnwrittenModel(folded, base_dir, latest_held), inputs=inputs, input_shapes=input_shapes,
+            original, folded, inputs=inputs, input_shapes=input_shapes,
             iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress,
         )
         report.seconds["verify"] = time.perf_counter() - verified
-    source = Path(model) if isinstance(model, str | os.PathLike) else None
-    return FoldResult(folded, report, base_dir, source, dict(latest_held))
+    return FoldResult(folded, report)
 
 
 def inspect_onnx(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -28,9 +27,7 @@ from bnfold.core.report import BnRecord
 from bnfold.errors import BnfoldError
 from bnfold.onnx.graph.index import subgraphs
 from bnfold.onnx.graph.types import ValueType
-from bnfold.onnx.store import limits
-from bnfold.onnx.store.external import HeldTensors, is_external, model_tensors, payload_bytes
-from bnfold.onnx.store.wire import without_initializers
+from bnfold.onnx.store.model_store import ModelStore, weightless
 
 GUARD_REJECTED = "guard_rejected"
 # Domain, operator, input and output element types: what onnxruntime chooses a kernel by.
@@ -40,9 +37,9 @@ Signature = tuple[str, str, frozenset[int], frozenset[int]]
 SiteKey = tuple[str, str]
 Rejections = Mapping[SiteKey, str]
 # Folds the model with the given sites rejected; returns the folded model and its records.
-Attempt = Callable[[Rejections], tuple[ModelProto, list[BnRecord]]]
+Attempt = Callable[[Rejections], tuple[ModelStore, list[BnRecord]]]
 # Why a folded model must not be written (first line of the checker's or onnxruntime's complaint), or None.
-Problem = Callable[[ModelProto], str | None]
+Problem = Callable[[ModelStore], str | None]
 
 
 class FoldedModelCheck:
@@ -50,7 +47,7 @@ class FoldedModelCheck:
     load it if it can load ``original``.
 
     Both look at the model's structure, not its weights: large initializers of the main graph are declared
-    as graph inputs of their type and shape instead (:func:`weightless`), so a check costs milliseconds
+    as graph inputs of their type and shape instead (``ModelStore.weightless``), so a check costs milliseconds
     whatever the model's size, and tensors still on disk are not read. onnxruntime is asked only when the
     fold made a node onnxruntime may have no kernel for: one whose operator and input and output types
     (:func:`kernel_signatures`) appear nowhere in the original. A model with tensors on disk outside the main
@@ -58,22 +55,19 @@ class FoldedModelCheck:
     loads it anyway)."""
 
     def __init__(self, original: ModelProto, original_types: Mapping[str, ValueType],
-                 reread_original: Callable[[], ModelProto], base_dir: Path | None, held: HeldTensors) -> None:
+                 reread_original: Callable[[], ModelProto]) -> None:
         """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``),
         ``original_types`` the types of its values (``types.infer_types``, which the fold runs anyway), and
         ``reread_original`` reads it again: the first fold edits ``original`` itself, and onnxruntime needs
-        the original only in the rare case a candidate it cannot load has a new kind of node. ``held`` are
-        the values each candidate keeps outside its proto (see ``external.HeldTensors``)."""
+        the original only in the rare case a candidate it cannot load has a new kind of node."""
         elem_types = {name: value_type.elem_type for name, value_type in original_types.items()}
         self._original_signatures = kernel_signatures(original.graph, elem_types)
         self._reread_original = reread_original
         self._original_loads: bool | None = None
-        self._base_dir = base_dir
-        self._held = held
 
-    def __call__(self, candidate: ModelProto) -> str | None:
+    def __call__(self, candidate: ModelStore) -> str | None:
         """Why ``candidate`` must not be written, as a phrase ("fails onnx.checker (...)"), or None."""
-        skeleton = weightless(candidate)
+        skeleton = candidate.weightless()
         if skeleton is None:
             return self._check_staged(candidate)
         serialized = skeleton.SerializeToString()
@@ -94,31 +88,13 @@ class FoldedModelCheck:
             self._original_loads = original is not None and _ort_load_failure(original.SerializeToString()) is None
         return f"onnxruntime cannot load ({failure})" if self._original_loads else None
 
-    def _check_staged(self, candidate: ModelProto) -> str | None:
-        from bnfold.onnx.store.io import staged_file
-
-        with staged_file(candidate, self._base_dir, self._held, external_threshold=0) as path:
+    def _check_staged(self, candidate: ModelStore) -> str | None:
+        with candidate.staged(external_threshold=0) as path:
             try:
                 onnx.checker.check_model(os.fspath(path), full_check=True)
             except Exception as error:  # noqa: BLE001 - as above
                 return f"fails onnx.checker ({_first_line(error)})"
         return None
-
-
-def weightless(model: ModelProto) -> ModelProto | None:
-    """``model`` with each main-graph initializer of ``limits.HELD_MIN_BYTES`` or more (or kept on disk)
-    replaced by a graph input of its type and shape; None if tensors on disk remain elsewhere."""
-    skeleton = without_initializers(model)
-    declared = {value.name for value in model.graph.input}
-    for tensor in model.graph.initializer:
-        if not is_external(tensor) and (payload_bytes(tensor) or 0) < limits.HELD_MIN_BYTES:
-            skeleton.graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
-                                                                           list(tensor.dims)))
-    if any(is_external(tensor) for tensor in model_tensors(skeleton)):
-        return None
-    return skeleton
 
 
 def kernel_signatures(graph: GraphProto, elem_types: Mapping[str, int]) -> set[Signature]:
@@ -223,7 +199,7 @@ def mark_guarded(records: list[BnRecord], events: Mapping[SiteKey, str]) -> list
 
 
 def repair(attempt: Attempt, problem: Problem, records: list[BnRecord], first_problem: str
-           ) -> tuple[ModelProto, list[BnRecord]]:
+           ) -> tuple[ModelStore, list[BnRecord]]:
     """The model folded with the folds that make it invalid rejected (see the module docstring).
 
     ``records`` are those of the invalid fold, whose problem was ``first_problem``. Raises

@@ -78,7 +78,7 @@ BUGS_FOUND = (
      "`wire._read_initializer` never leaves a tensor of `limits.KEPT_ELEMENTS` or fewer elements on disk"),
     ("differential fuzz", "Tensors the lazy reader left in the file came back in `FoldResult.model` with an "
      "explicit `data_location: DEFAULT` the file never had (4 bytes more than the in-memory fold's model).",
-     "`io._set_inline` clears the field"),
+     "`io.set_inline` clears the field"),
     ("byte fuzzer", "A bit flip that makes a batch-norm parameter a signalling NaN printed numpy's RuntimeWarning "
      "(\"invalid value encountered in cast\") as it was widened to float64, beside bnfold's output.",
      "`affine._as_float64_vector` widens with the flag ignored; the NaN is refused as `non_finite_params`"),

@@ -17,7 +17,7 @@ from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, R
 from bnfold.onnx.fold.patterns.runs import is_batchnorm
 from bnfold.onnx.graph.index import GraphIndex
 from bnfold.onnx.store.deferred import cast_deferred
-from bnfold.onnx.store.external import HeldValue
+from bnfold.onnx.store.held import HeldValue
 
 __all__ = ["fold_node", "is_batchnorm"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 
 import onnx
 from onnx import ModelProto
@@ -16,35 +15,31 @@ from bnfold.onnx.fold.patterns.runs import is_link
 from bnfold.onnx.fold.traversal import fold_all_graphs
 from bnfold.onnx.graph.index import GraphIndex, subgraphs
 from bnfold.onnx.graph.types import ValueType
-from bnfold.onnx.store.external import HeldTensors, payload_bytes
+from bnfold.onnx.store.external import payload_bytes
+from bnfold.onnx.store.model_store import ModelStore
 
 Progress = Callable[[str, int, int], None]
 
 
 def fold_model(
-    model: ModelProto,
+    store: ModelStore,
     patterns: Sequence[Pattern],
     enabled: Iterable[str],
     *,
     allow_overridable: bool = False,
     progress: Progress | None = None,
-    base_dir: Path | None = None,
     types: Mapping[str, ValueType],
-    held: HeldTensors | None = None,
 ) -> list[BnRecord]:
-    """Fold ``model`` in place: its main graph, every subgraph and every model-local function (see
+    """Fold ``store``'s model in place: its main graph, every subgraph and every model-local function (see
     :mod:`bnfold.onnx.fold.traversal`). One record per batch norm; those of subgraphs and functions carry
-    their ``scope``. ``base_dir`` is the directory a lazily read model's external tensors are in; values the
-    fold writes into the main graph go to ``held`` if given (see ``external.HeldTensors``). ``types`` are
-    ``types.infer_types(model)``."""
+    their ``scope``. ``types`` are ``types.infer_types(model)``."""
     chosen = set(enabled)
-    overall = _OverallProgress(progress, model_totals(model)[0]) if progress is not None else None
+    overall = _OverallProgress(progress, model_totals(store.proto)[0]) if progress is not None else None
 
     def fold_one(index: GraphIndex) -> list[BnRecord]:
         return fold_graph(index, patterns, chosen, overall.graph() if overall is not None else None)
 
-    return fold_all_graphs(model, fold_one, allow_overridable=allow_overridable, base_dir=base_dir, types=types,
-                           held=held)
+    return fold_all_graphs(store, fold_one, allow_overridable=allow_overridable, types=types)
 
 
 class _OverallProgress:

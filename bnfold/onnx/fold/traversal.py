@@ -10,9 +10,8 @@ subgraph's ``scope`` is the path to it, e.g. ``If_0/then_branch`` or ``Loop_1/bo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
-from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto
+from onnx import AttributeProto, FunctionProto, GraphProto, NodeProto
 
 from bnfold.core.report import BnRecord
 from bnfold.onnx.fold.apply import is_batchnorm
@@ -26,25 +25,24 @@ from bnfold.onnx.graph.functions import (
 )
 from bnfold.onnx.graph.index import GraphIndex, NameAllocator, opset_version
 from bnfold.onnx.graph.types import ValueType
-from bnfold.onnx.store.external import HeldTensors
+from bnfold.onnx.store.model_store import ModelStore
 
 FoldOne = Callable[[GraphIndex], list[BnRecord]]
 
 
 def fold_all_graphs(
-    model: ModelProto, fold_one: FoldOne, *, allow_overridable: bool, base_dir: Path | None,
-    types: Mapping[str, ValueType], held: HeldTensors | None = None,
+    store: ModelStore, fold_one: FoldOne, *, allow_overridable: bool, types: Mapping[str, ValueType],
 ) -> list[BnRecord]:
-    """Apply ``fold_one`` to every graph of ``model`` (in place) and commit; the records of all of them.
-    ``types`` are ``types.infer_types(model)``; values written into the main graph go to ``held`` if given
-    (see ``external.HeldTensors``)."""
+    """Apply ``fold_one`` to every graph of ``store``'s model (in place) and commit; the records of all of
+    them. ``types`` are ``types.infer_types(model)``."""
+    model = store.proto
     types = dict(types)  # a copy: the fold records renames in it, and the caller may fold the model again
     index = GraphIndex(model.graph, types, NameAllocator([model.graph]), opset=opset_version(model),
-                       allow_overridable=allow_overridable, base_dir=base_dir, held=held)
+                       allow_overridable=allow_overridable, store=store, main_graph=True)
     records = fold_tree(index, fold_one)
     index.commit()
     for function in model.functions:
-        records.extend(_fold_function(model, function, types, fold_one, base_dir))
+        records.extend(_fold_function(store, function, types, fold_one))
     return records
 
 
@@ -65,7 +63,7 @@ def fold_tree(index: GraphIndex, fold_one: FoldOne) -> list[BnRecord]:
         for attribute, graph in named:
             prefix = f"{index.scope}/" if index.scope else ""
             inner = GraphIndex(graph, index.types, index.names, opset=index.opset,
-                               allow_overridable=index.allow_overridable, outer=index,
+                               allow_overridable=index.allow_overridable, outer=index, store=index.store,
                                scope=f"{prefix}{index.node_label(node)}/{attribute}")
             inner_records.extend(fold_tree(inner, fold_one))
             inner.commit()
@@ -75,13 +73,13 @@ def fold_tree(index: GraphIndex, fold_one: FoldOne) -> list[BnRecord]:
 
 
 def _fold_function(
-    model: ModelProto, function: FunctionProto, types: dict[str, ValueType], fold_one: FoldOne,
-    base_dir: Path | None,
+    store: ModelStore, function: FunctionProto, types: dict[str, ValueType], fold_one: FoldOne,
 ) -> list[BnRecord]:
+    model = store.proto
     graph = body_graph(function)
     references = attribute_references(function)
     index = GraphIndex(graph, {} if references else function_types(model, function, types), NameAllocator([graph]),
-                       opset=function_opset(model, function), scope=function_scope(function), base_dir=base_dir)
+                       opset=function_opset(model, function), scope=function_scope(function), store=store)
     if references:
         return fold_tree(index, lambda inner: _left_for_references(inner, references))
     records = fold_tree(index, fold_one)

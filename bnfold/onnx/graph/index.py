@@ -16,28 +16,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, numpy_helper
+from onnx import AttributeProto, GraphProto, NodeProto, TensorProto
 
 from bnfold.core.affine import ChannelAffine
-from bnfold.errors import InputError
 from bnfold.onnx.graph.constants import ConstantResolver
 from bnfold.onnx.graph.types import ValueType
-from bnfold.onnx.store.external import (
-    HeldTensors,
-    HeldValue,
-    clear_value,
-    external_array,
-    held_array,
-    held_value,
-    hold,
-    holdable,
-    inline_array,
-    is_external,
-)
+from bnfold.onnx.store.held import HeldValue
+from bnfold.onnx.store.model_store import ModelStore
 
 
 def subgraphs(node: NodeProto) -> Iterator[GraphProto]:
@@ -99,18 +87,18 @@ class GraphIndex:
         allow_overridable: bool = False,
         outer: GraphIndex | None = None,
         scope: str = "",
-        base_dir: Path | None = None,
-        held: HeldTensors | None = None,
+        store: ModelStore,
+        main_graph: bool = False,
     ) -> None:
         self.graph = graph
-        # Where written values go instead of the proto (main graph only, see external.HeldTensors).
-        self.held = held
+        # Where every tensor's bytes are; only the main graph's written values may be held beside the proto.
+        self.store = store
+        self.main_graph = main_graph
         self.types = types
         self.names = names
         self.opset = opset
         self.allow_overridable = allow_overridable
         self.scope = scope
-        self.base_dir = base_dir if base_dir is not None or outer is None else outer.base_dir
         self.initializers: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
         self.graph_inputs = {i.name for i in graph.input}
         self.graph_outputs = {o.name for o in graph.output}
@@ -159,16 +147,8 @@ class GraphIndex:
         self.constants.forget(name)
 
     def tensor_array(self, tensor: TensorProto) -> np.ndarray:
-        """The value of any tensor of this graph, an external one read from ``base_dir`` after its checks."""
-        value = held_value(tensor, self.held)
-        if value is not None:
-            return held_array(value)
-        if not is_external(tensor):
-            return inline_array(tensor)
-        if self.base_dir is None:
-            raise InputError(f"tensor {tensor.name!r} keeps its data in an external file, but the model's "
-                             f"directory is unknown; load the model from its path")
-        return external_array(tensor, self.base_dir)
+        """The value of any tensor of this graph, wherever the store has its bytes."""
+        return self.store.array(tensor, main_graph=self.main_graph)
 
     def value_type(self, name: str) -> ValueType | None:
         return self.types.get(name)
@@ -215,14 +195,14 @@ class GraphIndex:
         """Feed ``value`` to ``node.input[slot]``; reuse the initializer only if nothing else reads it."""
         old = node.input[slot] if slot < len(node.input) else ""
         if self._exclusive(old, node):
-            self._store(self.initializers[old], value, old)
-            # The proto (or ``held``) has the value now; a second numpy copy of every folded weight would
+            self.store.replace(self.initializers[old], value, old, main_graph=self.main_graph)
+            # The store has the value now; a second numpy copy of every folded weight would
             # double the memory a large model needs. A later read converts it again.
             self.forget_value(old)
             return old
         name = self.names.fresh(base)
         tensor = TensorProto()
-        self._store(tensor, value, name)
+        self.store.replace(tensor, value, name, main_graph=self.main_graph)
         self.graph.initializer.append(tensor)
         self.initializers[name] = self.graph.initializer[-1]
         self.set_input(node, slot, name)
@@ -236,13 +216,6 @@ class GraphIndex:
             and self.users(name) == [node]
             and list(node.input).count(name) == 1
         )
-
-    def _store(self, tensor: TensorProto, value: HeldValue, name: str) -> None:
-        if holdable(value, self.held):
-            hold(tensor, value, name, self.held)
-        else:
-            clear_value(tensor)
-            tensor.MergeFrom(numpy_helper.from_array(held_array(value), name))
 
     def turn_into(self, node: NodeProto, replacement: NodeProto) -> None:
         """Replace ``node`` by ``replacement`` at the same position (keeps topological order)."""

@@ -24,7 +24,6 @@ from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, helper, nu
 
 from bnfold.errors import InputError
 from bnfold.onnx.store import limits
-from bnfold.onnx.store.deferred import RoundedProduct
 
 _SUB_BYTE_BITS = {
     getattr(TensorProto, name): bits
@@ -60,57 +59,6 @@ def _element_bits(data_type: int) -> int | None:
 
 def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
-
-
-# Values of main-graph initializers a fold wrote, by name, kept beside the model instead of in its protobuf:
-# each copy of a 200 MB model's weights into and out of protobuf costs a tenth of a second. A value is a numpy
-# array, or a weight scaled from the model's file that is computed only as it is written (RoundedProduct). The
-# tensor in the model keeps its name, dtype and dims, and no data.
-HeldValue = np.ndarray | RoundedProduct
-HeldTensors = dict[str, HeldValue]
-
-
-def held_value(tensor: TensorProto, held: HeldTensors | None) -> HeldValue | None:
-    """``tensor``'s value if it is held in ``held``: a tensor of that name without any data of its own."""
-    if not held or tensor.name not in held or is_external(tensor) or tensor.HasField("raw_data"):
-        return None
-    return held[tensor.name]
-
-
-def clear_value(tensor: TensorProto) -> None:
-    """Clear what ``tensor`` holds, keep what describes it (doc_string, metadata_props, fields this onnx does
-    not know): a folded weight is the same parameter, scaled."""
-    for field in _VALUE_FIELDS:
-        tensor.ClearField(field)
-
-
-def hold(tensor: TensorProto, value: HeldValue, name: str, held: HeldTensors) -> None:
-    """Make ``tensor`` a data-less ``name`` of ``value``'s dtype and shape, its value held in ``held``."""
-    clear_value(tensor)
-    tensor.name = name
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
-    tensor.dims.extend(value.shape)
-    if isinstance(value, np.ndarray):
-        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-    held[name] = value
-
-
-def holdable(value: HeldValue, held: HeldTensors | None) -> bool:
-    return held is not None and value.nbytes >= limits.HELD_MIN_BYTES and value.dtype in _HOLDABLE_DTYPES
-
-
-def held_array(value: HeldValue) -> np.ndarray:
-    """A held value as one array (a deferred product computed now, once its source is checked)."""
-    if isinstance(value, np.ndarray):
-        return value
-    check_sources_intact([value])
-    return np.asarray(value)
-
-
-def write_held(value: HeldValue, out: BinaryIO) -> None:
-    """Append a held value's raw bytes to ``out``; a deferred product a block at a time."""
-    for block in (value,) if isinstance(value, np.ndarray) else value.blocks():
-        out.write(memoryview(block).cast("B"))
 
 
 # Attribute types that hold tensors, directly or in subgraphs (most attributes are numbers, lists or strings).
@@ -355,12 +303,11 @@ def _mapped(path: str) -> mmap.mmap | None:
     return mapping
 
 
-def check_sources_intact(values: Iterable[HeldValue]) -> None:
-    """Refuse to go on if a file that ``values`` (or the weights a deferred product scales) view through a
-    mapping has shrunk since it was mapped: reading the lost pages would kill the process (SIGBUS) instead of
-    raising."""
-    for value in values:
-        mapping = _mapping_of(value if isinstance(value, np.ndarray) else value.weight)
+def check_sources_intact(arrays: Iterable[np.ndarray]) -> None:
+    """Refuse to go on if a file that ``arrays`` view through a mapping has shrunk since it was mapped:
+    reading the lost pages would kill the process (SIGBUS) instead of raising."""
+    for array in arrays:
+        mapping = _mapping_of(array)
         if isinstance(mapping, mmap.mmap) and mapping in _MAPPED_LENGTHS and mapping.size() < _MAPPED_LENGTHS[mapping]:
             raise InputError("an input file shrank while the model was being folded; nothing was written")
 
@@ -413,9 +360,6 @@ def _kernel_copy(handle: BinaryIO, ref: ExternalRef, out: BinaryIO, tensor: Tens
     return True
 
 
-_VALUE_FIELDS = ("dims", "data_type", "segment", "float_data", "int32_data", "string_data", "int64_data",
-                 "raw_data", "double_data", "uint64_data", "external_data", "data_location")
-_HOLDABLE_DTYPES = {np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)}
 # copy_file_range refuses some pairs of files (across file systems on older kernels, special files); those
 # are copied through user space instead.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}

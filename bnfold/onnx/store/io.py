@@ -28,19 +28,15 @@ from bnfold.core.interrupts import deferred_interrupts
 from bnfold.errors import InputError, OutputError
 from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import (
-    HeldTensors,
     check_external_refs,
-    check_sources_intact,
     copy_external,
     external_ref,
-    held_array,
-    held_value,
     is_external,
     model_tensors,
     payload_bytes,
     read_external,
-    write_held,
 )
+from bnfold.onnx.store.held import HeldTensors, check_held_sources, held_value, write_held
 from bnfold.onnx.store.wire import WireError, copy_fields, read_skeleton, without_initializers, write_inline
 
 
@@ -101,25 +97,10 @@ def _checked(model: ModelProto, source: Path, load_external_data: bool) -> Model
         check_external_refs(external, source.parent)
         if load_external_data:
             for tensor in external:
-                _set_inline(tensor, read_external(tensor, source.parent))
+                set_inline(tensor, read_external(tensor, source.parent))
     except InputError as error:
         raise InputError(f"{source}: {error}") from None
     return model
-
-
-def inline_main_tensors(model: ModelProto, source: Path | None, held: HeldTensors) -> None:
-    """Bring into ``model`` the main-graph tensors :func:`read_model_lazy` left in ``source`` itself and the
-    values a fold held outside it."""
-    for tensor in model.graph.initializer:
-        value = held_value(tensor, held)
-        if value is not None:
-            tensor.raw_data = held_array(value).tobytes()
-        elif source is not None and is_external(tensor) and _location(tensor) == source.name:
-            _set_inline(tensor, read_external(tensor, source.parent))
-
-
-def _location(tensor: TensorProto) -> str | None:
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
 
 
 def check_supported(model: ModelProto) -> None:
@@ -185,7 +166,7 @@ def write_model(
     tensor of ``limits.EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
     ``external_data`` (a plain file name; default ``<name>.data``). Smaller models are one file. ``base_dir``
     is where a lazily read model's external tensors are (its source directory); ``held`` has the values of
-    tensors a fold kept outside the model (see ``external.HeldTensors``). ``model`` is not modified.
+    tensors a fold kept outside the model (see ``held.HeldTensors``). ``model`` is not modified.
     Returns the paths written; on failure nothing at the destination changes and no temporary file remains.
     """
     destination = Path(path)
@@ -202,7 +183,7 @@ def write_model(
                           f"read from as base_dir")
     source_dir = Path(base_dir) if base_dir is not None else directory
     check_external_refs(on_disk, source_dir)
-    check_sources_intact((held or {}).values())
+    check_held_sources((held or {}).values())
     staging: Path | None = None
     try:
         try:
@@ -270,7 +251,7 @@ def _check_data_file_name(location: str, destination: Path) -> None:
         raise OutputError(f"{destination}: external data name {location!r} is the model file itself")
 
 
-def _set_inline(tensor: TensorProto, data: bytes) -> None:
+def set_inline(tensor: TensorProto, data: bytes) -> None:
     tensor.raw_data = data
     # Cleared, not set to DEFAULT: a tensor the lazy reader left in the file comes back as the file had it.
     tensor.ClearField("data_location")

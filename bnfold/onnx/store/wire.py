@@ -21,15 +21,8 @@ from google.protobuf.message import DecodeError, Message
 from onnx import ModelProto, TensorProto
 
 from bnfold.onnx.store import limits
-from bnfold.onnx.store.external import (
-    HeldTensors,
-    copy_external,
-    external_ref,
-    held_value,
-    is_external,
-    payload_bytes,
-    write_held,
-)
+from bnfold.onnx.store.external import copy_external, external_ref, is_external, payload_bytes
+from bnfold.onnx.store.held import HeldTensors, held_value, write_held
 
 # Field numbers from onnx.proto.
 _MODEL_GRAPH = 7

@@ -18,10 +18,11 @@ from onnx import ModelProto, TensorProto
 
 from bnfold.core.runtime import unoptimized_options, unoptimized_session
 from bnfold.errors import InputError, first_line
+from bnfold.onnx.store.model_store import ModelStore
 from bnfold.onnx.verify.inputs import Feeds
 from bnfold.onnx.verify.interface import ModelSource
 from bnfold.onnx.verify.reference_fixes import reference_evaluator
-from bnfold.onnx.verify.unwritten import UnwrittenModel, loaded_unwritten, unwritten_session
+from bnfold.onnx.verify.unwritten import loaded_unwritten, unwritten_session
 
 ENGINE_ORT = "onnxruntime"
 ENGINE_REFERENCE = "onnx.reference"
@@ -57,7 +58,7 @@ def open_runners(
 
 
 def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack) -> ort.InferenceSession:
-    if isinstance(source, UnwrittenModel):
+    if isinstance(source, ModelStore):
         return unwritten_session(source, unoptimized_options(), staged_files)
     # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
     return unoptimized_session(source.SerializeToString() if isinstance(source, ModelProto) else source)
@@ -67,7 +68,7 @@ def _loaded(source: ModelSource) -> ModelProto:
     """``source`` with every tensor in memory, as onnx.reference needs it."""
     if isinstance(source, ModelProto):
         return source
-    if isinstance(source, UnwrittenModel):
+    if isinstance(source, ModelStore):
         return loaded_unwritten(source)
     # onnx.load on the path (not a file object) finds external data next to the model.
     return onnx.load(os.fspath(source))

@@ -13,9 +13,9 @@ from onnx import ModelProto, TensorProto, helper
 
 from bnfold.errors import InputError
 from bnfold.onnx.store.io import check_supported, read_model_lazy
-from bnfold.onnx.verify.unwritten import UnwrittenModel
+from bnfold.onnx.store.model_store import ModelStore
 
-ModelSource = ModelProto | UnwrittenModel | str | os.PathLike[str]
+ModelSource = ModelProto | ModelStore | str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def load_interface(role: str, source: ModelSource) -> ModelProto:
     """The model's proto; from a path without its weights (external data, and inline tensors left in the
     file: see ``read_model_lazy``), which only the engines need, but with every external location checked
     first, so no engine is ever pointed outside the model's directory."""
-    if isinstance(source, (ModelProto, UnwrittenModel)):
+    if isinstance(source, (ModelProto, ModelStore)):
         proto = source if isinstance(source, ModelProto) else source.proto
         try:
             check_supported(proto)
@@ -50,7 +50,7 @@ def load_interface(role: str, source: ModelSource) -> ModelProto:
             raise InputError(f"the {role} model: {error}") from None
         return proto
     if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"the {role} model must be an onnx.ModelProto, an UnwrittenModel or a path, "
+        raise InputError(f"the {role} model must be an onnx.ModelProto, a ModelStore or a path, "
                          f"got {type(source).__name__}")
     try:
         return read_model_lazy(source)

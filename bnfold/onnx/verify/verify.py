@@ -17,10 +17,11 @@ from onnx import ModelProto
 
 from bnfold.core.compare import VerifyReport, check_tolerances, compare_output
 from bnfold.errors import InputError
+from bnfold.onnx.store.model_store import ModelStore
 from bnfold.onnx.verify.engines import open_runners
 from bnfold.onnx.verify.inputs import InputsArg, generate, generated_shapes, user_feeds
 from bnfold.onnx.verify.interface import ModelSource, check_interfaces, load_interface
-from bnfold.onnx.verify.unwritten import UnwrittenModel, opens_in_place
+from bnfold.onnx.verify.unwritten import opens_in_place
 
 Progress = Callable[[str, int, int], None]
 
@@ -40,7 +41,7 @@ def verify_onnx(
     """Run ``original`` and ``candidate`` on the same inputs and compare every output by bnfold's one rule
     (docs/verification.md).
 
-    Each model is a path, an ``onnx.ModelProto`` or an :class:`UnwrittenModel`, which must stay unchanged
+    Each model is a path, an ``onnx.ModelProto`` or a folded model's ``ModelStore``, which must stay unchanged
     (held arrays included) until this returns.
     ``inputs``: None (random inputs, ``iterations`` draws from ``numpy.random.default_rng(seed)``), a
     ``.npz`` path, a mapping name -> array, or a sequence of those (one per iteration). ``input_shapes``
@@ -86,7 +87,7 @@ def _run_models(
     # Folded weights the fold deferred are computed here, once, for onnxruntime to use in place; the fold's
     # result then writes these arrays. Timed apart: that is the fold's work done earlier, not verification.
     for source in sources.values():
-        if isinstance(source, UnwrittenModel) and opens_in_place(source):
+        if isinstance(source, ModelStore) and opens_in_place(source):
             source.compute_deferred()
     computed = time.perf_counter()
     engine, runners = open_runners(sources, protos, notes, staged_files)
@@ -104,4 +105,4 @@ def _run_models(
                                             "run": finished - opened}
 
 
-__all__ = ["UnwrittenModel", "VerifyReport", "verify_onnx"]
+__all__ = ["VerifyReport", "verify_onnx"]

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from bnfold import fold_onnx, write_model
 from bnfold.cli import main
-from bnfold.onnx.graph import index as graph_module
+from bnfold.onnx.store import model_store
 from bnfold.onnx.store.external import external_ref, inline_array, is_external, model_tensors
 from bnfold.onnx.store.io import read_model
 from bnfold.onnx.store.limits import ALIGNMENT, PROTOBUF_LIMIT
@@ -133,13 +133,13 @@ def test_forced_external_round_trip_writes_one_named_data_file_next_to_the_outpu
 
 def test_tensors_no_fold_touches_are_never_read_into_memory(source: Path, monkeypatch):
     read: list[str] = []
-    real = graph_module.external_array
+    real = model_store.external_array
 
     def spy(tensor, base_dir):
         read.append(tensor.name)
         return real(tensor, base_dir)
 
-    monkeypatch.setattr(graph_module, "external_array", spy)
+    monkeypatch.setattr(model_store, "external_array", spy)
     result = fold_onnx(source, verify=False)
     assert len(result.report.folded) == 3
     assert "W2" not in read and "W4" not in read

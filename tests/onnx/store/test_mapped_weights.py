@@ -58,7 +58,7 @@ def test_weights_folded_from_a_file_are_computed_as_written_and_equal_the_fold_i
     path = tmp_path / "model.onnx"
     write_model(model, path, external_threshold=0 if external else 2**31)
     from_file = fold_onnx(path, verify=False)
-    deferred = [name for name, value in from_file._held.items() if isinstance(value, RoundedProduct)]
+    deferred = [name for name, value in from_file.store.held.items() if isinstance(value, RoundedProduct)]
     assert sorted(deferred) == ["W0", "W1"], "the folded weights wait for the write"
     out = tmp_path / "out.onnx"
     from_file.write(out)
@@ -144,14 +144,14 @@ def test_another_models_shrunken_source_does_not_stop_this_write(tmp_path: Path)
 
 
 def test_verification_of_a_fold_whose_source_shrank_is_refused_with_one_line(tmp_path: Path):
-    from bnfold.onnx.verify.verify import UnwrittenModel, verify_onnx
+    from bnfold.onnx.verify.verify import verify_onnx
 
     model = chain()
     path = write(model, tmp_path)
     result = fold_onnx(path, verify=False)
     os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(InputError, match="shrank"):
-        verify_onnx(model, UnwrittenModel(result._model, result.base_dir, result._held))
+        verify_onnx(model, result.store)
 
 
 def test_a_verified_fold_computes_each_deferred_weight_once(tmp_path: Path, monkeypatch):
@@ -185,6 +185,6 @@ def test_a_model_with_a_file_per_tensor_maps_no_more_files_than_the_cap(tmp_path
     assert len(list(tmp_path.iterdir())) == 3, "each conv weight in a file of its own"
     result = fold_onnx(tmp_path / "model.onnx", verify=False)
     assert len(external._MAPPED_LENGTHS) <= limits.MAX_MAPPED_FILES
-    deferred = [name for name, value in result._held.items() if isinstance(value, RoundedProduct)]
+    deferred = [name for name, value in result.store.held.items() if isinstance(value, RoundedProduct)]
     assert len(deferred) == 1, "the mapped weight is deferred, the one read is folded at once"
     assert result.model.SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()

@@ -1,4 +1,4 @@
-"""Verifying a folded model as the fold leaves it (``verify.UnwrittenModel``): weights the fold wrote held as
+"""Verifying a folded model as the fold leaves it (its ``ModelStore``): weights the fold wrote held as
 numpy arrays, the others still in the input's files. Every way onnxruntime or onnx.reference is given such a
 model must run exactly those weights: the right ones pass, a wrong one fails."""
 
@@ -11,8 +11,7 @@ import onnx
 import pytest
 
 from bnfold import fold_onnx, write_model
-from bnfold.onnx.graph import index as graph_module
-from bnfold.onnx.store import limits
+from bnfold.onnx.store import limits, model_store
 from bnfold.onnx.verify import unwritten as unwritten_module
 from tests.support.graphs import GraphBuilder
 
@@ -46,7 +45,7 @@ def route(request, monkeypatch) -> str:
 
         def no_file(*args, **kwargs):
             raise AssertionError("the folded model was written to a file")
-        monkeypatch.setattr(unwritten_module, "staged_file", no_file)
+        monkeypatch.setattr(model_store, "staged_file", no_file)
     elif request.param == "staged: too large for one message":
         monkeypatch.setattr(limits, "PROTOBUF_LIMIT", 0)
     else:
@@ -56,14 +55,14 @@ def route(request, monkeypatch) -> str:
 
 def spoil_held_weights(monkeypatch) -> None:
     """Make the fold hold every weight it writes with its first output channel 1% off, as a buggy fold would."""
-    real_hold = graph_module.hold
+    real_hold = model_store.hold
 
     def spoiled(tensor, value, name, held):
         value = np.array(value)  # a deferred product computed, or an array copied
         value[0] *= 1.01
         real_hold(tensor, value, name, held)
 
-    monkeypatch.setattr(graph_module, "hold", spoiled)
+    monkeypatch.setattr(model_store, "hold", spoiled)
 
 
 @pytest.mark.parametrize("kind", ["single file", "external data", "proto"])
@@ -72,7 +71,7 @@ def test_the_folded_weights_are_what_is_verified(kind: str, route: str, tmp_path
     result = fold_onnx(source)
     report = result.report.verification
     assert report.passed and report.engine == "onnxruntime", report.render()
-    assert result.report.folded and result._held, "the fold should hold its weight as an array"
+    assert result.report.folded and result.store.held, "the fold should hold its weight as an array"
 
     spoil_held_weights(monkeypatch)
     wrong = fold_onnx(source).report.verification
