@@ -47,7 +47,9 @@ def write(out: Path, report_path: Path) -> None:
                                                     "precision")}
     plots = _plots(out, results)
     relative = os.path.relpath(out, report_path.parent)
-    lines = [*_header(results), *_headline(results), *_scale(results, plots, relative), *_tools(results),
+    goals = _Goals(results)
+    lines = [*_header(results, goals), *_headline(results, goals), *_goal_details(goals),
+             *_scale(results, plots, relative), *_tools(results),
              *_verify(results), *_latency(results, plots, relative), *_precision(results), *_profile(results),
              *_method(results)]
     report_path.write_text("\n".join(lines).rstrip() + "\n")
@@ -71,10 +73,10 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
-def _scale_goal(scale: list[dict[str, Any]]) -> str:
+def _scale_verdicts(scale: list[dict[str, Any]]) -> tuple[dict[str, list[str]], list[str]]:
     """Faster than every anchor at every size, judged run against run (each tool's runs are interleaved with
     bnfold's, so both met the same machine): met where each of bnfold's runs beat each of the anchor's, not
-    met where each lost, within the noise where they overlap."""
+    met where each lost, within the noise where they overlap. Also where the time went where it was not met."""
     verdicts: dict[str, list[str]] = {"met": [], "within noise": [], "not met": []}
     splits = []
     for entry in scale:
@@ -90,12 +92,7 @@ def _scale_goal(scale: list[dict[str, Any]]) -> str:
             if verdict != "met":
                 splits.append(f"at {_mb(entry['model']['bytes'])} MB bnfold {_split(bnfold)}, "
                               f"{row['label']} {_split(row)}")
-    where = (" Where the time goes (median wall = imports + work + the rest: interpreter start-up and exit): "
-             + "; ".join(splits) + ".") if splits else ""
-    return ("- **Faster than every anchor at every size** (scale curve, whole-command wall time; met where every "
-            "bnfold run beat every run of the anchor, interleaved with it; with three runs each, one comparison "
-            "of equal speeds in 20 still lands wholly on one side by chance): " + _verdict_summary(verdicts) + "."
-            + where)
+    return verdicts, splits
 
 
 def _split(row: dict[str, Any]) -> str:
@@ -136,13 +133,14 @@ def _verdict(row: dict[str, Any]) -> str:
 
 # --- sections --------------------------------------------------------------------------------------
 
-def _header(results: dict[str, Any]) -> list[str]:
+def _header(results: dict[str, Any], goals: _Goals) -> list[str]:
     run = results["run"] or {}
     machine = run.get("machine", {})
     versions = machine.get("versions", {})
     lines = [
         "# Benchmarks",
         "",
+        *_glance(results, goals),
         "Regenerate everything below (models, measurements, JSON, plots and this file) with one command:",
         "",
         "```sh",
@@ -177,7 +175,75 @@ def _headline_scale_entry(results: dict[str, Any]) -> dict[str, Any] | None:
     return next((entry for entry in scale if entry.get("target_mb") == headline), None)
 
 
-def _headline(results: dict[str, Any]) -> list[str]:
+def _size(count: float) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{_mb(count)} MB"
+
+
+class _Goals:
+    """Every goal's verdicts, computed once from the results: the table at a glance, the headline and the
+    details below it all say the same."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.scale = _scale_verdicts(results["scale"]) if results["scale"] else None
+        self.latency: dict[str, dict[str, list[str]]] = {}
+        self.measured = [(entry, threads) for entry in results["latency"] or [] for threads in _measured(entry)]
+        if self.measured:
+            self.latency = {
+                "gap": _latency_verdicts(self.measured, "folded_disabled_vs_original_basic", GOAL_LATENCY_GAP),
+                "basic": _latency_verdicts(self.measured, "folded_vs_original_basic", 0.0),
+                "all": _latency_verdicts(self.measured, "folded_vs_original_all", 0.0),
+                "unfused": _latency_verdicts(self.measured, "folded_vs_original_basic", 0.0,
+                                             lambda entry: not entry["model"]["ort_fuses"]),
+            }
+        self.precision = _precision_verdicts(results["precision"]) if results["precision"] else None
+
+
+def _glance(results: dict[str, Any], goals: _Goals) -> list[str]:
+    """One small table: the figures a reader wants first, each with its goal and verdict."""
+    rows = []
+    scale, run = results["scale"], results["run"]
+    if scale and run:
+        sizes = {16, run["mode"]["headline_mb"], max(entry.get("target_mb", 0) for entry in scale)}
+        for entry in scale:
+            bnfold, floor = _row(entry, "bnfold"), _row(entry, "floor")
+            if entry.get("target_mb") in sizes and "wall_seconds" in bnfold and "wall_seconds" in floor:
+                ratio = bnfold["wall_vs_floor"]
+                rows.append([f"fold time ÷ `onnx.load` + `onnx.save`, {_size(entry['model']['bytes'])}",
+                             f"{_ratio(ratio)} ({_seconds(bnfold['wall_seconds'])} s against "
+                             f"{_seconds(floor['wall_seconds'])} s)",
+                             f"≤ {GOAL_FLOOR_RATIO}×", _goal(ratio <= GOAL_FLOOR_RATIO)])
+    entry = _headline_scale_entry(results)
+    bnfold = _row(entry, "bnfold") if entry is not None else {}
+    if "peak_rss_vs_model" in bnfold:
+        rows.append([f"peak memory ÷ model size, {_size(entry['model']['bytes'])}",
+                     f"{bnfold['peak_rss_vs_model']:.2f}× ({bnfold['peak_rss_mib']:.0f} MiB)",
+                     f"≤ {GOAL_MEMORY_RATIO}×", _goal(bnfold["peak_rss_vs_model"] <= GOAL_MEMORY_RATIO)])
+        anchors = [row for row in entry["tools"] if row["tool"] not in ("floor", "bnfold") and "wall_seconds" in row]
+        if anchors and goals.scale is not None:
+            fastest = min(anchors, key=lambda row: row["wall_seconds"])
+            rows.append([f"fold time ÷ the fastest other tool's, {_size(entry['model']['bytes'])}",
+                         f"{_ratio(bnfold['wall_seconds'] / fastest['wall_seconds'])} ({fastest['label']} "
+                         f"{_seconds(fastest['wall_seconds'])} s)",
+                         "faster than every other tool at every size", _verdict_summary(goals.scale[0], short=True)])
+    if goals.latency:
+        rows.append(["inference latency: folded (no optimizations) ÷ original (BASIC fusions)",
+                     f"{len(goals.measured)} measurements", f"≤ 1 + {GOAL_LATENCY_GAP:.0%}",
+                     _verdict_summary(goals.latency["gap"], short=True)])
+        rows.append(["inference latency: folded ÷ original, at BASIC / ALL", f"{len(goals.measured)} measurements each",
+                     "≤ 1", _verdict_summary(goals.latency["basic"], short=True) + " / "
+                     + _verdict_summary(goals.latency["all"], short=True)])
+    if goals.precision is not None:
+        worse, compared, _ = goals.precision
+        rows.append(["float error ÷ other tools' offline folds", f"{compared} comparisons",
+                     f"≤ {PRECISION_MARGIN:g}×", _goal(not worse)])
+    if not rows:
+        return []
+    return [*_table(["figure", "measured", "goal", "verdict"], rows),
+            "Fold times are of the whole `bnfold fold --no-verify` command in a fresh process, on a ResNet-101 "
+            "layout; the goals and the figures behind each verdict are under Headline and Goals in detail.", ""]
+
+
+def _headline(results: dict[str, Any], goals: _Goals) -> list[str]:
     lines = ["## Headline", ""]
     entry = _headline_scale_entry(results)
     if entry is not None:
@@ -186,78 +252,102 @@ def _headline(results: dict[str, Any]) -> list[str]:
             lines += [
                 f"On the {_mb(model['bytes'])} MB {model['shows'].split(',')[0]}, `bnfold fold --no-verify`:",
                 "",
-                f"- **Time:** {_seconds(bnfold['wall_seconds'])} s for the whole command against "
-                f"{_seconds(floor['wall_seconds'])} s for `onnx.load` + `onnx.save` in a process of its own: "
-                f"**{_ratio(bnfold['wall_vs_floor'])} the floor** (goal ≤ {GOAL_FLOOR_RATIO}×: "
-                f"{_goal(bnfold['wall_vs_floor'] <= GOAL_FLOOR_RATIO)}); the work alone, without interpreter "
-                f"start-up and imports, {_seconds(bnfold['work_seconds'])} s against {_seconds(floor['work_seconds'])}"
-                f" s, {_ratio(bnfold['work_vs_floor'])}.",
+                f"- **Time:** {_seconds(bnfold['wall_seconds'])} s against {_seconds(floor['wall_seconds'])} s for "
+                f"`onnx.load` + `onnx.save`: **{_ratio(bnfold['wall_vs_floor'])} the floor** (goal ≤ "
+                f"{GOAL_FLOOR_RATIO}×: {_goal(bnfold['wall_vs_floor'] <= GOAL_FLOOR_RATIO)}). Without start-up and "
+                f"imports: {_seconds(bnfold['work_seconds'])} s against {_seconds(floor['work_seconds'])} s, "
+                f"{_ratio(bnfold['work_vs_floor'])}.",
                 f"- **Memory:** peak RSS {bnfold['peak_rss_mib']:.0f} MiB = **{bnfold['peak_rss_vs_model']:.2f}× the "
                 f"model** (goal ≤ {GOAL_MEMORY_RATIO}×: {_goal(bnfold['peak_rss_vs_model'] <= GOAL_MEMORY_RATIO)}); "
-                f"{bnfold['peak_above_imports_vs_model']:.2f}× counting only what the fold added after its imports. "
-                f"The floor itself peaks at {floor['peak_rss_mib']:.0f} MiB "
-                f"({floor['peak_rss_vs_model']:.2f}×).",
+                f"{bnfold['peak_above_imports_vs_model']:.2f}× above its imports. The floor peaks at "
+                f"{floor['peak_rss_mib']:.0f} MiB ({floor['peak_rss_vs_model']:.2f}×).",
             ]
             anchors = [row for row in entry["tools"]
                        if row["tool"] not in ("floor", "bnfold") and "wall_seconds" in row]
             if anchors:
-                fastest = min(anchors, key=lambda row: row["wall_seconds"])
-                lines.append(
-                    f"- **Against the anchors:** the fastest, {fastest['label']}, takes "
-                    f"{_seconds(fastest['wall_seconds'])} s ({_ratio(fastest.get('wall_vs_floor'))} the floor); "
-                    + ", ".join(f"{row['label']} {_seconds(row['wall_seconds'])} s" for row in anchors) + ".")
-        lines.append("")
-    lines += _goal_summary(results)
-    return lines
+                ranked = sorted(anchors, key=lambda row: row["wall_seconds"])
+                lines.append("- **Against the anchors:** " + ", ".join(
+                    f"{row['label']} {_seconds(row['wall_seconds'])} s" for row in ranked)
+                    + f" (the fastest: {_ratio(ranked[0].get('wall_vs_floor'))} the floor).")
+    if goals.scale is not None:
+        lines.append("- **Faster than every anchor at every size:** " + _verdict_summary(goals.scale[0], short=True)
+                     + ".")
+    if goals.latency:
+        lines += [
+            f"- **Latency (2) within {GOAL_LATENCY_GAP:.0%} of (3)** (folded, no optimizations, against the original "
+            "with BASIC fusions): " + _verdict_summary(goals.latency["gap"], short=True) + ".",
+            "- **Folded at least as fast as the original:** at BASIC " + _verdict_summary(goals.latency["basic"],
+                                                                                         short=True)
+            + "; at ALL " + _verdict_summary(goals.latency["all"], short=True) + ".",
+            "- **Strictly faster where onnxruntime cannot fuse:** " + _verdict_summary(goals.latency["unfused"],
+                                                                                     short=True) + ".",
+        ]
+    if goals.precision is not None:
+        worse, compared, float16_ratios = goals.precision
+        lines.append(f"- **Precision never worse than an anchor's offline fold** (RMS error ≤ {PRECISION_MARGIN:g}×, "
+                     f"{compared} comparisons): {_goal(not worse)}.")
+        if float16_ratios:
+            lines.append(f"- **Better on float16:** the anchors' offline folds have {min(float16_ratios):.2f}× to "
+                         f"{max(float16_ratios):.2f}× bnfold's RMS error ({len(float16_ratios)} comparisons).")
+    return [*lines, ""]
 
 
-def _goal_summary(results: dict[str, Any]) -> list[str]:
+def _goal_details(goals: _Goals) -> list[str]:
+    """Each goal's verdict with every measurement behind it."""
     lines = []
-    if results["scale"]:
-        lines.append(_scale_goal(results["scale"]))
-    if results["latency"]:
-        measured = [(entry, threads) for entry in results["latency"] for threads in _measured(entry)]
-        contended = sum(_contended(threads) for _, threads in measured)
-        confidence = _lowest_confidence(measured)
-        lines.append(f"- Latency figures are medians over instances (fresh processes) with a confidence interval of "
-                     f"at least {confidence:.0%} in brackets. A goal counts as met or not met only where the whole "
-                     "interval lies on one side of its bound; otherwise the difference is within the measured noise. "
-                     f"Where two speeds are equal, one comparison in {2 / (1 - confidence):.0f} still lands wholly on "
-                     "the slower side by chance. Measurements in which, for half the instances or more, other "
-                     f"processes kept {CONTENDED_CORES:g} core or more busy in every round (marked ⚠; onnxruntime's "
-                     f"threads then wait for a core) are not judged: {contended} of {len(measured)}.")
-        lines.append(f"- **Latency (2) within {GOAL_LATENCY_GAP:.0%} of (3)** (folded without onnxruntime's "
-                     "optimizations against the original with its BASIC fusions): "
-                     + _latency_goal(measured, "folded_disabled_vs_original_basic", GOAL_LATENCY_GAP))
-        lines.append("- **Folded at least as fast as the original** (within noise: no difference measurable): at "
-                     "BASIC " + _latency_goal(measured, "folded_vs_original_basic", 0.0) + " At ALL "
-                     + _latency_goal(measured, "folded_vs_original_all", 0.0))
-        lines.append("- **Strictly faster where onnxruntime cannot fuse** (models marked so, folded against the "
-                     "original at BASIC; within noise: faster not shown): "
-                     + _latency_goal(measured, "folded_vs_original_basic", 0.0,
-                                     lambda entry: not entry["model"]["ort_fuses"]))
-    if results["precision"]:
-        worse, compared, float16_ratios = [], 0, []
-        for entry in results["precision"]:
-            errors = entry.get("errors", {})
-            ours = errors.get("bnfold", {}).get("rms_relative_error")
-            for tool, figures in errors.items():
-                if not _folds_offline(tool, entry) or ours is None:
-                    continue
-                compared += 1
-                if entry["model"]["dtype"] == "float16":
-                    float16_ratios.append(figures["rms_relative_error"] / ours)
-                if ours > PRECISION_MARGIN * figures["rms_relative_error"]:
-                    worse.append(f"{entry['model']['name']} vs {_label(tool)} "
-                                 f"({ours / figures['rms_relative_error']:.2f}×)")
+    if goals.scale is not None:
+        verdicts, splits = goals.scale
+        lines.append("- **Faster than every anchor at every size** (scale curve, whole-command wall time; met where "
+                     "every bnfold run beat every run of the anchor, interleaved with it; with three runs each, one "
+                     "comparison of equal speeds in 20 still lands wholly on one side by chance): "
+                     + _verdict_summary(verdicts) + ".")
+        if splits:
+            lines.append("- Where the time goes (median wall = imports + work + the rest: interpreter start-up and "
+                         "exit): " + "; ".join(splits) + ".")
+    if goals.latency:
+        contended = sum(_contended(threads) for _, threads in goals.measured)
+        confidence = _lowest_confidence(goals.measured)
+        lines += [
+            f"- Latency figures are medians over instances (fresh processes) with a confidence interval of at least "
+            f"{confidence:.0%} in brackets. A goal counts as met or not met only where the whole interval lies on "
+            "one side of its bound; otherwise the difference is within the measured noise. Where two speeds are "
+            f"equal, one comparison in {2 / (1 - confidence):.0f} still lands wholly on the slower side by chance. "
+            "Measurements in which, for half the instances or more, other processes kept "
+            f"{CONTENDED_CORES:g} core or more busy in every round (marked ⚠; onnxruntime's threads then wait for a "
+            f"core) are not judged: {contended} of {len(goals.measured)}.",
+            f"- **Latency (2) within {GOAL_LATENCY_GAP:.0%} of (3)** (folded without onnxruntime's optimizations "
+            "against the original with its BASIC fusions): " + _verdict_summary(goals.latency["gap"]) + ".",
+            "- **Folded at least as fast as the original** (within noise: no difference measurable): at BASIC "
+            + _verdict_summary(goals.latency["basic"]) + ". At ALL " + _verdict_summary(goals.latency["all"]) + ".",
+            "- **Strictly faster where onnxruntime cannot fuse** (models marked so, folded against the original at "
+            "BASIC; within noise: faster not shown): " + _verdict_summary(goals.latency["unfused"]) + ".",
+        ]
+    if goals.precision is not None:
+        worse, compared, _ = goals.precision
         lines.append(f"- **Precision never worse than an anchor's offline fold** (bnfold's RMS error at most "
                      f"{PRECISION_MARGIN:g}× that of an anchor that folded batch norms of the same model; "
                      f"{compared} comparisons, see Precision): "
                      + (_goal(True) if not worse else f"{_goal(False)}: {', '.join(worse)}."))
-        if float16_ratios:
-            lines.append(f"- **Better on float16:** the anchors' offline folds have {min(float16_ratios):.2f}× to "
-                         f"{max(float16_ratios):.2f}× bnfold's RMS error ({len(float16_ratios)} comparisons).")
-    return [*lines, ""] if lines else []
+    return ["## Goals in detail", "", *lines, ""] if lines else []
+
+
+def _precision_verdicts(precision: list[dict[str, Any]]) -> tuple[list[str], int, list[float]]:
+    """Comparisons where bnfold's error exceeds an offline fold's by the margin, how many were made, and the
+    anchors' float16 errors as multiples of bnfold's."""
+    worse, compared, float16_ratios = [], 0, []
+    for entry in precision:
+        errors = entry.get("errors", {})
+        ours = errors.get("bnfold", {}).get("rms_relative_error")
+        for tool, figures in errors.items():
+            if not _folds_offline(tool, entry) or ours is None:
+                continue
+            compared += 1
+            if entry["model"]["dtype"] == "float16":
+                float16_ratios.append(figures["rms_relative_error"] / ours)
+            if ours > PRECISION_MARGIN * figures["rms_relative_error"]:
+                worse.append(f"{entry['model']['name']} vs {_label(tool)} "
+                             f"({ours / figures['rms_relative_error']:.2f}×)")
+    return worse, compared, float16_ratios
 
 
 def _folds_offline(tool: str, entry: dict[str, Any]) -> bool:
@@ -285,8 +375,8 @@ def _lowest_confidence(measured: list[tuple[dict[str, Any], dict[str, Any]]]) ->
     return min((gain["confidence"] for _, threads in measured for gain in threads["gains"].values()), default=0.0)
 
 
-def _latency_goal(measured: list[tuple[dict[str, Any], dict[str, Any]]], gain: str, bound: float,
-                  scope: Any = lambda entry: True) -> str:
+def _latency_verdicts(measured: list[tuple[dict[str, Any], dict[str, Any]]], gain: str, bound: float,
+                      scope: Any = lambda entry: True) -> dict[str, list[str]]:
     """Which measurements have ``gain`` below ``bound`` (its whole confidence interval), above it, or either."""
     verdicts: dict[str, list[str]] = {"met": [], "within noise": [], "not met": [], "not judged (⚠)": []}
     for entry, threads in measured:
@@ -298,16 +388,25 @@ def _latency_goal(measured: list[tuple[dict[str, Any], dict[str, Any]]], gain: s
         else:
             verdict = "met" if figures["high"] < bound else "not met" if figures["low"] > bound else "within noise"
         verdicts[verdict].append(f"{entry['model']['name']} ({_threads(threads['threads'])}: {format_gain(figures)})")
-    return _verdict_summary(verdicts) + "."
+    return verdicts
 
 
-def _verdict_summary(verdicts: dict[str, list[str]]) -> str:
-    """"met for K of N; within noise for ...; **not met** for ...", from labels by verdict ("met" first)."""
+def _verdict_summary(verdicts: dict[str, list[str]], short: bool = False) -> str:
+    """"met for K of N; within noise for ...; **not met** for ...", from labels by verdict ("met" first); the
+    short form counts the labels instead of listing them."""
     total = sum(map(len, verdicts.values()))
     parts = [f"met for {len(verdicts['met'])} of {total}"]
-    parts += [f"{_goal(False) if verdict == 'not met' else verdict} for {', '.join(labels)}"
+    parts += [f"{_goal(False) if verdict == 'not met' else verdict} for "
+              f"{_count(verdict, labels) if short else ', '.join(labels)}"
               for verdict, labels in verdicts.items() if verdict != "met" and labels]
     return "; ".join(parts)
+
+
+def _count(verdict: str, labels: list[str]) -> str:
+    """How many labels; for "not met", also what they measured (each label without its figures)."""
+    if verdict != "not met":
+        return str(len(labels))
+    return f"{len(labels)} ({', '.join(dict.fromkeys(label.split(' (')[0] for label in labels))})"
 
 
 def _threads(threads: int) -> str:
