@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
+from bnfold.core.atomic import atomic_destination
 from bnfold.core.compare import VerifyReport
 from bnfold.errors import OutputError
 from bnfold.torch.checks import compare_tensor
@@ -22,7 +23,6 @@ from bnfold.torch.running import Inputs
 def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.PathLike[str]) -> VerifyReport:
     """Write ``model`` as ONNX to ``path`` (atomically) and compare onnxruntime's outputs to ``reference``."""
     from bnfold.core.runtime import unoptimized_session
-    from bnfold.torch.files import atomic_destination
 
     destination = Path(path)
     result = VerifyReport([], 1, "onnxruntime (optimizations disabled)")

@@ -6,19 +6,17 @@ checked, fsynced and renamed over it, so the destination never holds a partial f
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from bnfold.core.atomic import atomic_destination
 from bnfold.core.compare import VerificationSet, VerifyReport
-from bnfold.core.interrupts import deferred_interrupts
 from bnfold.core.report import FoldReport
 from bnfold.errors import BnfoldError, InputError, OutputError
 from bnfold.torch.checks import compare, exact_math
@@ -96,7 +94,7 @@ def _fold_pt2(source: Path, destination: Path, *, input_shapes, export_onnx, ver
     reference = program.module()(*inputs.args, **inputs.kwargs) if inputs is not None else None
     say("folding the exported program")
     report = fold_exported(program)
-    with _atomic(destination) as temporary:
+    with atomic_destination(destination) as temporary:
         _save(lambda: torch.export.save(program, str(temporary)))
         checks = []
         if verify and reference is not None:
@@ -126,7 +124,7 @@ def _fold_torchscript(
     reference = original(*inputs.args, **inputs.kwargs) if inputs is not None else None
     say("folding the TorchScript module")
     report = fold_scripted(work)
-    with _atomic(destination) as temporary:
+    with atomic_destination(destination) as temporary:
         _save(lambda: torch.jit.save(work, str(temporary)))
         reloaded = torch.jit.load(str(temporary), map_location="cpu")
         checks = []
@@ -162,7 +160,7 @@ def _fold_pickle(
     )
     if result.report.verification is not None and not result.report.verification.passed:
         raise VerificationFailed(result.report)
-    with _atomic(destination) as temporary:
+    with atomic_destination(destination) as temporary:
         _save(lambda: torch.save(result.model, str(temporary)))
     return result.report
 
@@ -207,40 +205,3 @@ def _save(save: Callable[[], None]) -> None:
         save()
     except Exception as error:
         raise OutputError(f"cannot write the folded model: {type(error).__name__}: {error}") from error
-
-
-@contextlib.contextmanager
-def _atomic(destination: Path) -> Iterator[Path]:
-    """A temporary path beside ``destination``; renamed over it only if the block succeeds."""
-    temporary: Path | None = None
-    try:
-        # Deferred, so an interrupt cannot fall between creating the file and knowing to remove it.
-        with deferred_interrupts():
-            handle, name = tempfile.mkstemp(
-                prefix=f".{destination.name}.", suffix=destination.suffix or ".tmp", dir=destination.parent
-            )
-            os.close(handle)
-            temporary = Path(name)
-        yield temporary
-        with temporary.open("rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, destination)
-    except OSError as error:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {destination}: {error.strerror or error}") from None
-    except BaseException:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):
-        directory = os.open(destination.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def atomic_destination(destination: Path) -> contextlib.AbstractContextManager[Path]:
-    """The atomic write used for every file bnfold's PyTorch side writes."""
-    return _atomic(destination)

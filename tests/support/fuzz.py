@@ -69,7 +69,7 @@ BUGS_FOUND = (
     ("bad inputs", "Usage errors (an unknown option, an unreadable path) printed click's multi-line usage block.",
      "`cli._Command`: one line, with a pointer to `--help`"),
     ("bad inputs", "A PyTorch output in a read-only directory ended in \"internal error (PermissionError)\", "
-     "exit 3.", "`torch/files._atomic`: OutputError"),
+     "exit 3.", "`core/atomic.atomic_destination`: OutputError"),
     ("guard", "A folded model failing onnx.checker aborted the whole fold with an internal error.",
      "`guard.py`: per-pattern guard, the offending folds are found by refolding and left as `guard_rejected`"),
     ("differential fuzz", "A model read lazily from a file (weights left on disk until a fold reads them) "
