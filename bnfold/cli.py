@@ -117,8 +117,8 @@ class _Command(click.Group):
         except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as error:
-            usage = isinstance(error, click.UsageError) and error.ctx is not None
-            hint = f" (see '{error.ctx.command_path} --help')" if usage else ""
+            context = error.ctx if isinstance(error, click.UsageError) else None
+            hint = f" (see '{context.command_path} --help')" if context is not None else ""
             self._fail(f"{error.format_message().rstrip('.')}{hint}", error.exit_code)
         except KeyboardInterrupt as interrupt:
             signum = interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT

@@ -8,7 +8,8 @@ Status = Literal["folded", "left"]
 
 
 class Renderable(Protocol):
-    passed: bool
+    @property
+    def passed(self) -> bool: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -113,7 +114,7 @@ def _label(record: BnRecord) -> str:
     return label if record.op_type == "BatchNormalization" else f"{label} ({record.op_type})"
 
 
-def _bytes(count: int) -> str:
+def _bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count} {unit}" if unit == "B" else f"{count:.1f} {unit}"
