@@ -242,7 +242,7 @@ def repair(attempt: Attempt, problem: Problem, records: list[BnRecord], first_pr
         {key: message(pattern, why) for pattern, why in guilty.items() for key in folds[pattern]},
         {key: message(pattern, first_problem) for pattern, keys in folds.items() for key in keys},
     ]
-    last_problem = first_problem
+    last_problem: str | None = first_problem
     for candidate in fallbacks:
         if not candidate:
             continue

@@ -119,8 +119,8 @@ def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
         current = update.node.input[update.slot] if update.slot < len(update.node.input) else ""
         base = current or f"{index.node_label(update.node)}.{update.role}"
         index.write_tensor(update.node, update.slot, value, f"{base}_bnfold")
-    for node, name, value in rewrite.attributes:
-        _set_float_attribute(node, name, value)
+    for node, name, number in rewrite.attributes:
+        _set_float_attribute(node, name, number)
     run = rewrite.run
     if rewrite.replacement:
         _replace_run(rewrite, replacement, index)

@@ -10,7 +10,7 @@ exporter gives a bias-less conv, ``Expand(CastLike(0, x), Shape(W)[0:1])``: a ze
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -49,7 +49,7 @@ _SHAPE_ONLY_INPUTS = {"Shape": {0}, "Size": {0}, "CastLike": {1}}
 _MAX_DEPTH = 64
 
 
-def _attributes(node: NodeProto) -> dict[str, object]:
+def _attributes(node: NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -63,7 +63,7 @@ def _constant_node_value(node: NodeProto, index: GraphValues) -> np.ndarray:
         raise FoldRefused("non_constant_params", f"Constant node {node.name!r} is malformed or set by its caller")
     if attribute.name == "value":
         return index.tensor_array(attribute.t)
-    scalars = {
+    scalars: dict[str, Callable[[AttributeProto], np.ndarray]] = {
         "value_float": lambda a: np.array(a.f, dtype=np.float32),
         "value_floats": lambda a: np.array(list(a.floats), dtype=np.float32),
         "value_int": lambda a: np.array(a.i, dtype=np.int64),
@@ -96,7 +96,7 @@ def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a / b).astype(a.dtype)
 
 
-def _axes(node: NodeProto, inputs: list[np.ndarray], attrs: Mapping[str, object]) -> list[int] | None:
+def _axes(node: NodeProto, inputs: list[np.ndarray], attrs: Mapping[str, Any]) -> list[int] | None:
     if len(inputs) > 1:
         return [int(a) for a in inputs[1]]
     axes = attrs.get("axes")
@@ -110,7 +110,7 @@ def _unsqueeze(data: np.ndarray, axes: list[int]) -> np.ndarray:
     return data
 
 
-_Evaluator = Callable[[NodeProto, list[np.ndarray], dict[str, object]], np.ndarray]
+_Evaluator = Callable[[NodeProto, list[np.ndarray], dict[str, Any]], np.ndarray]
 
 _EVALUATORS: dict[str, _Evaluator] = {
     "Identity": lambda n, x, a: x[0],
@@ -124,7 +124,7 @@ _EVALUATORS: dict[str, _Evaluator] = {
     "Gather": lambda n, x, a: np.take(x[0], x[1], axis=int(a.get("axis", 0))),
     "Concat": lambda n, x, a: np.concatenate(x, axis=int(a["axis"])),
     "Unsqueeze": lambda n, x, a: _unsqueeze(x[0], _axes(n, x, a) or []),
-    "Squeeze": lambda n, x, a: np.squeeze(x[0], axis=None if _axes(n, x, a) is None else tuple(_axes(n, x, a))),
+    "Squeeze": lambda n, x, a: np.squeeze(x[0], axis=None if (axes := _axes(n, x, a)) is None else tuple(axes)),
     "Reshape": lambda n, x, a: _reshape(x[0], x[1], int(a.get("allowzero", 0))),
     "ConstantOfShape": lambda n, x, a: np.full(
         [int(d) for d in x[0]],
@@ -225,7 +225,7 @@ class ConstantResolver:
         value_type = self._index.types.get(name)
         if value_type is None or value_type.shape is None or any(d is None for d in value_type.shape):
             raise FoldRefused("non_constant_params", f"the shape of {name!r} is not static")
-        return tuple(int(d) for d in value_type.shape)
+        return tuple(int(d) for d in value_type.shape)  # type: ignore[arg-type]  # no None, checked above
 
     def _elem_type(self, name: str) -> int:
         value_type = self._index.types.get(name)

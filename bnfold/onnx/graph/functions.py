@@ -76,13 +76,15 @@ def _call_sites(model: ModelProto, function: FunctionProto) -> Iterator[NodeProt
 
 def _common_type(types: list[ValueType | None]) -> ValueType | None:
     """The type every one of ``types`` has: same dtype; dims kept where all calls agree, else dynamic."""
-    if any(t is None for t in types) or len({t.elem_type for t in types}) != 1:
+    known = [t for t in types if t is not None]
+    if len(known) < len(types) or len({t.elem_type for t in known}) != 1:
         return None
-    shapes = {t.shape for t in types}
-    if None in shapes or len({len(shape) for shape in shapes}) != 1:
-        return ValueType(types[0].elem_type, None)
-    dims = tuple(column[0] if len(set(column)) == 1 else None for column in zip(*shapes, strict=True))
-    return ValueType(types[0].elem_type, dims)
+    shapes = {t.shape for t in known}
+    static = [shape for shape in shapes if shape is not None]
+    if len(static) < len(shapes) or len({len(shape) for shape in static}) != 1:
+        return ValueType(known[0].elem_type, None)
+    dims = tuple(column[0] if len(set(column)) == 1 else None for column in zip(*static, strict=True))
+    return ValueType(known[0].elem_type, dims)
 
 
 def function_types(model: ModelProto, function: FunctionProto, types: dict[str, ValueType]) -> dict[str, ValueType]:
@@ -98,7 +100,7 @@ def function_types(model: ModelProto, function: FunctionProto, types: dict[str, 
     graph = body_graph(function)
     del graph.input[:]
     graph.input.extend(
-        helper.make_tensor_value_info(name, value_type.elem_type, value_type.shape)
+        helper.make_tensor_value_info(name, value_type.elem_type, value_type.shape)  # type: ignore[union-attr]
         for name, value_type in zip(function.input, signature, strict=True)
     )
     probe = helper.make_model(graph, opset_imports=_opset_imports(model, function), functions=model.functions)

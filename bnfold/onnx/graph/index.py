@@ -107,7 +107,7 @@ class GraphIndex:
         self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
         for node in self.nodes:
             self._register(node)
-        self.constants = ConstantResolver(self, outer.constants if outer is not None else None)
+        self.constants: ConstantResolver = ConstantResolver(self, outer.constants if outer is not None else None)
         self._arrays: dict[str, np.ndarray] = {}
         self._removed: set[int] = set()
         self._maybe_dead: set[str] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import math
 import mmap
 import os
@@ -205,7 +206,7 @@ def _locate(location: str, base_dir: Path, name: str) -> tuple[str, int]:
 _APPROVED: dict[tuple[str, str], tuple[str, int, int]] = {}
 
 
-def _open(ref: ExternalRef, tensor: TensorProto) -> BinaryIO:
+def _open(ref: ExternalRef, tensor: TensorProto) -> io.BufferedReader:
     try:
         handle = open(ref.path, "rb")  # noqa: SIM115 - the callers close it
         handle.seek(ref.offset)
@@ -247,7 +248,7 @@ def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     value = np.empty(tuple(tensor.dims), dtype=dtype)
     with _open(ref, tensor) as handle:
         try:
-            filled = handle.readinto(memoryview(value.reshape(-1).view(np.uint8)))
+            filled = handle.readinto(memoryview(value.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
         except OSError as error:
             raise InputError(f"tensor {tensor.name!r}: cannot read its external data ({error.strerror or error})"
                              ) from None

@@ -63,7 +63,7 @@ def held_array(value: HeldValue) -> np.ndarray:
 def write_held(value: HeldValue, out: BinaryIO) -> None:
     """Append a held value's raw bytes to ``out``; a deferred product a block at a time."""
     for block in (value,) if isinstance(value, np.ndarray) else value.blocks():
-        out.write(memoryview(block).cast("B"))
+        out.write(memoryview(block).cast("B"))  # type: ignore[arg-type]  # an ndarray is a buffer
 
 
 def check_held_sources(values: Iterable[HeldValue]) -> None:

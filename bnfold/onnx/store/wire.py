@@ -227,9 +227,9 @@ class _Payload:
             metadata = TensorProto()
             copy_fields(tensor, metadata, {"raw_data", "external_data", "data_location"})
             self.inline = False
-        elif tensor.HasField("raw_data") and payload_bytes(tensor) is not None:
-            self.raw_length = payload_bytes(tensor)
-            if self.raw_length < limits.SPLIT_FROM_BYTES:
+        elif tensor.HasField("raw_data") and (raw_length := payload_bytes(tensor)) is not None:
+            self.raw_length = raw_length
+            if raw_length < limits.SPLIT_FROM_BYTES:
                 self._check_raw_length(tensor.raw_data)
                 self._encode_whole(tensor)
                 return

@@ -270,7 +270,7 @@ class BnMatMul(_BackwardUnit):
         moved = features.shift @ weight.astype(np.float64)
         bias_add = _bias_add(matmul, index)
         if bias_add is not None:
-            slot = elementwise_slots(bias_add, index)[1]
+            slot = elementwise_slots(bias_add, index)[1]  # type: ignore[index]  # matched by its slots
             bias = index.constants.value(bias_add.input[slot])
             if bias.dtype != dtype:
                 raise FoldRefused("dtype_mismatch", f"Add constant dtype {bias.dtype} differs from {dtype}")

@@ -5,7 +5,7 @@ any point (including the final cast) leaves the graph as it was."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -30,7 +30,7 @@ class Site(NamedTuple):
     """An affine node the driver asks the patterns to fold; ``chains``: Mul/Add/Sub/Div may join its run."""
 
     anchor: NodeProto
-    index: GraphIndex
+    index: GraphIndex  # type: ignore[assignment]  # shadows tuple.index, which no pattern calls
     chains: bool
 
 
@@ -55,7 +55,7 @@ class Elementwise(NamedTuple):
     def constants(self) -> list[tuple[str, np.ndarray]]:
         return [(self.role, self.value)]
 
-    def attributes(self) -> dict[str, object]:
+    def attributes(self) -> dict[str, Any]:
         return {}
 
 
@@ -75,7 +75,7 @@ class DepthwiseConv(NamedTuple):
         kernel = self.scale.reshape((self.scale.shape[0], 1) + (1,) * self.spatial_rank)
         return [("weight", kernel), ("bias", self.shift)]
 
-    def attributes(self) -> dict[str, object]:
+    def attributes(self) -> dict[str, Any]:
         return {"group": int(self.scale.shape[0]), "kernel_shape": [1] * self.spatial_rank}
 
 

@@ -182,7 +182,7 @@ class GemmBn(_ForwardUnit):
             if bias.dtype != dtype:
                 raise FoldRefused("dtype_mismatch", f"C dtype {bias.dtype} differs from B dtype {dtype}")
             as_2d = bias.astype(np.float64).reshape((1,) * (2 - bias.ndim) + bias.shape)
-            if bias.ndim > 2 or as_2d.shape[1] not in (1, channels):
+            if bias.ndim > 2 or as_2d.shape[1] not in (1, channels):  # type: ignore[misc]  # 2-D unless refused
                 raise FoldRefused("unsupported_shape", f"Gemm C of shape {bias.shape}")
             new_bias = (beta * as_2d) * affine.scale + affine.shift
             if bias.ndim < 2 and new_bias.shape[0] == 1:
@@ -218,7 +218,7 @@ class MatMulBn(_ForwardUnit):
     def layer(self, value: str, index: GraphIndex) -> Layer | None:
         bias_add = _producer(value, index, "Add")
         slots = None if bias_add is None else elementwise_slots(bias_add, index)
-        matmul = _producer(value if slots is None else bias_add.input[slots[0]], index, "MatMul")
+        matmul = _producer(value if slots is None else bias_add.input[slots[0]], index, "MatMul")  # type: ignore[union-attr]
         if matmul is None:
             return None
         weight = weight_of(matmul, index)
@@ -226,7 +226,7 @@ class MatMulBn(_ForwardUnit):
             rank = tensor_rank(index, matmul.output[0], "the MatMul output")
         else:
             input_type = index.value_type(matmul.input[0])
-            rank = None if input_type is None else input_type.rank
+            rank = None if input_type is None else input_type.rank  # type: ignore[assignment]  # 2, or refused
             if rank != 2 or weight.ndim != 2:
                 raise FoldRefused(
                     "matmul_rank",
@@ -247,7 +247,7 @@ class MatMulBn(_ForwardUnit):
         if layer.bias_add is not None:
             add = layer.bias_add
             require_sole_reader(matmul.output[0], add, index, "producer")
-            data_slot, bias_slot = elementwise_slots(add, index)
+            data_slot, bias_slot = elementwise_slots(add, index)  # type: ignore[misc]  # matched by its slots
             bias = index.constants.value(add.input[bias_slot])
             if bias.dtype != dtype:
                 raise FoldRefused("dtype_mismatch", f"Add constant dtype {bias.dtype} differs from {dtype}")

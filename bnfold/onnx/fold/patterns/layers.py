@@ -3,7 +3,7 @@ space a run next to it lives in, and its bias."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import numpy as np
 from onnx import NodeProto
@@ -31,7 +31,7 @@ class Layer(NamedTuple):
         return self.weight.dtype
 
 
-def is_op(node: NodeProto | None, op_type: str) -> bool:
+def is_op(node: NodeProto | None, op_type: str) -> TypeGuard[NodeProto]:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 

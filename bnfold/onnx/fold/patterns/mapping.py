@@ -9,6 +9,7 @@ tensor's last axis and the run's side holds channel ``c`` as the contiguous feat
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 from onnx import NodeProto
 
@@ -19,7 +20,7 @@ from bnfold.onnx.graph.index import GraphIndex
 MAPPER_OPS = ("Transpose", "Reshape", "Flatten")
 
 
-def is_mapper(node: NodeProto | None) -> bool:
+def is_mapper(node: NodeProto | None) -> TypeGuard[NodeProto]:
     return node is not None and node.op_type in MAPPER_OPS and node.domain in ("", "ai.onnx")
 
 
@@ -43,7 +44,7 @@ def _static_shape(index: GraphIndex, name: str, what: str) -> tuple[int | None, 
 def _feature_blocks(run_shape: tuple[int | None, ...], features: int, mapper: NodeProto) -> ChannelSpace:
     """The run's space when its ``[N, C, S...]`` tensor and the layer's ``[..., features]`` tensor are
     the same row-major data."""
-    trailing = run_shape[1:]
+    trailing: tuple[int, ...] = run_shape[1:]  # type: ignore[assignment]  # a None in it is refused first
     if len(run_shape) < 2 or any(d is None for d in trailing) or math.prod(trailing) != features:
         raise FoldRefused(
             "reshape_mixes_channels",
