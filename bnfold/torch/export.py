@@ -55,7 +55,7 @@ def _export(model: Any, inputs: Inputs, path: Path) -> None:
             program if program is not None else model, inputs.args, kwargs=inputs.kwargs or None,
             dynamo=True, optimize=False, verbose=False,
         )
-        onnx_program.save(str(path))
+        onnx_program.save(str(path))  # type: ignore[union-attr]  # None only without dynamo
 
 
 def _feeds(session: Any, inputs: Inputs) -> dict[str, np.ndarray]:

@@ -99,7 +99,7 @@ def _fold_pt2(source: Path, destination: Path, *, input_shapes, export_onnx, ver
         checks = []
         if verify and reference is not None:
             reloaded = torch.export.load(str(temporary))
-            checks.append(compare(reference, reloaded.module()(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))
+            checks.append(compare(reference, reloaded.module()(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))  # type: ignore[union-attr]
         if export_onnx is not None and inputs is not None:
             from bnfold.torch.export import export_and_check
 

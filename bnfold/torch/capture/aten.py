@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -64,16 +65,16 @@ def _value(node: object) -> torch.Tensor | None:
     return None
 
 
-def _arg(node: fx.Node, position: int, name: str, default: object) -> object:
+def _arg(node: fx.Node, position: int, name: str, default: object) -> Any:
     if len(node.args) > position:
         return node.args[position]
     return node.kwargs.get(name, default)
 
 
-def _ints(value: object, count: int) -> list[int]:
+def _ints(value: Any, count: int) -> list[int]:
     if isinstance(value, int):
         return [value] * count
-    return [int(v) for v in value]  # type: ignore[union-attr]
+    return [int(v) for v in value]
 
 
 def parse_layer(node: fx.Node) -> AtenLayer | None:
@@ -92,7 +93,7 @@ def parse_layer(node: fx.Node) -> AtenLayer | None:
             bias, data, transposed = None, node.args[0], node.args[1]
         if not (isinstance(transposed, fx.Node) and transposed.target in _WEIGHT_TRANSPOSES):
             return None
-        if transposed.target == aten.permute.default and list(transposed.args[1]) != [1, 0]:
+        if transposed.target == aten.permute.default and list(transposed.args[1]) != [1, 0]:  # type: ignore[arg-type]
             return None
         return _linear(node, data, transposed.args[0], bias, transposed)
     if target in _CONV or target in _CONV_PADDING:
@@ -109,7 +110,7 @@ def parse_layer(node: fx.Node) -> AtenLayer | None:
         if weight is None:
             return None
         spatial = weight.dim() - 2
-        transposed, groups = bool(node.args[6]), int(node.args[8])
+        transposed, groups = bool(node.args[6]), int(node.args[8])  # type: ignore[arg-type]
         kind = "convtranspose" if transposed else "conv"
         return _conv(node, kind, spatial, groups, 0 if transposed else node.args[4], _ints(node.args[5], spatial))
     return None
@@ -149,15 +150,15 @@ def parse_bn(node: fx.Node) -> AtenBn | None:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     target = node.target
-    args = list(node.args)
+    args: list[Any] = list(node.args)  # an aten schema's arguments, checked by position and count
     if target == aten.batch_norm.default and len(args) >= 8:
-        return AtenBn(node, args[0], node, *args[1:5], eps=float(args[7]), training=bool(args[5]))
+        return AtenBn(node, args[0], node, *args[1:5], eps=float(args[7]), training=bool(args[5]))  # type: ignore[misc]
     if target == aten._native_batch_norm_legit_no_training.default and len(args) >= 7:
         output = _first_item(node)
-        return None if output is None else AtenBn(node, args[0], output, *args[1:5], float(args[6]), False)
+        return None if output is None else AtenBn(node, args[0], output, *args[1:5], float(args[6]), False)  # type: ignore[call-arg]
     if target in (aten._native_batch_norm_legit.default, aten.native_batch_norm.default) and len(args) >= 8:
         output = _first_item(node)
-        return None if output is None else AtenBn(node, args[0], output, *args[1:5], float(args[7]), bool(args[5]))
+        return None if output is None else AtenBn(node, args[0], output, *args[1:5], float(args[7]), bool(args[5]))  # type: ignore[call-arg]
     return None
 
 

@@ -127,7 +127,7 @@ def _rank_rule(node: fx.Node, root: nn.Module, memo: dict[fx.Node, int | None]) 
         return _static_rank(arg, root, memo)
 
     if node.op == "call_module":
-        module = root.get_submodule(node.target)
+        module = root.get_submodule(node.target)  # type: ignore[arg-type]  # a call_module target is a name
         if is_batchnorm(module) or is_layer(module) or isinstance(module, _RANK_KEEPING_MODULES):
             return rank_of(_input_of(node))
         if isinstance(module, nn.Flatten) and module.end_dim == -1 and module.start_dim >= 0:

@@ -52,9 +52,9 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
 
     visit(root, "")
     flow = Dataflow([], {})
-    for _, region, _ in regions:
-        flow.calls.extend(region.calls)
-        flow.referenced.update(region.referenced)
+    for _, region_flow, _ in regions:
+        flow.calls.extend(region_flow.calls)
+        flow.referenced.update(region_flow.referenced)
     covered = {name for name, _, _ in regions}
     whole = "" in covered
     if not whole:
@@ -62,7 +62,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
         if observation is not None:
             flow.referenced.update(_called_outside(regions, observation))
     flow.referenced.update(index.shared_parameters())
-    uncaptured = {}
+    uncaptured: dict[str, str] = {}
     for module in root.modules():
         if is_batchnorm(module):
             name = index.name_of(module)

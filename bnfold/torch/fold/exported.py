@@ -86,7 +86,7 @@ class _ProgramFolder:
     def _layer_check(self, site: AtenLayer) -> LayerGeometry | FoldRefused:
         if site.bias is not None and self.tensor(site.bias) is None:
             return FoldRefused("non_constant_params", "its bias is not a constant of the program")
-        if not self.tensor(site.weight).is_floating_point():
+        if not self.tensor(site.weight).is_floating_point():  # type: ignore[union-attr]  # a site has its weight
             return FoldRefused("unsupported_dtype", "its weight is not floating point")
         return site.geometry
 
@@ -96,9 +96,9 @@ class _ProgramFolder:
         site = self.layer_sites[layer]
         weight = self.tensor(site.weight)
         new_weight, new_bias = fold_arrays(
-            to_float64(weight), optional_float64(self.tensor(site.bias)), geometry, before, after
+            to_float64(weight), optional_float64(self.tensor(site.bias)), geometry, before, after  # type: ignore[arg-type]
         )
-        return from_float64(new_weight, weight, "weight"), from_float64(new_bias, weight, "bias")
+        return from_float64(new_weight, weight, "weight"), from_float64(new_bias, weight, "bias")  # type: ignore[arg-type]
 
     def apply(self, plan: Plan) -> None:
         graph = self.program.graph
@@ -106,21 +106,21 @@ class _ProgramFolder:
             site = self.layer_sites[layer]
             weight, bias = fold.params
             with torch.no_grad():
-                self.tensor(site.weight).copy_(weight)
+                self.tensor(site.weight).copy_(weight)  # type: ignore[union-attr]
                 if site.bias is not None:
-                    self.tensor(site.bias).copy_(bias)
+                    self.tensor(site.bias).copy_(bias)  # type: ignore[union-attr]
                 else:
                     self._add_bias(site, f"{layer}.bias", bias)
         removed = set(plan.removed)
         for call in self.flow.calls:
-            site = self.sites[call.id]
-            if isinstance(site, AtenBn) and call.module in removed:
-                self._rename_output(site.output.name, site.input.name)
-                site.output.replace_all_uses_with(site.input)
-                if site.output is not site.node:
-                    for item in list(site.node.users):
+            bn_site = self.sites[call.id]
+            if isinstance(bn_site, AtenBn) and call.module in removed:
+                self._rename_output(bn_site.output.name, bn_site.input.name)
+                bn_site.output.replace_all_uses_with(bn_site.input)
+                if bn_site.output is not bn_site.node:
+                    for item in list(bn_site.node.users):
                         graph.erase_node(item)
-                graph.erase_node(site.node)
+                graph.erase_node(bn_site.node)
         self._drop_unused_state(removed)
         graph.lint()
         self.program.graph_module.recompile()
@@ -188,4 +188,4 @@ def _fake_like(weight_node: fx.Node, bias: torch.Tensor) -> Any:
     if mode is None:
         return bias
     with mode:
-        return torch.empty(bias.shape, dtype=bias.dtype, device=fake_weight.device)
+        return torch.empty(bias.shape, dtype=bias.dtype, device=fake_weight.device)  # type: ignore[union-attr]

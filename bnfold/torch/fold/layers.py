@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ _BN_RANKS: dict[type[nn.Module], frozenset[int]] = {
 _BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
-def is_batchnorm(module: nn.Module) -> bool:
+def is_batchnorm(module: nn.Module) -> TypeGuard[_BatchNorm]:
     return isinstance(module, _BatchNorm)
 
 
@@ -46,7 +48,7 @@ def bn_facts(module: _BatchNorm) -> BnFacts:
 
 def _pinned_ranks(module: _BatchNorm) -> frozenset[int] | None:
     for base, ranks in _BN_RANKS.items():
-        if isinstance(module, base) and type(module)._check_input_dim is base._check_input_dim:
+        if isinstance(module, base) and type(module)._check_input_dim is base._check_input_dim:  # type: ignore[attr-defined]
             return ranks
     return None
 
@@ -74,11 +76,11 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | FoldRefused:
         base: type[nn.Module] = nn.Linear
         kind, spatial = "linear", 0
     else:
-        base = next((cls for cls in _CONV_CLASSES if isinstance(module, cls)), None)
+        base = next((cls for cls in _CONV_CLASSES if isinstance(module, cls)), None)  # type: ignore[assignment]
         if base is None:
             return FoldRefused("unsupported_layer", f"{type(module).__name__} is not a supported layer")
         kind, spatial = _CONV_CLASSES[base]
-        if kind == "conv" and type(module)._conv_forward is not base._conv_forward:
+        if kind == "conv" and type(module)._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
             return FoldRefused("unsupported_layer", f"{type(module).__name__} overrides _conv_forward()")
     if type(module).forward is not base.forward:
         return FoldRefused("unsupported_layer", f"{type(module).__name__} overrides forward()")
@@ -89,9 +91,9 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | FoldRefused:
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
         return FoldRefused("unsupported_layer", "its lazy parameters are not initialized")
     if kind == "linear":
-        return LayerGeometry("linear", 0, 1, module.in_features, module.out_features, False)
+        return LayerGeometry("linear", 0, 1, module.in_features, module.out_features, False)  # type: ignore[arg-type]
     return LayerGeometry(
-        kind, spatial, module.groups, module.in_channels, module.out_channels, _zero_padded(module),
+        kind, spatial, module.groups, module.in_channels, module.out_channels, _zero_padded(module),  # type: ignore[arg-type]
     )
 
 
@@ -100,7 +102,7 @@ def _zero_padded(conv: _ConvNd) -> bool:
         return False
     if conv.padding == "same":
         return any(d * (k - 1) > 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
-    return any(p > 0 for p in conv.padding)
+    return any(p > 0 for p in conv.padding)  # type: ignore[operator]  # a tuple: "same"/"valid" returned above
 
 
 def fold_arrays(
@@ -130,16 +132,16 @@ def fold_module_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's folded ``(weight, bias)`` as tensors of its parameter dtype and device."""
     weight, bias = fold_arrays(
-        to_float64(module.weight), optional_float64(module.bias), geometry, before, after
+        to_float64(module.weight), optional_float64(module.bias), geometry, before, after  # type: ignore[arg-type]
     )
-    return from_float64(weight, module.weight, "weight"), from_float64(bias, module.weight, "bias")
+    return from_float64(weight, module.weight, "weight"), from_float64(bias, module.weight, "bias")  # type: ignore[arg-type]
 
 
 def install_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """Write folded values into the layer, keeping its parameter objects (and creating a bias)."""
     with torch.no_grad():
-        module.weight.copy_(weight)
+        module.weight.copy_(weight)  # type: ignore[operator]
         if module.bias is None:
             module.bias = nn.Parameter(bias, requires_grad=module.weight.requires_grad)
         else:
-            module.bias.copy_(bias)
+            module.bias.copy_(bias)  # type: ignore[operator]

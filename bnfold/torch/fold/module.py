@@ -84,13 +84,13 @@ def fold_module(
         checks: list[VerifyReport] = []
         if verify and observation is not None:
             say("verifying the folded model")
-            checks.append(compare(observation.outputs, call(work, inputs), "pytorch"))
+            checks.append(compare(observation.outputs, call(work, inputs), "pytorch"))  # type: ignore[arg-type]  # observed: inputs given
         if export_onnx is not None:
             from bnfold.torch.export import export_and_check
 
             say("exporting to ONNX and checking it under onnxruntime")
-            reference = observation.outputs if observation is not None else call(inner, inputs)
-            checks.append(export_and_check(work, inputs, reference, export_onnx))
+            reference = observation.outputs if observation is not None else call(inner, inputs)  # type: ignore[arg-type]
+            checks.append(export_and_check(work, inputs, reference, export_onnx))  # type: ignore[arg-type]  # else refused above
         if checks:
             report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
     seconds["total"] = time.perf_counter() - started

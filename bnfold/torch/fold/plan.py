@@ -198,7 +198,7 @@ class _Planner:
         affine = None
         for call in sorted(calls, key=lambda c: c.id):
             step = self.bns[call.module].affine
-            affine = step if affine is None else affine.then(step)
+            affine = step if affine is None else affine.then(step)  # type: ignore[arg-type]  # a folded BN has one
         return affine
 
     def _compute(self, folds: dict[str, LayerFold]) -> bool:

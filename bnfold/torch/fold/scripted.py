@@ -75,7 +75,7 @@ class _ScriptFolder:
                 if base is None:
                     continue
                 path = _join(base, node.s("name"))
-                full = _join(owner, path)
+                full: str | None = _join(owner, path)
                 if full in self.modules:
                     values[node.output()] = path
         for node in _all_nodes(graph.nodes()):
