@@ -18,7 +18,8 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check bnfold tests models cli.py
-	$(BIN)/pytest -q
+	$(BIN)/mypy
+	$(BIN)/pytest -q $(PYTEST_FLAGS)
 
 # The long reliability profile (bad inputs, 5000 random graphs, 5000 byte mutants); rewrites docs/reliability.md.
 reliability: $(VENV)/.installed
