@@ -114,7 +114,19 @@ class Bench:
 
     def save(self, name: str, payload: Any) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+        (self.out / f"{name}.json").write_text(results_json(payload))
+
+
+def results_json(payload: list[Any] | dict[str, Any]) -> str:
+    """The results as the repository keeps them: one line per entry of a list (per key of a dict), so that a
+    rerun's diff is a line per model, not one per number. Floats keep every digit: the report compares some
+    exactly (an error equal to the original's means nothing was folded)."""
+    if isinstance(payload, list):
+        brackets, lines = "[]", [json.dumps(entry, default=_json_default) for entry in payload]
+    else:
+        brackets = "{}"
+        lines = [f"{json.dumps(key)}: {json.dumps(value, default=_json_default)}" for key, value in payload.items()]
+    return brackets[0] + "\n" + ",\n".join(" " + line for line in lines) + "\n" + brackets[1] + "\n"
 
 
 def _json_default(value: Any) -> Any:
