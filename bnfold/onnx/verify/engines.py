@@ -79,7 +79,7 @@ def _reference_runner(role: str, source: ModelSource) -> Runner:
         evaluator = reference_evaluator(_loaded(source))
     except Exception as error:  # noqa: BLE001 - unsupported operator or unreadable data
         raise InputError(f"{ENGINE_REFERENCE} cannot load the {role} model: {first_line(error)}") from None
-    return _runner(role, ENGINE_REFERENCE, evaluator.run)
+    return _runner(role, ENGINE_REFERENCE, evaluator.run)  # type: ignore[arg-type]  # a list, given names
 
 
 def _runner(role: str, engine: str, run_model: Callable[[list[str], dict[str, Any]], Sequence[Any]]) -> Runner:

@@ -50,17 +50,17 @@ def generated_shapes(
             continue
         if spec.dims is None:
             raise InputError(f"input '{spec.name}' has no declared shape; give it in input_shapes")
-        shape = []
+        sizes = []
         for axis, dim in enumerate(spec.dims):
             if isinstance(dim, int):
-                shape.append(dim)
+                sizes.append(dim)
                 continue
             label = f"'{dim}'" if dim else str(axis)
             size, source = symbols.get(dim, (1, "")) if dim else (1, "")
             origin = f" (as given for input '{source}')" if source else ""
             notes.append(f"dynamic dim {label} of input '{spec.name}' set to {size}{origin}")
-            shape.append(size)
-        shapes[spec.name] = tuple(shape)
+            sizes.append(size)
+        shapes[spec.name] = tuple(sizes)
     for spec in specs:
         size = math.prod(shapes[spec.name]) * spec.dtype.itemsize
         if size > limits.GENERATED_INPUT_LIMIT:

@@ -110,16 +110,16 @@ def check_interfaces(original: ModelProto, candidate: ModelProto) -> list[Tensor
     declared = {value.name: _spec(value) for value in candidate.graph.output
                 if value.type.WhichOneof("value") == "tensor_type"}
     for value in original.graph.output:
-        other = declared.get(value.name)
-        if other is None or value.type.WhichOneof("value") != "tensor_type":
+        candidate_spec = declared.get(value.name)
+        if candidate_spec is None or value.type.WhichOneof("value") != "tensor_type":
             continue
         spec = _spec(value)
-        if spec.elem_type and other.elem_type and spec.elem_type != other.elem_type:
+        if spec.elem_type and candidate_spec.elem_type and spec.elem_type != candidate_spec.elem_type:
             raise InputError(f"output '{spec.name}' is {type_name(spec.elem_type)} in the original "
-                             f"but {type_name(other.elem_type)} in the candidate")
-        if _shapes_conflict(spec.dims, other.dims):
+                             f"but {type_name(candidate_spec.elem_type)} in the candidate")
+        if _shapes_conflict(spec.dims, candidate_spec.dims):
             raise InputError(f"output '{spec.name}' has shape {spec.describe_shape()} in the original but "
-                             f"{other.describe_shape()} in the candidate")
+                             f"{candidate_spec.describe_shape()} in the candidate")
     return original_inputs
 
 

@@ -26,7 +26,7 @@ class _InferenceBatchNormalization(OpRun):
         # training_mode: onnx.reference hands a custom op the latest schema's attributes; before opset 14 the
         # node cannot set it.
         if any(self.onnx_node.output[1:]):
-            return BatchNormalization_9._run(self, x, scale, bias, mean, var, epsilon=epsilon, momentum=momentum)
+            return BatchNormalization_9._run(self, x, scale, bias, mean, var, epsilon=epsilon, momentum=momentum)  # type: ignore[arg-type]
         shape = (-1,) + (1,) * (x.ndim - 2)
         eps = 1e-5 if epsilon is None else epsilon
         y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) + bias.reshape(shape)
@@ -47,11 +47,11 @@ class _GroupedConvTranspose(OpRun):
              **attributes: Any) -> tuple[np.ndarray]:
         groups = group or 1
         if groups == 1:
-            return ReferenceConvTranspose._run(self, x, w, b, group=1, **attributes)
+            return ReferenceConvTranspose._run(self, x, w, b, group=1, **attributes)  # type: ignore[arg-type]
         inputs, outputs = x.shape[1] // groups, w.shape[1]
         parts = [
             ReferenceConvTranspose._run(
-                self, x[:, g * inputs:(g + 1) * inputs], w[g * inputs:(g + 1) * inputs],
+                self, x[:, g * inputs:(g + 1) * inputs], w[g * inputs:(g + 1) * inputs],  # type: ignore[arg-type]
                 None if b is None else b[g * outputs:(g + 1) * outputs], group=1, **attributes)[0]
             for g in range(groups)
         ]
