@@ -10,11 +10,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from tests.support.zoo import (
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+
+from tests.support.zoo import (  # noqa: E402
     ARCHITECTURES,
     FULL_SIZE_KWARGS,
     ExportError,

@@ -6,11 +6,13 @@ Each case must fold correctly (error at rounding level) or be left with a reason
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
-from bnfold.torch import fold_module
-from tests.support.torch_cases import fold_and_measure, max_error, outcome, randomize
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from bnfold.torch import fold_module  # noqa: E402
+from tests.support.torch_cases import fold_and_measure, max_error, outcome, randomize  # noqa: E402
 
 FP32_EXACT = 1e-5
 

@@ -6,12 +6,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from bnfold.torch import fold_module, fold_torch_file
-from tests.support import zoo
-from tests.support.torch_cases import max_error
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from bnfold.torch import fold_module, fold_torch_file  # noqa: E402
+from tests.support import zoo  # noqa: E402
+from tests.support.torch_cases import max_error  # noqa: E402
 
 EXACT = 1e-5
 BATCH = 2

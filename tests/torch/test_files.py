@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from bnfold.errors import InputError
-from bnfold.torch import fold_torch_file
-from tests.support.torch_cases import randomize
-from tests.torch.test_anchors import ConvCalledTwice, Section3
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from bnfold.errors import InputError  # noqa: E402
+from bnfold.torch import fold_torch_file  # noqa: E402
+from tests.support.torch_cases import randomize  # noqa: E402
+from tests.torch.test_anchors import ConvCalledTwice, Section3  # noqa: E402
 
 X = torch.randn(2, 3, 8, 8)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-from torch import nn
 
-from bnfold.errors import InputError
-from bnfold.torch import FoldResult, fold_module
-from tests.support.torch_cases import by_name, fold_and_measure, max_error, outcome, randomize
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from bnfold.errors import InputError  # noqa: E402
+from bnfold.torch import FoldResult, fold_module  # noqa: E402
+from tests.support.torch_cases import by_name, fold_and_measure, max_error, outcome, randomize  # noqa: E402
 
 EXACT = 1e-5
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
