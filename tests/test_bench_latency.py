@@ -1,5 +1,7 @@
 """The latency benchmark's statistics: confidence intervals of medians across instances, and the goal verdicts
-built on them (no onnxruntime session is run)."""
+built on them (no onnxruntime session is run).
+
+White-box tests of :mod:`bench.report`: they call its private verdict helpers on made-up measurements."""
 
 from __future__ import annotations
 

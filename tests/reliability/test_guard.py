@@ -1,5 +1,8 @@
 """The per-pattern guard: a rewrite that would make the model fail onnx.checker or an onnxruntime load, or a
-pattern that crashes, costs only the batch norms it touches; they stay with reason ``guard_rejected``."""
+pattern that crashes, costs only the batch norms it touches; they stay with reason ``guard_rejected``.
+
+White-box tests of :mod:`bnfold.onnx.guard`: some replace its private ``_ort_load_failure`` to inject a failure
+that no real model provokes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Types from shape inference: a model with little tensor data is inferred as it is, a heavy one on its
-skeleton; both must give every value the same type and shape."""
+skeleton; both must give every value the same type and shape.
+
+White-box tests of :mod:`bnfold.onnx.graph.types`: they call and replace its private ``_needs_skeleton``."""
 
 from __future__ import annotations
 
