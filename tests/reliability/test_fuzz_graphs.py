@@ -4,6 +4,8 @@ and folding its result again changes nothing."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -12,7 +14,7 @@ from onnx import TensorProto, numpy_helper
 from bnfold import fold_onnx
 from bnfold.errors import InputError
 from bnfold.onnx.fold.patterns.forward import ConvBn
-from bnfold.onnx.store import deferred, limits
+from bnfold.onnx.store import limits
 from tests.support.bad_inputs import conv_bn
 from tests.support.graph_fuzz import FuzzCase, check, fuzz_cases, generator_problem
 
@@ -73,7 +75,7 @@ def test_random_graphs_fold_from_a_file_as_from_memory(case, tmp_path_factory, m
     path.write_bytes(case.model.SerializeToString())
     try:
         with pytest.MonkeyPatch.context() as eager:  # in memory, every product is computed when it is cast
-            eager.setattr(deferred, "_DEFERRABLE_DTYPES", set())
+            eager.setattr(limits, "DEFERRED_MIN_BYTES", sys.maxsize)
             in_memory = fold_onnx(case.model, verify=False, **case.options)
     except InputError:
         return  # a model the fold refuses from memory (the generator's) is refused from the file too
