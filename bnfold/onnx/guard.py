@@ -56,7 +56,7 @@ class FoldedModelCheck:
 
     def __init__(self, original: ModelProto, original_types: Mapping[str, ValueType],
                  reread_original: Callable[[], ModelProto]) -> None:
-        """``original`` is the model before folding, as read (its tensors may be on disk under ``base_dir``),
+        """``original`` is the model before folding, as read (some of its tensors may still be on disk),
         ``original_types`` the types of its values (``types.infer_types``, which the fold runs anyway), and
         ``reread_original`` reads it again: the first fold edits ``original`` itself, and onnxruntime needs
         the original only in the rare case a candidate it cannot load has a new kind of node."""
