@@ -1,7 +1,10 @@
 """Large weights read from a model's file are read-only views of it (mapped), and the weights folded from them
 are computed only as the output is written (``deferred.RoundedProduct``): the folded model must be exactly what
 a fold in memory gives, refusals included, and a source that changes underneath must stop the write with one
-line, never crash it."""
+line, never crash it.
+
+White-box tests of :mod:`bnfold.onnx.store.external` where they count open mappings: one reads its private
+``_MAPPED_LENGTHS``, which no public API shows."""
 
 from __future__ import annotations
 
