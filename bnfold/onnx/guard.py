@@ -23,6 +23,7 @@ import onnx
 from onnx import GraphProto, ModelProto
 
 from bnfold.core.affine import FoldRefused
+from bnfold.core.messages import first_line
 from bnfold.core.report import BnRecord
 from bnfold.errors import BnfoldError
 from bnfold.onnx.graph.index import subgraphs
@@ -76,7 +77,7 @@ class FoldedModelCheck:
             onnx.checker.check_model(serialized)
             inferred = onnx.shape_inference.infer_shapes(serialized, check_type=True, strict_mode=True)
         except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
-            return f"fails onnx.checker ({_first_line(error)})"
+            return f"fails onnx.checker ({first_line(error)})"
         if kernel_signatures(inferred.graph, inferred_elem_types(inferred)) <= self._original_signatures:
             return None
         failure = _ort_load_failure(serialized)
@@ -93,7 +94,7 @@ class FoldedModelCheck:
             try:
                 onnx.checker.check_model(os.fspath(path), full_check=True)
             except Exception as error:  # noqa: BLE001 - as above
-                return f"fails onnx.checker ({_first_line(error)})"
+                return f"fails onnx.checker ({first_line(error)})"
         return None
 
 
@@ -138,12 +139,8 @@ def _ort_load_failure(model: bytes) -> str | None:
     try:
         unoptimized_session(model)
     except Exception as error:  # noqa: BLE001 - whatever the reason, it cannot be loaded
-        return _first_line(error)
+        return first_line(error)
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def record_key(record: BnRecord) -> SiteKey:
@@ -171,7 +168,7 @@ class GuardedPattern:
             raise
         except Exception as error:  # noqa: BLE001 - a crashing pattern costs its site, not the model
             message = (f"internal error in pattern {self._pattern.name} ({type(error).__name__}: "
-                       f"{_first_line(error)}); left unfolded, please report it")
+                       f"{first_line(error)}); left unfolded, please report it")
             self._events[anchor] = message
             raise FoldRefused(GUARD_REJECTED, message) from None
         if rewrite is None:

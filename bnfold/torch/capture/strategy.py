@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from bnfold.core.messages import first_line
 from bnfold.torch.capture.dataflow import Dataflow
 from bnfold.torch.capture.fx import fx_dataflow, trace
 from bnfold.torch.fold.layers import is_batchnorm, is_layer
@@ -36,7 +37,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
             regions.append((name, fx_dataflow(trace(module), module, name, index, ranks), "fx"))
             return
         except Exception as error:  # any tracing failure means: look deeper
-            failures[name] = f"torch.fx: {type(error).__name__}: {_first_line(error)}"
+            failures[name] = f"torch.fx: {type(error).__name__}: {first_line(error, 120)}"
         if observation is not None and name in observation.inputs:
             from bnfold.torch.capture.export import export_dataflow
 
@@ -45,7 +46,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
                 regions.append((name, flow, "export"))
                 return
             except Exception as error:
-                failures[name] += f"; torch.export: {type(error).__name__}: {_first_line(error)}"
+                failures[name] += f"; torch.export: {type(error).__name__}: {first_line(error, 120)}"
         for child in module.children():
             if not (is_batchnorm(child) or is_layer(child)):
                 visit(child, index.name_of(child))
@@ -102,8 +103,3 @@ def _failure_above(name: str, failures: dict[str, str]) -> str:
         if prefix in failures:
             return f"capture of {prefix or 'the model'} failed ({failures[prefix]})"
     return "no captured graph contains it"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:120] if text else ""
