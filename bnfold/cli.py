@@ -7,6 +7,7 @@ stderr; set ``BNFOLD_DEBUG=1`` for a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -20,8 +21,9 @@ import click
 
 from bnfold.core.interrupts import Interrupted, interrupt_on_stop_signals
 from bnfold.core.report import FoldReport
+from bnfold.core.result import FoldResult
 from bnfold.errors import BnfoldError, InputError, MissingDependencyError
-from bnfold.onnx.api import enabled_patterns, fold_onnx, inspect_onnx
+from bnfold.onnx.api import fold_onnx, inspect_onnx
 from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.onnx.guard import GUARD_REJECTED
 from bnfold.onnx.store.limits import PROTOBUF_LIMIT
@@ -81,17 +83,47 @@ def _warn_guarded(report: FoldReport) -> None:
 
 
 def _emit(as_json: bool, payload: Callable[[], dict[str, Any]], text: Callable[[], str]) -> None:
-    """Print the JSON payload or the text; only the one printed is built (a report's dict is not free)."""
-    click.echo(json.dumps(payload(), indent=2, default=float) if as_json else text())
+    """Print the JSON payload or the text; only the one printed is built (a report's dict is not free).
+
+    A reader that has gone (a closed stdout, a pipe whose reader exited) changes nothing about what was
+    done: the report is dropped and the exit code stays the verdict's."""
+    try:
+        click.echo(json.dumps(payload(), indent=2, default=float) if as_json else text())
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        _drop_stdout()
+
+
+def _drop_stdout() -> None:
+    """Send whatever is still buffered for stdout nowhere, so ending the process cannot fail on it."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process ends
 
 
 def _is_torch_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
     try:
         with open(path, "rb") as handle:
             head = handle.read(4)
     except OSError:
         return False
     return head.startswith(_TORCH_MAGIC) or path.suffix in {".pt2", ".pt", ".pth", ".ts"}
+
+
+# Options that mean something for one kind of input only; given for the other kind, they are refused.
+_ONNX_ONLY = {"only", "skip", "standalone", "allow_overridable", "external_data", "external_threshold", "inputs",
+              "iterations", "seed", "rtol", "atol"}
+_TORCH_ONLY = {"trust_pickle", "export_onnx", "allow_train_mode"}
+
+
+def _refuse_options_for(torch_input: bool) -> None:
+    """Exit 2 with one line when an option given on the command line does not apply to the input's kind."""
+    ctx = click.get_current_context()
+    foreign, kind = (_ONNX_ONLY, "PyTorch files") if torch_input else (_TORCH_ONLY, "ONNX models")
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name in foreign and source not in (None, click.core.ParameterSource.DEFAULT):
+            option = max(param.opts, key=len)
+            raise click.UsageError(f"{option} does not apply to {kind}", ctx)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -142,6 +174,11 @@ _standalone_option = click.option(
          "(faster under onnxruntime's default ORT_ENABLE_ALL). Off by default.",
 )
 
+_trust_pickle_option = click.option("--trust-pickle", is_flag=True,
+                                    help="PyTorch: allow loading pickled modules (runs their code).")
+_train_mode_option = click.option("--allow-train-mode", is_flag=True,
+                                  help="PyTorch: fold a train-mode model as its eval behaviour.")
+
 
 def _verify_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
@@ -180,9 +217,9 @@ def main() -> None:
 @click.option("--external-data", metavar="NAME", help="File name for external tensor data of large outputs.")
 @click.option("--external-threshold", type=click.IntRange(min=0), default=PROTOBUF_LIMIT, show_default=True,
               help="Write tensors as external data when the model has at least this many bytes.")
-@click.option("--trust-pickle", is_flag=True, help="PyTorch: allow loading pickled modules (runs their code).")
+@_trust_pickle_option
 @click.option("--export-onnx", type=click.Path(dir_okay=False), help="PyTorch: also export the folded model to ONNX.")
-@click.option("--allow-train-mode", is_flag=True, help="PyTorch: fold a train-mode model as its eval behaviour.")
+@_train_mode_option
 @_verify_options
 def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], skip: tuple[str, ...],
          standalone: str | None, allow_overridable: bool, overwrite_input: bool, external_data: str | None,
@@ -196,36 +233,34 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
     if _same_file(source, target) and not overwrite_input:
         raise InputError(f"{target}: refusing to overwrite the input (pass --overwrite-input to allow it)")
     shapes = _parse_shapes(input_shapes)
-    progress = _progress(not as_json)
-    if source.is_file() and _is_torch_file(source):
+    torch_input = _is_torch_file(source)
+    _refuse_options_for(torch_input)
+    result: FoldResult
+    if torch_input:
         from bnfold import fold_torch_file
-        from bnfold.torch.files import VerificationFailed
 
-        try:
-            report = fold_torch_file(source, target, trust_pickle=trust_pickle, input_shapes=shapes,
-                                     export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode,
-                                     progress=_status(not as_json))
-            written = [target]
-        except VerificationFailed as failure:
-            report, written = failure.report, []
+        result = fold_torch_file(source, trust_pickle=trust_pickle, input_shapes=shapes, export_onnx=export_onnx,
+                                 verify=verify, allow_train_mode=allow_train_mode, progress=_status(not as_json))
+        write_options: dict[str, Any] = {"overwrite_input": overwrite_input}
     else:
-        enabled_patterns(only, skip, standalone)
-        if isinstance(shapes, list):
-            raise click.BadParameter("ONNX inputs need named shapes (name:1x3x224x224)", param_hint="--input-shape")
         result = fold_onnx(source, verify=verify, only=only, skip=skip, standalone=standalone,
-                           allow_overridable=allow_overridable,
-                           inputs=inputs, input_shapes=shapes, iterations=iterations, seed=seed,
-                           rtol=rtol, atol=atol, progress=progress)
-        report = result.report
-        _warn_guarded(report)
-        verified_ok = report.verification is None or report.verification.passed
-        written = result.write(target, external_data=external_data,
-                               external_threshold=external_threshold) if verified_ok else []
+                           allow_overridable=allow_overridable, inputs=inputs, input_shapes=_named(shapes),
+                           iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=_progress(not as_json))
+        _warn_guarded(result.report)
+        write_options = {"external_data": external_data, "external_threshold": external_threshold}
+    report = result.report
     passed = report.verification is None or report.verification.passed
+    written = result.write(target, **write_options) if passed else []
     note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification failed)"
     _emit(as_json, lambda: {"input": str(source), "output": str(target), "written": [str(p) for p in written],
                             **report.to_dict()}, lambda: report.render() + note)
     sys.exit(EXIT_OK if passed else EXIT_NOT_EQUIVALENT)
+
+
+def _named(shapes: dict[str, list[int]] | list[list[int]] | None) -> dict[str, list[int]] | None:
+    if isinstance(shapes, list):
+        raise click.BadParameter("ONNX inputs need named shapes (name:1x3x224x224)", param_hint="--input-shape")
+    return shapes
 
 
 @main.command()
@@ -234,31 +269,55 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
 @click.option("--skip", multiple=True, help="Do not consider these patterns.")
 @_standalone_option
 @click.option("--allow-overridable", is_flag=True, help="Treat initializers that are also graph inputs as constants.")
+@_trust_pickle_option
+@_train_mode_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], standalone: str | None,
-            allow_overridable: bool, as_json: bool) -> None:
+            allow_overridable: bool, trust_pickle: bool, allow_train_mode: bool, as_json: bool) -> None:
     """Show what would fold in MODEL and why each other batch norm stays. Writes nothing."""
-    report = inspect_onnx(model, only=only, skip=skip, standalone=standalone, allow_overridable=allow_overridable)
-    _warn_guarded(report)
+    torch_input = _is_torch_file(Path(model))
+    _refuse_options_for(torch_input)
+    if torch_input:
+        from bnfold import fold_torch_file
+
+        report = fold_torch_file(model, trust_pickle=trust_pickle, verify=False, allow_train_mode=allow_train_mode,
+                                 progress=_status(not as_json)).report
+    else:
+        report = inspect_onnx(model, only=only, skip=skip, standalone=standalone,
+                              allow_overridable=allow_overridable)
+        _warn_guarded(report)
     _emit(as_json, lambda: {"input": model, **report.to_dict()}, report.render)
 
 
 @main.command()
 @click.argument("original", type=click.Path())
 @click.argument("candidate", type=click.Path())
+@_trust_pickle_option
 @_verify_options
-def verify(original: str, candidate: str, inputs: str | None, input_shapes: tuple[str, ...], iterations: int,
-           seed: int, rtol: float | None, atol: float | None, as_json: bool) -> None:
+def verify(original: str, candidate: str, trust_pickle: bool, inputs: str | None, input_shapes: tuple[str, ...],
+           iterations: int, seed: int, rtol: float | None, atol: float | None, as_json: bool) -> None:
     """Check that CANDIDATE computes what ORIGINAL computes (exit 0) or not (exit 1)."""
     shapes = _parse_shapes(input_shapes)
-    if isinstance(shapes, list):
-        raise click.BadParameter("ONNX inputs need named shapes (name:1x3x224x224)", param_hint="--input-shape")
     for path in (original, candidate):
         if not Path(path).is_file():
             raise InputError(f"{path}: no such file" if not Path(path).exists() else f"{path}: not a file")
+    kinds = {_is_torch_file(Path(path)) for path in (original, candidate)}
+    if len(kinds) > 1:
+        raise InputError("cannot compare an ONNX model with a PyTorch file; convert one so both are the same kind")
+    torch_input = kinds.pop()
+    _refuse_options_for(torch_input)
+    if torch_input:
+        from bnfold.torch.deps import require_torch
+
+        require_torch()
+        from bnfold.torch.files import compare_files
+
+        checked = compare_files(original, candidate, trust_pickle=trust_pickle, input_shapes=shapes)
+        _emit(as_json, checked.to_dict, checked.render)
+        sys.exit(EXIT_OK if checked.passed else EXIT_NOT_EQUIVALENT)
     from bnfold.onnx.verify.verify import verify_onnx
 
-    report = verify_onnx(original, candidate, inputs=inputs, input_shapes=shapes, iterations=iterations,
+    report = verify_onnx(original, candidate, inputs=inputs, input_shapes=_named(shapes), iterations=iterations,
                          seed=seed, rtol=rtol, atol=atol, progress=_progress(not as_json))
     _emit(as_json, report.to_dict, report.render)
     sys.exit(EXIT_OK if report.passed else EXIT_NOT_EQUIVALENT)
@@ -294,11 +353,12 @@ def end_process(code: object) -> NoReturn:
     elif isinstance(code, int):
         status = code
     else:
-        print(code, file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stderr, or nobody reading it
+            sys.stderr.write(f"{code}\n")
         status = 1
     for stream in (sys.stdout, sys.stderr):
-        try:
+        # A stream that is missing (its descriptor was closed at start) or whose reader has gone: what
+        # bnfold did is done and its exit code says so (not Python's 120, which would claim a failure).
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: as the interpreter's own exit reports it
-            status = status or 120
     os._exit(status)

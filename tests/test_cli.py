@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,17 +192,19 @@ def test_every_process_entry_point_folds_and_fails_as_the_command_does(entry, mo
     ("print('folded', end=''); end_process(None)", 0, "folded", ""),
     ("print('partial', end=''); end_process(2)", 2, "partial", ""),
     ("end_process('bnfold: error: a message')", 1, "", "bnfold: error: a message\n"),
-    ("reader, writer = os.pipe(); os.close(reader); os.dup2(writer, 1); print('lost'); end_process(0)", 120, "", ""),
+    ("reader, writer = os.pipe(); os.close(reader); os.dup2(writer, 1); print('lost'); end_process(0)", 0, "", ""),
+    ("os.close(1); sys.stdout = None; end_process(1)", 1, "", ""),
 ])
 def test_the_process_ends_with_its_output_flushed_and_its_exit_code(ending, status, stdout, stderr):
     """``end_process`` skips the interpreter's teardown, never what was printed: buffered output reaches the
-    pipe, and output that cannot be written turns a success into exit status 120, as Python's own exit does."""
+    pipe. Output nobody reads any more (the pipe's reader left, stdout was closed) changes no exit status:
+    the status says what bnfold did, not Python's 120."""
     import os
     import subprocess
     import sys
 
     buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
-    ended = subprocess.run([sys.executable, "-c", f"import os\nfrom bnfold.cli import end_process\n{ending}"],
+    ended = subprocess.run([sys.executable, "-c", f"import os, sys\nfrom bnfold.cli import end_process\n{ending}"],
                            capture_output=True, text=True, check=False, env=buffered)
     assert (ended.returncode, ended.stdout, ended.stderr) == (status, stdout, stderr)
 
@@ -237,3 +241,90 @@ def test_pickled_module_is_refused_unless_trusted(tmp_path):
     trusted = invoke("fold", source, "-o", out, "--trust-pickle", "--input-shape", "x".join(map(str, shape)))
     assert trusted.exit_code == 0, trusted.output
     assert out.exists()
+
+
+def _process(*args: str, **options) -> subprocess.CompletedProcess:
+    """The console script, as users start it."""
+    return subprocess.run([str(Path(sys.executable).parent / "bnfold"), *args], check=False, **options)
+
+
+@pytest.mark.parametrize("stdout", ["closed", "reader gone"])
+def test_a_stdout_nobody_reads_keeps_the_exit_code_and_the_written_model(stdout, model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        if stdout == "closed":
+            ended = _process("fold", str(model_path), "-o", str(out), "--json", stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: os.close(1))
+        else:
+            ended = _process("fold", str(model_path), "-o", str(out), stdout=writer, stderr=subprocess.PIPE,
+                             text=True)
+    finally:
+        os.close(writer)
+    assert (ended.returncode, ended.stderr) == (0, "")
+    assert count_ops(onnx.load(out)) == 1
+
+
+def _pt2(tmp_path: Path, name: str = "model.pt2", scale: float = 1.0) -> Path:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        module[1].running_var.uniform_(0.5, 2.0)
+        module[0].weight.mul_(scale)
+    path = tmp_path / name
+    torch.export.save(torch.export.export(module, (torch.randn(1, 3, 8, 8),)), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("command", "options", "option"), [
+    ("fold", ["--only", "no-such-pattern", "--rtol", "0", "--atol", "0", "--inputs", "missing.npz"], "--only"),
+    ("fold", ["--external-threshold", "0"], "--external-threshold"),
+    ("fold", ["--seed", "0"], "--seed"),
+    ("inspect", ["--standalone", "conv"], "--standalone"),
+    ("verify", ["--iterations", "2"], "--iterations"),
+])
+def test_onnx_options_on_a_torch_file_are_refused(tmp_path, command, options, option):
+    source = _pt2(tmp_path)
+    files = [str(source)] * (2 if command == "verify" else 1)
+    result = CliRunner().invoke(main, [command, *files, *options, *(["-o", str(tmp_path / "o.pt2")]
+                                                                   if command == "fold" else [])])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and f"{option} does not apply to PyTorch files" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]
+
+
+@pytest.mark.parametrize(("command", "option"), [
+    ("fold", ["--trust-pickle"]), ("fold", ["--export-onnx", "x.onnx"]), ("fold", ["--allow-train-mode"]),
+    ("inspect", ["--trust-pickle"]), ("verify", ["--trust-pickle"]),
+])
+def test_torch_options_on_an_onnx_model_are_refused(model_path, tmp_path, command, option):
+    files = [str(model_path)] * (2 if command == "verify" else 1)
+    result = CliRunner().invoke(main, [command, *files, *option])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and f"{option[0]} does not apply to ONNX models" in result.output
+
+
+def test_inspect_and_verify_take_torch_files_with_the_onnx_json_keys(model_path, tmp_path):
+    source = _pt2(tmp_path)
+    inspected = invoke("inspect", source, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    payload = json.loads(inspected.output)
+    assert [r["status"] for r in payload["batchnorms"]] == ["folded"]
+    assert payload.keys() == json.loads(invoke("inspect", model_path, "--json").output).keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt2"]
+
+    folded = tmp_path / "folded.pt2"
+    assert invoke("fold", source, "-o", folded).exit_code == 0
+    same = invoke("verify", source, folded, "--json")
+    assert same.exit_code == 0, same.output
+    onnx_keys = json.loads(invoke("verify", model_path, model_path, "--json").output).keys()
+    assert json.loads(same.output).keys() == onnx_keys and json.loads(same.output)["passed"] is True
+    wrong = invoke("verify", source, _pt2(tmp_path, "wrong.pt2", scale=1.01), "--input-shape", "1x3x8x8")
+    assert wrong.exit_code == 1 and "FAILED" in wrong.output
+    too_big = CliRunner().invoke(main, ["verify", str(source), str(folded), "--input-shape", "2x3x8x8"])
+    assert too_big.exit_code == 2 and too_big.output.count("\n") == 1 and "does not run" in too_big.output
+    mixed = CliRunner().invoke(main, ["verify", str(model_path), str(source)])
+    assert mixed.exit_code == 2 and mixed.output.count("\n") == 1 and "ONNX model with a PyTorch file" in mixed.output
+

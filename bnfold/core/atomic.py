@@ -1,4 +1,9 @@
-"""Atomic writes: the destination holds its old content or the complete new one, never a partial file."""
+"""Atomic writes: a destination holds its old content or the complete new one, never a partial file.
+
+The new content goes to a temporary file beside the destination (same file system, so the rename is
+atomic), is synced, and is renamed over the destination; on any error or interrupt the temporary file is
+removed and the destination is left as it was.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from bnfold.errors import OutputError
 
 @contextlib.contextmanager
 def atomic_destination(destination: Path) -> Iterator[Path]:
-    """A temporary path beside ``destination``; renamed over it only if the block succeeds."""
+    """A temporary path beside ``destination`` for the block to write; renamed over it only if the block
+    succeeds. An ``OSError`` becomes a one-line :class:`OutputError`."""
     temporary: Path | None = None
     try:
         # Deferred, so an interrupt cannot fall between creating the file and knowing to remove it.
@@ -25,8 +31,7 @@ def atomic_destination(destination: Path) -> Iterator[Path]:
             os.close(handle)
             temporary = Path(name)
         yield temporary
-        with temporary.open("rb") as written:
-            os.fsync(written.fileno())
+        fsync_file(temporary)
         os.replace(temporary, destination)
     except OSError as error:
         if temporary is not None:
@@ -36,9 +41,19 @@ def atomic_destination(destination: Path) -> Iterator[Path]:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
         raise
+    fsync_directory(destination.parent)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; a file system that cannot sync directories is left be."""
     with contextlib.suppress(OSError):
-        directory = os.open(destination.parent, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(directory)
+            os.fsync(fd)
         finally:
-            os.close(directory)
+            os.close(fd)

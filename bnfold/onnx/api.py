@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from bnfold.core.messages import first_line
 from bnfold.core.report import BnRecord, FoldReport
+from bnfold.core.result import FoldResult
 from bnfold.errors import BnfoldError, InputError
 from bnfold.onnx.fold.driver import fold_model, model_totals, totals
 from bnfold.onnx.fold.patterns import (
@@ -33,17 +35,16 @@ Inputs = Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | str | o
 Progress = Callable[[str, int, int], None]
 
 
-class FoldResult:
-    """The folded model and the report of what was folded, what was left and why.
+class OnnxFolded:
+    """The ONNX side of a :class:`~bnfold.core.result.FoldResult`: the folded model and its writer.
 
     Until someone asks for :attr:`model`, the folded model stays in its :attr:`store`: tensors the fold did
     not touch in the input's files, the ones it wrote beside the proto (arrays, or weights scaled from the
     input file and computed as they are written). :meth:`write` streams each from where it is.
     """
 
-    def __init__(self, store: ModelStore, report: FoldReport) -> None:
+    def __init__(self, store: ModelStore) -> None:
         self.store = store
-        self.report = report
 
     @property
     def model(self) -> ModelProto:
@@ -55,7 +56,7 @@ class FoldResult:
         """The input's directory while the model still reads tensors from the input's files, else None."""
         return self.store.base_dir if has_external_tensors(self.store.proto) else None
 
-    def write(self, path: str | os.PathLike[str], *, external_data: str | None = None,
+    def write(self, path: Path, *, external_data: str | None = None,
               external_threshold: int = limits.PROTOBUF_LIMIT) -> list[Path]:
         """:func:`bnfold.write_model` for this result; returns the paths written."""
         return self.store.write(path, external_data=external_data, external_threshold=external_threshold)
@@ -97,8 +98,7 @@ def _check(model: ModelLike, what: str) -> None:
     try:
         onnx.checker.check_model(model if isinstance(model, ModelProto) else os.fspath(model), full_check=True)
     except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{what} fails onnx.checker: {first_line}") from None
+        raise InputError(f"{what} fails onnx.checker: {first_line(error)}") from None
 
 
 @contextlib.contextmanager
@@ -175,7 +175,7 @@ def fold_onnx(
             iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress,
         )
         report.seconds["verify"] = time.perf_counter() - verified
-    return FoldResult(folded, report)
+    return FoldResult(OnnxFolded(folded), report)
 
 
 def inspect_onnx(
@@ -191,4 +191,4 @@ def inspect_onnx(
                      standalone=standalone).report
 
 
-__all__ = ["FoldResult", "enabled_patterns", "fold_onnx", "inspect_onnx"]
+__all__ = ["FoldResult", "OnnxFolded", "enabled_patterns", "fold_onnx", "inspect_onnx"]

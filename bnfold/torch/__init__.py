@@ -9,9 +9,8 @@ from __future__ import annotations
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
-from bnfold.core.report import FoldReport
+from bnfold.core.result import FoldResult
 from bnfold.torch.deps import require_torch
-from bnfold.torch.result import FoldResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -44,7 +43,6 @@ def fold_module(
 
 def fold_torch_file(
     input_path: str | PathLike[str],
-    output_path: str | PathLike[str],
     *,
     trust_pickle: bool = False,
     input_shapes: Mapping[str, tuple[int, ...]] | Sequence[tuple[int, ...]] | None = None,
@@ -52,15 +50,17 @@ def fold_torch_file(
     verify: bool = True,
     allow_train_mode: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> FoldReport:
+) -> FoldResult:
     """Fold a ``.pt2`` program, a TorchScript file or (with ``trust_pickle``) a pickled module.
 
-    The format is detected from the content; the result is written atomically in the same format.
+    The format is detected from the content. Nothing is written: ``result.write(path)`` writes the folded
+    model atomically in the input's format (``overwrite_input=True`` lets it replace the input). A failed
+    verification is a verdict in ``result.report.verification``, as with :func:`bnfold.fold_onnx`.
     """
     require_torch()
     from bnfold.torch.files import fold_file
 
     return fold_file(
-        input_path, output_path, trust_pickle=trust_pickle, input_shapes=input_shapes,
+        input_path, trust_pickle=trust_pickle, input_shapes=input_shapes,
         export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode, progress=progress,
     )

@@ -1,11 +1,12 @@
 """fold_torch_file: fold a .pt2 program, a TorchScript file or a (trusted) pickled module on disk.
 
-The input file is only read. The output is written to a temporary file beside the destination,
-checked, fsynced and renamed over it, so the destination never holds a partial file.
+The input file is only read. The folded model is serialized in memory, loaded back and checked; what
+:meth:`bnfold.FoldResult.write` writes (atomically, see :mod:`bnfold.core.atomic`) is those checked bytes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -15,23 +16,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bnfold.core.atomic import atomic_destination
 from bnfold.core.compare import VerificationSet, VerifyReport
+from bnfold.core.messages import first_line
 from bnfold.core.report import FoldReport
-from bnfold.errors import BnfoldError, InputError, OutputError
+from bnfold.core.result import FoldResult
+from bnfold.errors import InputError, OutputError
 from bnfold.torch.checks import compare, exact_math
+from bnfold.torch.result import TorchFolded, save_bytes, save_module
 from bnfold.torch.running import Inputs, random_inputs
 
 Format = Literal["pt2", "torchscript", "pickle"]
 Shapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
-
-
-class VerificationFailed(BnfoldError):
-    """The folded model does not match the original; nothing was written."""
-
-    def __init__(self, report: FoldReport) -> None:
-        super().__init__("the folded model does not match the original; nothing was written")
-        self.report = report
 
 
 def detect_format(path: Path) -> Format:
@@ -58,7 +53,6 @@ def detect_format(path: Path) -> Format:
 
 def fold_file(
     input_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
     *,
     trust_pickle: bool = False,
     input_shapes: Shapes | None = None,
@@ -66,27 +60,24 @@ def fold_file(
     verify: bool = True,
     allow_train_mode: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> FoldReport:
-    source, destination = Path(input_path), Path(output_path)
+) -> FoldResult:
+    source = Path(input_path)
     say = progress or (lambda _message: None)
     if not source.is_file():
         raise InputError(f"{source} does not exist or is not a file")
-    if destination.exists() and destination.resolve() == source.resolve():
-        raise InputError("the output path must differ from the input path (the input is never modified)")
-    if not destination.parent.is_dir():
-        raise OutputError(f"the output directory {destination.parent} does not exist")
     kind = detect_format(source)
     say(f"{source.name}: {kind}")
     fold = {"pt2": _fold_pt2, "torchscript": _fold_torchscript, "pickle": _fold_pickle}[kind]
     with exact_math():
-        return fold(
-            source, destination, trust_pickle=trust_pickle, input_shapes=input_shapes,
+        folded, report = fold(
+            source, trust_pickle=trust_pickle, input_shapes=input_shapes,
             export_onnx=None if export_onnx is None else Path(export_onnx), verify=verify,
             allow_train_mode=allow_train_mode, say=say,
         )
+    return FoldResult(folded, report)
 
 
-def _fold_pt2(source: Path, destination: Path, *, input_shapes, export_onnx, verify, say, **_: Any) -> FoldReport:
+def _fold_pt2(source: Path, *, input_shapes, export_onnx, verify, say, **_: Any) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.exported import fold_exported
 
     program = _load(lambda: torch.export.load(str(source)), source, "a torch.export program")
@@ -94,23 +85,22 @@ def _fold_pt2(source: Path, destination: Path, *, input_shapes, export_onnx, ver
     reference = program.module()(*inputs.args, **inputs.kwargs) if inputs is not None else None
     say("folding the exported program")
     report = fold_exported(program)
-    with atomic_destination(destination) as temporary:
-        _save(lambda: torch.export.save(program, str(temporary)))
-        checks = []
-        if verify and reference is not None:
-            reloaded = torch.export.load(str(temporary))
-            checks.append(compare(reference, reloaded.module()(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))  # type: ignore[union-attr]
-        if export_onnx is not None and inputs is not None:
-            from bnfold.torch.export import export_and_check
+    saved = _serialized(lambda buffer: torch.export.save(program, buffer))
+    checks = []
+    if verify and reference is not None:
+        reloaded = torch.export.load(io.BytesIO(saved))
+        checks.append(compare(reference, reloaded.module()(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))  # type: ignore[union-attr]
+    if export_onnx is not None and inputs is not None:
+        from bnfold.torch.export import export_and_check
 
-            checks.append(export_and_check(program, inputs, reference, export_onnx))
-        _attach(report, checks)
-    return report
+        checks.append(export_and_check(program, inputs, reference, export_onnx))
+    _attach(report, checks)
+    return TorchFolded(program, save_bytes(saved), source), report
 
 
 def _fold_torchscript(
-    source: Path, destination: Path, *, input_shapes, export_onnx, verify, allow_train_mode, say, **_: Any
-) -> FoldReport:
+    source: Path, *, input_shapes, export_onnx, verify, allow_train_mode, say, **_: Any
+) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.scripted import fold_scripted
 
     original = _load(lambda: torch.jit.load(str(source), map_location="cpu"), source, "TorchScript")
@@ -124,25 +114,33 @@ def _fold_torchscript(
     reference = original(*inputs.args, **inputs.kwargs) if inputs is not None else None
     say("folding the TorchScript module")
     report = fold_scripted(work)
-    with atomic_destination(destination) as temporary:
-        _save(lambda: torch.jit.save(work, str(temporary)))
-        reloaded = torch.jit.load(str(temporary), map_location="cpu")
-        checks = []
-        if verify and inputs is not None:
-            checks.append(compare(reference, reloaded(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))
-        if export_onnx is not None and inputs is not None:
-            from bnfold.torch.export import export_and_check
+    saved = _serialized(lambda buffer: torch.jit.save(work, buffer))
+    reloaded = torch.jit.load(io.BytesIO(saved), map_location="cpu")
+    checks = []
+    if verify and inputs is not None:
+        checks.append(compare(reference, reloaded(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))
+    if export_onnx is not None and inputs is not None:
+        from bnfold.torch.export import export_and_check
 
-            checks.append(export_and_check(reloaded, inputs, reference, export_onnx))
-        _attach(report, checks)
-    return report
+        checks.append(export_and_check(reloaded, inputs, reference, export_onnx))
+    _attach(report, checks)
+    return TorchFolded(reloaded, save_bytes(saved), source), report
 
 
 def _fold_pickle(
-    source: Path, destination: Path, *, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, say,
-) -> FoldReport:
+    source: Path, *, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, say,
+) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.module import fold_module
 
+    model = _load_pickle(source, trust_pickle)
+    result = fold_module(
+        model, None, inplace=True, allow_train_mode=allow_train_mode, input_shapes=input_shapes,
+        verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say,
+    )
+    return TorchFolded(result.model, save_module(result.model), source), result.report
+
+
+def _load_pickle(source: Path, trust_pickle: bool) -> nn.Module:
     if not trust_pickle:
         raise InputError(
             f"{source.name} is a pickled module and unpickling runs arbitrary code: "
@@ -154,15 +152,7 @@ def _fold_pickle(
             f"{source.name} holds a {type(model).__name__}, not a module: a state dict cannot be folded "
             "without the model's code"
         )
-    result = fold_module(
-        model, None, inplace=True, allow_train_mode=allow_train_mode, input_shapes=input_shapes,
-        verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say,
-    )
-    if result.report.verification is not None and not result.report.verification.passed:
-        raise VerificationFailed(result.report)
-    with atomic_destination(destination) as temporary:
-        _save(lambda: torch.save(result.model, str(temporary)))
-    return result.report
+    return model
 
 
 _TRAIN_MODE = (
@@ -188,20 +178,62 @@ def _program_inputs(program: Any, shapes: Shapes | None) -> Inputs | None:
 def _attach(report: FoldReport, checks: list[VerifyReport]) -> None:
     if checks:
         report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
-        if not report.verification.passed:
-            raise VerificationFailed(report)
 
 
 def _load(load: Callable[[], Any], source: Path, what: str) -> Any:
     try:
         return load()
     except Exception as error:
-        message = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load {source.name} as {what}: {message}") from error
+        raise InputError(f"cannot load {source.name} as {what}: {first_line(error, 160)}") from error
 
 
-def _save(save: Callable[[], None]) -> None:
+def _serialized(save: Callable[[io.BytesIO], None]) -> bytes:
+    buffer = io.BytesIO()
     try:
-        save()
+        save(buffer)
     except Exception as error:
         raise OutputError(f"cannot write the folded model: {type(error).__name__}: {error}") from error
+    return buffer.getvalue()
+
+
+def compare_files(
+    original_path: str | os.PathLike[str],
+    candidate_path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    input_shapes: Shapes | None = None,
+) -> VerifyReport:
+    """Run two PyTorch files (any of the formats :func:`fold_file` reads) on the same inputs and compare
+    their outputs: generated for ``input_shapes``, else the example inputs the original ``.pt2`` stores."""
+    original, inputs = _runnable(Path(original_path), trust_pickle, input_shapes)
+    candidate, _ = _runnable(Path(candidate_path), trust_pickle, None)
+    if inputs is None:
+        raise InputError(f"{Path(original_path).name} stores no example inputs: give input shapes "
+                         "(--input-shape 1x3x224x224) to generate them")
+    with exact_math(), torch.no_grad():
+        outputs = [_run(model, inputs, Path(path).name)
+                   for model, path in ((original, original_path), (candidate, candidate_path))]
+    return compare(*outputs, "pytorch")
+
+
+def _run(model: Any, inputs: Inputs, name: str) -> Any:
+    try:
+        return model(*inputs.args, **inputs.kwargs)
+    except Exception as error:
+        raise InputError(f"{name} does not run on the inputs: {first_line(error, 160)}") from error
+
+
+def _runnable(source: Path, trust_pickle: bool, input_shapes: Shapes | None) -> tuple[Any, Inputs | None]:
+    """The file's model as a callable in eval mode, and inputs for it (generated, or stored in a .pt2)."""
+    if not source.is_file():
+        raise InputError(f"{source} does not exist or is not a file")
+    kind = detect_format(source)
+    if kind == "pt2":
+        program = _load(lambda: torch.export.load(str(source)), source, "a torch.export program")
+        return program.module(), _program_inputs(program, input_shapes)
+    if kind == "torchscript":
+        model = _load(lambda: torch.jit.load(str(source), map_location="cpu"), source, "TorchScript")
+    else:
+        model = _load_pickle(source, trust_pickle)
+    model.eval()
+    return model, random_inputs(model, input_shapes) if input_shapes is not None else None

@@ -1,22 +1,69 @@
-"""The result type of fold_module (importable without torch)."""
+"""The PyTorch side of :class:`bnfold.FoldResult`, and the plan-apply-report loop of the graph folders.
+
+Importable without torch: torch is imported when a result is written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
+from bnfold.core.atomic import atomic_destination
 from bnfold.core.report import BnRecord, FoldReport, Totals
-
-if TYPE_CHECKING:
-    from torch import nn
+from bnfold.errors import InputError, OutputError
 
 
-@dataclass
-class FoldResult:
-    """The folded model (same class as the input) and what was done to it."""
+class TorchFolded:
+    """A folded ``nn.Module``, ``ExportedProgram`` or ``ScriptModule`` and how it is saved.
 
-    model: nn.Module
-    report: FoldReport
+    ``save`` writes it to the path it is given; ``source`` is the file it was read from, which it never
+    replaces unless asked to (``overwrite_input=True``)."""
+
+    def __init__(self, model: Any, save: Callable[[Path], None], source: Path | None = None) -> None:
+        self._model = model
+        self._save = save
+        self._source = source
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    def write(self, path: Path, *, overwrite_input: bool = False) -> list[Path]:
+        if self._source is not None and not overwrite_input and _same_file(self._source, path):
+            raise InputError(f"{path}: the output path must differ from the input path (the input is never "
+                             "modified unless overwrite_input=True)")
+        if not path.parent.is_dir():
+            raise OutputError(f"the output directory {path.parent} does not exist")
+        with atomic_destination(path) as temporary:
+            try:
+                self._save(temporary)
+            except Exception as error:
+                raise OutputError(f"cannot write the folded model: {type(error).__name__}: {error}") from error
+        return [path]
+
+
+def save_module(module: Any) -> Callable[[Path], None]:
+    """``torch.save`` of a whole module (its class is pickled by reference, so loading needs its code)."""
+
+    def save(path: Path) -> None:
+        import torch
+
+        torch.save(module, str(path))
+
+    return save
+
+
+def save_bytes(data: bytes) -> Callable[[Path], None]:
+    """Write bytes already serialized (and verified after loading them back)."""
+    return lambda path: path.write_bytes(data)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 class _Plan(Protocol):

@@ -483,7 +483,7 @@ def _torch_setup(path: Path, directory: Path, *extra: str) -> Setup:
     def api() -> Any:
         from bnfold import fold_torch_file
 
-        return fold_torch_file(path, output)
+        return fold_torch_file(path).write(output)
     return Setup(["fold", str(path), "-o", str(output), *extra], api)
 
 
@@ -533,7 +533,7 @@ def _torch_read_only_output(directory: Path) -> Setup:
     def api() -> Any:
         from bnfold import fold_torch_file
 
-        return fold_torch_file(path, output, input_shapes=[[1, 3, 8, 8]])
+        return fold_torch_file(path, input_shapes=[[1, 3, 8, 8]]).write(output)
     return Setup(["fold", str(path), "-o", str(output), "--input-shape", "1x3x8x8"], api)
 
 
@@ -561,9 +561,10 @@ CASES: tuple[BadInput, ...] = (
     BadInput("corrupt", "file", "16 bytes of the protobuf overwritten", _bytes_case(_corrupt),
              says="not an ONNX model"),
     BadInput("png", "file", "a PNG image named model.onnx", _bytes_case(lambda: _PNG), says="not an ONNX model"),
+    # The command reads the content, not the name: it takes the zip for the PyTorch file it is.
     BadInput("pt-as-onnx", "file", "a torch.save zip given to the ONNX API (CLI: inspect)",
              lambda d: Setup(["inspect", str(_bytes_case(_torch_pickle)(d).args[1])],
-                             _fold_onnx(d / "model.onnx")), says="not an ONNX model"),
+                             _fold_onnx(d / "model.onnx")), says="not an ONNX model|unpickling runs arbitrary code"),
     BadInput("tensor-not-model", "file", "a serialized TensorProto, not a ModelProto", _bytes_case(_not_a_model),
              says="not an ONNX model"),
     # models

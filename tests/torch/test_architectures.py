@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from bnfold.torch import fold_module, fold_torch_file  # noqa: E402
+from bnfold.torch import fold_module  # noqa: E402
 from tests.support import zoo  # noqa: E402
 from tests.support.torch_cases import max_error  # noqa: E402
+from tests.torch.test_files import fold_and_write  # noqa: E402
 
 EXACT = 1e-5
 BATCH = 2
@@ -70,10 +71,10 @@ def test_architecture_file_round_trips(tmp_path: Path, name: str) -> None:
     program, script = tmp_path / "m.pt2", tmp_path / "m.ts"
     torch.export.save(torch.export.export(model, (x,)), str(program))
     torch.jit.save(torch.jit.trace(model, x), str(script))  # the zoo classes are not scriptable
-    report = fold_torch_file(program, tmp_path / "f.pt2")
+    report = fold_and_write(program, tmp_path / "f.pt2")
     assert report.verification.passed and len(report.folded) == len(fold_module(model, (x,)).report.folded)
     assert max_error(model, torch.export.load(str(tmp_path / "f.pt2")).module(), x) < EXACT
-    report = fold_torch_file(script, tmp_path / "f.ts", input_shapes=[tuple(x.shape)])
+    report = fold_and_write(script, tmp_path / "f.ts", input_shapes=[tuple(x.shape)])
     assert report.verification.passed
     # a traced bias-free conv has no bias slot to receive the BN shift (scripted ones do)
     assert {r.reason for r in report.left} <= {"unsupported_layer"}

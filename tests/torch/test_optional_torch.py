@@ -13,7 +13,7 @@ sys.modules["torch"] = None  # makes `import torch` raise ImportError
 import bnfold.torch as front
 from bnfold.errors import MissingDependencyError
 assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
-for call in (lambda: front.fold_module(object()), lambda: front.fold_torch_file("a", "b")):
+for call in (lambda: front.fold_module(object()), lambda: front.fold_torch_file("a")):
     try:
         call()
     except MissingDependencyError as error:

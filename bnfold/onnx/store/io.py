@@ -24,6 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
 
+from bnfold.core.atomic import fsync_directory, fsync_file
 from bnfold.core.interrupts import deferred_interrupts
 from bnfold.errors import InputError, OutputError
 from bnfold.onnx.store import limits
@@ -206,11 +207,11 @@ def write_model(
             del serialized
         moves.append((staged, destination))
         for source, _ in moves:
-            _fsync(source)
+            fsync_file(source)
         with deferred_interrupts():  # a model and its data file are replaced together or not at all
             for source, target in moves:
                 os.replace(source, target)
-        _fsync_directory(directory)
+        fsync_directory(directory)
         return [target for _, target in moves]
     except OSError as error:
         raise OutputError(f"{destination}: write failed ({error.strerror or error}); nothing was replaced") from None
@@ -377,17 +378,3 @@ def _copy_model(model: ModelProto, replace: Replace, initializers: bool = True) 
     for function in model.functions:
         _copy_function(function, copy.functions.add(), replace)
     return copy
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

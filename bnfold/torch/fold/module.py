@@ -13,6 +13,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from bnfold.core.affine import FoldRefused
 from bnfold.core.compare import VerificationSet, VerifyReport
 from bnfold.core.report import FoldReport, Totals
+from bnfold.core.result import FoldResult
 from bnfold.errors import InputError
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
 from bnfold.torch.capture.fx import trace
@@ -28,7 +29,7 @@ from bnfold.torch.fold.layers import (
 )
 from bnfold.torch.fold.plan import Plan, plan_folds
 from bnfold.torch.modules import ModuleIndex
-from bnfold.torch.result import FoldResult
+from bnfold.torch.result import TorchFolded, save_module
 from bnfold.torch.running import call, normalize_inputs, observe, random_inputs
 
 _WRAPPERS = (DataParallel, DistributedDataParallel)
@@ -94,7 +95,8 @@ def fold_module(
         if checks:
             report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
     seconds["total"] = time.perf_counter() - started
-    return FoldResult(_rewrap(wrapper, work, inplace), report)
+    folded = _rewrap(wrapper, work, inplace)
+    return FoldResult(TorchFolded(folded, save_module(folded)), report)
 
 
 def _copy(module: nn.Module) -> nn.Module:

@@ -61,7 +61,7 @@ def test_weights_folded_from_a_file_are_computed_as_written_and_equal_the_fold_i
     path = tmp_path / "model.onnx"
     write_model(model, path, external_threshold=0 if external else 2**31)
     from_file = fold_onnx(path, verify=False)
-    deferred = [name for name, value in from_file.store.held.items() if isinstance(value, RoundedProduct)]
+    deferred = [name for name, value in from_file.folded.store.held.items() if isinstance(value, RoundedProduct)]
     assert sorted(deferred) == ["W0", "W1"], "the folded weights wait for the write"
     out = tmp_path / "out.onnx"
     from_file.write(out)
@@ -154,7 +154,7 @@ def test_verification_of_a_fold_whose_source_shrank_is_refused_with_one_line(tmp
     result = fold_onnx(path, verify=False)
     os.truncate(path, path.stat().st_size // 2)
     with pytest.raises(InputError, match="shrank"):
-        verify_onnx(model, result.store)
+        verify_onnx(model, result.folded.store)
 
 
 def test_a_verified_fold_computes_each_deferred_weight_once(tmp_path: Path, monkeypatch):
@@ -188,6 +188,6 @@ def test_a_model_with_a_file_per_tensor_maps_no_more_files_than_the_cap(tmp_path
     assert len(list(tmp_path.iterdir())) == 3, "each conv weight in a file of its own"
     result = fold_onnx(tmp_path / "model.onnx", verify=False)
     assert len(external._MAPPED_LENGTHS) <= limits.MAX_MAPPED_FILES
-    deferred = [name for name, value in result.store.held.items() if isinstance(value, RoundedProduct)]
+    deferred = [name for name, value in result.folded.store.held.items() if isinstance(value, RoundedProduct)]
     assert len(deferred) == 1, "the mapped weight is deferred, the one read is folded at once"
     assert result.model.SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()

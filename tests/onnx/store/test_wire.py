@@ -150,7 +150,7 @@ def test_the_folded_model_in_the_api_holds_every_tensor(tmp_path: Path):
     result = fold_onnx(source, verify=False)
     model = result.model
     source.unlink()
-    assert not left_on_disk(model) and result.base_dir is None
+    assert not left_on_disk(model) and result.folded.base_dir is None
     onnx.checker.check_model(model, full_check=True)
     assert model.SerializeToString() == fold_onnx(MODELS[0], verify=False).model.SerializeToString()
 

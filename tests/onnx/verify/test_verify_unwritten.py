@@ -71,7 +71,7 @@ def test_the_folded_weights_are_what_is_verified(kind: str, route: str, tmp_path
     result = fold_onnx(source)
     report = result.report.verification
     assert report.passed and report.engine == "onnxruntime", report.render()
-    assert result.report.folded and result.store.held, "the fold should hold its weight as an array"
+    assert result.report.folded and result.folded.store.held, "the fold should hold its weight as an array"
 
     spoil_held_weights(monkeypatch)
     wrong = fold_onnx(source).report.verification
