@@ -328,3 +328,8 @@ def test_inspect_and_verify_take_torch_files_with_the_onnx_json_keys(model_path,
     mixed = CliRunner().invoke(main, ["verify", str(model_path), str(source)])
     assert mixed.exit_code == 2 and mixed.output.count("\n") == 1 and "ONNX model with a PyTorch file" in mixed.output
 
+
+def test_importing_bnfold_for_pytorch_leaves_onnx_unimported():
+    code = "import sys, bnfold; bnfold.fold_module; bnfold.FoldResult; print('onnx' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr
