@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import click
 
+from bnfold.core.atomic import same_file
 from bnfold.core.interrupts import Interrupted, interrupt_on_stop_signals
 from bnfold.core.report import FoldReport
 from bnfold.core.result import FoldResult
@@ -126,13 +127,6 @@ def _refuse_options_for(torch_input: bool) -> None:
             raise click.UsageError(f"{option} does not apply to {kind}", ctx)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
 class _Command(click.Group):
     """Maps bnfold's own errors to one line and an exit code instead of a traceback."""
 
@@ -230,7 +224,7 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
     """Fold MODEL's batch norms and write the result to --output."""
     source = Path(model)
     target = Path(output) if output else source.with_name(f"{source.stem}.folded{source.suffix or '.onnx'}")
-    if _same_file(source, target) and not overwrite_input:
+    if same_file(source, target) and not overwrite_input:
         raise InputError(f"{target}: refusing to overwrite the input (pass --overwrite-input to allow it)")
     shapes = _parse_shapes(input_shapes)
     torch_input = _is_torch_file(source)

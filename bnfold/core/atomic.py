@@ -57,3 +57,11 @@ def fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether writing ``b`` would replace ``a`` (the same file, under any name)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()

@@ -4,12 +4,11 @@ Importable without torch: torch is imported when a result is written."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bnfold.core.atomic import atomic_destination
+from bnfold.core.atomic import atomic_destination, same_file
 from bnfold.core.report import BnRecord, FoldReport, Totals
 from bnfold.errors import InputError, OutputError
 
@@ -30,7 +29,7 @@ class TorchFolded:
         return self._model
 
     def write(self, path: Path, *, overwrite_input: bool = False) -> list[Path]:
-        if self._source is not None and not overwrite_input and _same_file(self._source, path):
+        if self._source is not None and not overwrite_input and same_file(self._source, path):
             raise InputError(f"{path}: the output path must differ from the input path (the input is never "
                              "modified unless overwrite_input=True)")
         if not path.parent.is_dir():
@@ -57,13 +56,6 @@ def save_module(module: Any) -> Callable[[Path], None]:
 def save_bytes(data: bytes) -> Callable[[Path], None]:
     """Write bytes already serialized (and verified after loading them back)."""
     return lambda path: path.write_bytes(data)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
 
 
 class _Plan(Protocol):
