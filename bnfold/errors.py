@@ -19,7 +19,8 @@ class MissingDependencyError(BnfoldError):
     """An optional dependency (e.g. torch) is needed for this operation and is not installed."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of ``error``'s message (its type's name if it has none), for a one-line error."""
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of ``error``'s message (its type's name if it has none), for a one-line error; at most
+    ``limit`` characters."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0][:limit]

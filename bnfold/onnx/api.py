@@ -12,10 +12,9 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from bnfold.core.messages import first_line
 from bnfold.core.report import BnRecord, FoldReport
 from bnfold.core.result import FoldResult
-from bnfold.errors import BnfoldError, InputError
+from bnfold.errors import BnfoldError, InputError, first_line
 from bnfold.onnx.fold.driver import fold_model, model_totals, totals
 from bnfold.onnx.fold.patterns import (
     ALL_PATTERNS,

@@ -23,9 +23,8 @@ import onnx
 from onnx import GraphProto, ModelProto
 
 from bnfold.core.affine import FoldRefused
-from bnfold.core.messages import first_line
 from bnfold.core.report import BnRecord
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.onnx.graph.index import subgraphs
 from bnfold.onnx.graph.types import ValueType
 from bnfold.onnx.store.model_store import ModelStore, weightless

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from bnfold.core.compare import VerificationSet, VerifyReport
-from bnfold.core.messages import first_line
 from bnfold.core.report import FoldReport
 from bnfold.core.result import FoldResult
-from bnfold.errors import InputError, OutputError
+from bnfold.errors import InputError, OutputError, first_line
 from bnfold.torch.checks import compare, exact_math
 from bnfold.torch.result import TorchFolded, save_bytes, save_module
 from bnfold.torch.running import Inputs, random_inputs

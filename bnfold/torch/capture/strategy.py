@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from bnfold.core.messages import first_line
+from bnfold.errors import first_line
 from bnfold.torch.capture.dataflow import Dataflow
 from bnfold.torch.capture.fx import fx_dataflow, trace
 from bnfold.torch.fold.layers import is_batchnorm, is_layer
