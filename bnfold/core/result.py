@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,7 +17,10 @@ class FoldedModel(Protocol):
     @property
     def model(self) -> Any: ...
 
-    def write(self, path: Path, **options: Any) -> list[Path]: ...
+    @property
+    def write(self) -> Callable[..., list[Path]]:
+        """``write(path, **options)``: the model written atomically to ``path``; the paths written (the options
+        are the front's own)."""
 
 
 class FoldResult:

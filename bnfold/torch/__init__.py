@@ -45,7 +45,7 @@ def fold_torch_file(
     input_path: str | PathLike[str],
     *,
     trust_pickle: bool = False,
-    input_shapes: Mapping[str, tuple[int, ...]] | Sequence[tuple[int, ...]] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None = None,
     export_onnx: str | PathLike[str] | None = None,
     verify: bool = True,
     allow_train_mode: bool = False,

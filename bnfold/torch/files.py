@@ -210,9 +210,9 @@ def compare_files(
         raise InputError(f"{Path(original_path).name} stores no example inputs: give input shapes "
                          "(--input-shape 1x3x224x224) to generate them")
     with exact_math(), torch.no_grad():
-        outputs = [_run(model, inputs, Path(path).name)
-                   for model, path in ((original, original_path), (candidate, candidate_path))]
-    return compare(*outputs, "pytorch")
+        expected = _run(original, inputs, Path(original_path).name)
+        got = _run(candidate, inputs, Path(candidate_path).name)
+    return compare(expected, got, "pytorch")
 
 
 def _run(model: Any, inputs: Inputs, name: str) -> Any:

@@ -55,7 +55,11 @@ def save_module(module: Any) -> Callable[[Path], None]:
 
 def save_bytes(data: bytes) -> Callable[[Path], None]:
     """Write bytes already serialized (and verified after loading them back)."""
-    return lambda path: path.write_bytes(data)
+
+    def save(path: Path) -> None:
+        path.write_bytes(data)
+
+    return save
 
 
 class _Plan(Protocol):
