@@ -24,3 +24,7 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     ``limit`` characters."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:limit]
+
+
+class InternalError(BnfoldError):
+    """A bug in bnfold, caught before anything was written; its message starts with "internal error"."""

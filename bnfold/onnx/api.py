@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import ModelProto
 
-from bnfold.core.report import BnRecord, FoldReport
+from bnfold.core.report import FoldReport
 from bnfold.core.result import FoldResult
-from bnfold.errors import BnfoldError, InputError, first_line
-from bnfold.onnx.fold.driver import fold_model, model_totals, totals
+from bnfold.errors import InputError
+from bnfold.onnx.fold.driver import model_totals, totals
 from bnfold.onnx.fold.patterns import (
-    ALL_PATTERNS,
     OPT_IN_PATTERNS,
     PATTERN_NAMES,
     STANDALONE_MODES,
     STANDALONE_PATTERNS,
 )
-from bnfold.onnx.graph.types import infer_types
-from bnfold.onnx.guard import FoldedModelCheck, Rejections, SiteKey, guarded, mark_guarded, repair
+from bnfold.onnx.session import FoldSession, ModelLike, Progress
 from bnfold.onnx.store import limits
-from bnfold.onnx.store.io import has_external_tensors, tensor_bytes
+from bnfold.onnx.store.io import has_external_tensors
 from bnfold.onnx.store.model_store import ModelStore
 
-ModelLike = ModelProto | str | os.PathLike[str]
 Inputs = Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | str | os.PathLike[str] | None
-Progress = Callable[[str, int, int], None]
 
 
 class OnnxFolded:
@@ -61,17 +55,6 @@ class OnnxFolded:
         return self.store.write(path, external_data=external_data, external_threshold=external_threshold)
 
 
-def _editable(model: ModelLike) -> ModelStore:
-    """A store of the model that bnfold may edit; the caller's proto or file is never modified. Read from a
-    path, large tensors stay on disk until a fold needs them (see :meth:`ModelStore.read`), so at most one
-    copy of what is folded is ever in memory."""
-    if isinstance(model, ModelProto):
-        return ModelStore.copy_of(model)
-    if isinstance(model, str | os.PathLike):
-        return ModelStore.read(model)
-    raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
-
-
 def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | None = None,
                      standalone: str | None = None) -> list[str]:
     """Validate pattern names (an unknown name is an error, never silently ignored).
@@ -88,28 +71,6 @@ def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | No
     if standalone is not None:
         chosen.append(STANDALONE_PATTERNS[standalone].name)
     return [name for name in PATTERN_NAMES if name in chosen and name not in skip_list]
-
-
-def _check(model: ModelLike, what: str) -> None:
-    """onnx's full check; from the file for a path, so external data and models over 2 GB are covered."""
-    if isinstance(model, ModelProto) and tensor_bytes(model) >= limits.PROTOBUF_LIMIT:
-        return  # a caller's proto this large cannot be serialized for the checker; folded ones are staged
-    try:
-        onnx.checker.check_model(model if isinstance(model, ModelProto) else os.fspath(model), full_check=True)
-    except Exception as error:  # noqa: BLE001 - besides ValidationError, the checker raises ValueError on bad data
-        raise InputError(f"{what} fails onnx.checker: {first_line(error)}") from None
-
-
-@contextlib.contextmanager
-def _blaming(original: ModelLike) -> Iterator[None]:
-    """Blame the input when it is invalid itself; anything else is bnfold's bug, and nothing is written."""
-    try:
-        yield
-    except BnfoldError:
-        raise
-    except Exception as error:
-        _check(original, "the input model")
-        raise BnfoldError(f"internal error while folding ({type(error).__name__}: {error})") from error
 
 
 def fold_onnx(
@@ -139,29 +100,11 @@ def fold_onnx(
     Raises :class:`bnfold.errors.InputError` for unusable input.
     """
     started = time.perf_counter()
-    enabled = enabled_patterns(only, skip, standalone)
-    original = model
-    unfolded = [_editable(model)]  # the model just read serves the first attempt; the guard's refolds read it again
+    session = FoldSession(model, enabled_patterns(only, skip, standalone), allow_overridable=allow_overridable,
+                          progress=progress)
     loaded = time.perf_counter()
-    before = model_totals(unfolded[0].proto)
-    with _blaming(original):
-        types = infer_types(unfolded[0].proto)  # every attempt folds the same model: one inference serves all
-        check = FoldedModelCheck(unfolded[0].proto, types, lambda: _editable(model).proto)
-
-    def attempt(rejected: Rejections) -> tuple[ModelStore, list[BnRecord]]:
-        working = unfolded.pop() if unfolded else _editable(model)
-        events: dict[SiteKey, str] = {}
-        with _blaming(original):
-            records = fold_model(working, guarded(ALL_PATTERNS, rejected, events), enabled,
-                                 allow_overridable=allow_overridable, progress=progress, types=types)
-        return working, mark_guarded(records, events)
-
-    folded, records = attempt({})
-    first_problem = check(folded)
-    if first_problem is not None:
-        _check(original, "the input model")
-        folded, records = repair(attempt, check, records, first_problem)
-    report = FoldReport(records, totals(before, model_totals(folded.proto)))
+    folded = session.fold()
+    report = FoldReport(folded.records, totals(session.before, model_totals(folded.store.proto)))
     report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
     if verify:
         # onnxruntime and onnx.reference: only when verifying
@@ -170,11 +113,11 @@ def fold_onnx(
         verified = time.perf_counter()
         # The folded model as it is: its weights where the fold left them, so none is written or copied.
         report.verification = verify_onnx(
-            original, folded, inputs=inputs, input_shapes=input_shapes,
+            session.original, folded.store, inputs=inputs, input_shapes=input_shapes,
             iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress,
         )
         report.seconds["verify"] = time.perf_counter() - verified
-    return FoldResult(OnnxFolded(folded), report)
+    return FoldResult(OnnxFolded(folded.store), report)
 
 
 def inspect_onnx(

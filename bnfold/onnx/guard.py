@@ -6,25 +6,29 @@ onnxruntime cannot load it (while it can load the original), :func:`repair` find
 refolding with some of them rejected, and returns the model with only those left unfolded. Every site the
 guard leaves is recorded with reason ``guard_rejected`` and a message naming the pattern.
 
-How the culprits are found: first each pattern's folds are applied on their own (the folds of every other
-pattern rejected); a pattern whose folds alone give a valid model is innocent. Within a guilty pattern the
-folds are bisected, applying half of them at a time, down to the single folds that break the model. That
-costs one refold per pattern plus about ``2 k log2(n)`` for ``k`` bad folds among ``n``. Folds that break
-the model only together are rejected pattern by pattern.
+How the culprits are found, in at most one refold per fold plus two:
+
+* by name: the checker and onnxruntime name the node at fault ("node name: conv2"); while a complaint names
+  the layer or batch norm of exactly one fold not yet rejected, that fold is rejected and the model refolded;
+* else one fold at a time: the folds are applied in the order they were made, each kept only if the model
+  with it and every fold kept before it is valid. A fold that breaks the model only together with earlier
+  ones is the one rejected.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import onnx
 from onnx import GraphProto, ModelProto
 
 from bnfold.core.affine import FoldRefused
 from bnfold.core.report import BnRecord
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError, InternalError, first_line
+from bnfold.onnx.fold.patterns.base import Pattern, Rewrite, Site
 from bnfold.onnx.graph.index import subgraphs
 from bnfold.onnx.graph.types import ValueType
 from bnfold.onnx.store.model_store import ModelStore, weightless
@@ -35,9 +39,19 @@ Signature = tuple[str, str, frozenset[int], frozenset[int]]
 
 # A fold site: (scope, node label), as BnRecord has them.
 SiteKey = tuple[str, str]
+# The sites a fold must leave, each with the message its record gets.
 Rejections = Mapping[SiteKey, str]
-# Folds the model with the given sites rejected; returns the folded model and its records.
-Attempt = Callable[[Rejections], tuple[ModelStore, list[BnRecord]]]
+
+
+class Folded(NamedTuple):
+    """A folded model and its records."""
+
+    store: ModelStore
+    records: list[BnRecord]
+
+
+# Folds the model again, with the given sites left.
+Attempt = Callable[[Rejections], Folded]
 # Why a folded model must not be written (first line of the checker's or onnxruntime's complaint), or None.
 Problem = Callable[[ModelStore], str | None]
 
@@ -150,15 +164,13 @@ class GuardedPattern:
     """``pattern`` with two guarantees: its plan never raises anything but :class:`FoldRefused` or a
     :class:`BnfoldError` about the input, and it plans nothing that touches a rejected site."""
 
-    def __init__(self, pattern: Any, rejected: Rejections, events: dict[SiteKey, str]) -> None:
+    def __init__(self, pattern: Pattern, rejected: Rejections, events: dict[SiteKey, str]) -> None:
+        self.name = pattern.name
         self._pattern = pattern
         self._rejected = rejected
         self._events = events
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pattern, name)
-
-    def plan(self, site: Any) -> Any:
+    def plan(self, site: Site) -> Rewrite | None:
         index = site.index
         anchor = (index.scope, index.node_label(site.anchor))
         try:
@@ -166,7 +178,7 @@ class GuardedPattern:
         except (FoldRefused, BnfoldError):
             raise
         except Exception as error:  # noqa: BLE001 - a crashing pattern costs its site, not the model
-            message = (f"internal error in pattern {self._pattern.name} ({type(error).__name__}: "
+            message = (f"internal error in pattern {self.name} ({type(error).__name__}: "
                        f"{first_line(error)}); left unfolded, please report it")
             self._events[anchor] = message
             raise FoldRefused(GUARD_REJECTED, message) from None
@@ -180,70 +192,83 @@ class GuardedPattern:
         return rewrite
 
 
-def guarded(patterns: Any, rejected: Rejections, events: dict[SiteKey, str]) -> list[GuardedPattern]:
-    return [GuardedPattern(pattern, rejected, events) for pattern in patterns]
+class Guard:
+    """The guard of one fold: every pattern guarded, and the sites the fold must leave."""
+
+    def __init__(self, patterns: Sequence[Pattern], rejected: Rejections) -> None:
+        self._rejected = rejected
+        self._events: dict[SiteKey, str] = {}
+        self.patterns = [GuardedPattern(pattern, rejected, self._events) for pattern in patterns]
+
+    def rejection(self, site: SiteKey) -> str | None:
+        """Why ``site`` must stay, or None; the driver does not even plan a rejected site."""
+        return self._rejected.get(site)
+
+    def marked(self, records: list[BnRecord]) -> list[BnRecord]:
+        """The records, with every site the guard refused that stayed unfolded given reason ``guard_rejected``
+        (the driver reports the first pattern's reason, which may be another pattern's refusal)."""
+        return [
+            record._replace(reason=GUARD_REJECTED, message=self._events[record_key(record)])
+            if record.status == "left" and record_key(record) in self._events else record
+            for record in records
+        ]
 
 
-def mark_guarded(records: list[BnRecord], events: Mapping[SiteKey, str]) -> list[BnRecord]:
-    """The records, with every site the guard refused that stayed unfolded given reason ``guard_rejected``
-    (the driver reports the first pattern's reason, which may be another pattern's refusal)."""
-    return [
-        record._replace(reason=GUARD_REJECTED, message=events[record_key(record)])
-        if record.status == "left" and record_key(record) in events else record
-        for record in records
-    ]
-
-
-def repair(attempt: Attempt, problem: Problem, records: list[BnRecord], first_problem: str
-           ) -> tuple[ModelStore, list[BnRecord]]:
+def repair(attempt: Attempt, problem: Problem, first: Folded, first_problem: str) -> Folded:
     """The model folded with the folds that make it invalid rejected (see the module docstring).
 
-    ``records`` are those of the invalid fold, whose problem was ``first_problem``. Raises
-    :class:`BnfoldError` (an internal error) if no set of rejections gives a valid model."""
-    folds: dict[str, list[SiteKey]] = {}
-    for record in records:
-        if record.status == "folded":
-            folds.setdefault(record.pattern or "?", []).append(record_key(record))
-    every_fold = [key for keys in folds.values() for key in keys]
-
-    def trial(applied: list[SiteKey]) -> str | None:
-        kept = set(applied)
-        model, _ = attempt({key: "" for key in every_fold if key not in kept})
-        return problem(model)
-
-    def message(pattern: str, why: str) -> str:
-        return (f"internal error: the rewrite of pattern {pattern} gave a model that {why}; "
-                f"left unfolded, please report it")
-
-    def culprits(pattern: str, keys: list[SiteKey], why: str) -> dict[SiteKey, str]:
-        """The folds among ``keys`` (which together give a model that ``why``) that break the model alone;
-        all of ``keys`` if only their combination does."""
-        found: dict[SiteKey, str] = {}
-        if len(keys) > 1:
-            for half in (keys[: len(keys) // 2], keys[len(keys) // 2:]):
-                half_problem = trial(half)
-                if half_problem is not None:
-                    found |= culprits(pattern, half, half_problem)
-        return found or {key: message(pattern, why) for key in keys}
-
-    guilty: dict[str, str] = {}
+    ``first`` is the invalid fold, whose problem was ``first_problem``. Raises :class:`InternalError` if the
+    model is invalid with every fold rejected."""
+    folds = {record_key(record): record for record in first.records if record.status == "folded"}
     rejected: dict[SiteKey, str] = {}
-    for pattern, keys in folds.items():
-        pattern_problem = first_problem if len(folds) == 1 else trial(keys)
-        if pattern_problem is not None:
-            guilty[pattern] = pattern_problem
-            rejected |= culprits(pattern, keys, pattern_problem)
-    fallbacks = [
-        rejected,
-        {key: message(pattern, why) for pattern, why in guilty.items() for key in folds[pattern]},
-        {key: message(pattern, first_problem) for pattern, keys in folds.items() for key in keys},
-    ]
-    last_problem: str | None = first_problem
-    for candidate in fallbacks:
-        if not candidate:
-            continue
-        model, refolded = attempt(candidate)
-        last_problem = problem(model)
-        if last_problem is None:
-            return model, refolded
-    raise BnfoldError(f"internal error: the folded model {last_problem}")
+    latest = first
+    why: str | None = first_problem
+    while why is not None:
+        named = [key for key in _named(why, folds) if key not in rejected]
+        if len(named) != 1:
+            break
+        rejected[named[0]] = _message(folds[named[0]], why)
+        latest = attempt(rejected)
+        why = problem(latest.store)
+    if why is None:
+        return latest
+    return _one_at_a_time(attempt, problem, folds)
+
+
+def _one_at_a_time(attempt: Attempt, problem: Problem, folds: Mapping[SiteKey, BnRecord]) -> Folded:
+    def applying(kept: list[SiteKey]) -> str | None:
+        trial = attempt({key: "" for key in folds if key not in kept})
+        return problem(trial.store)
+
+    unfolded_problem = applying([])
+    if unfolded_problem is not None:
+        raise InternalError(f"internal error: the folded model {unfolded_problem} with every fold left")
+    kept: list[SiteKey] = []
+    rejected: dict[SiteKey, str] = {}
+    for key, record in folds.items():
+        why = applying([*kept, key])
+        if why is None:
+            kept.append(key)
+        else:
+            rejected[key] = _message(record, why)
+    repaired = attempt(rejected)
+    why = problem(repaired.store)
+    if why is not None:
+        raise InternalError(f"internal error: the folded model {why}")
+    return repaired
+
+
+def _named(complaint: str, folds: Mapping[SiteKey, BnRecord]) -> list[SiteKey]:
+    """The folds whose batch norm or layer ``complaint`` names."""
+    return [key for key, record in folds.items()
+            if any(_mentions(complaint, label) for label in (record.bn, record.into) if label)]
+
+
+def _mentions(text: str, label: str) -> bool:
+    # A label ends where a name could not go on: "conv1" is not named in "conv10", but it is in "conv1.bias".
+    return re.search(rf"(?<![\w/-]){re.escape(label)}(?![\w/-])", text) is not None
+
+
+def _message(record: BnRecord, why: str) -> str:
+    return (f"internal error: the rewrite of pattern {record.pattern or '?'} gave a model that {why}; "
+            f"left unfolded, please report it")

@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import bnfold.onnx.guard
-from bnfold import BnfoldError, fold_onnx
+from bnfold import fold_onnx
 from bnfold.cli import main
+from bnfold.errors import InternalError
 from bnfold.onnx.fold.patterns.forward import ConvBn
 from bnfold.onnx.guard import GUARD_REJECTED
 from tests.support.graphs import GraphBuilder, assert_equivalent, count_ops
@@ -143,7 +144,7 @@ def test_the_cli_warns_on_stderr_and_writes_the_repaired_model(monkeypatch, tmp_
 
 def test_when_no_rejection_gives_a_valid_model_nothing_is_written(monkeypatch, tmp_path):
     monkeypatch.setattr(bnfold.onnx.guard.FoldedModelCheck, "__call__", lambda self, candidate: "fails (injected)")
-    with pytest.raises(BnfoldError, match="^internal error"):
+    with pytest.raises(InternalError, match="^internal error"):
         fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False)
     source, out = tmp_path / "model.onnx", tmp_path / "out.onnx"
     onnx.save(model_with_three_conv_bns_and_a_gemm_bn(), source)

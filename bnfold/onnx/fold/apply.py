@@ -1,111 +1,21 @@
-"""Folding at one site: every pattern may plan a rewrite, the first enabled one is applied and recorded;
-a batch norm nothing folds is recorded with every reason the patterns gave."""
+"""Applying a planned :class:`Rewrite` to the graph: the one place a fold edits it. Which rewrite to apply,
+and what to record, the driver (:mod:`bnfold.onnx.fold.driver`) decides."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import NodeProto
 
-from bnfold.core.affine import FoldRefused, ScaledWeight, cast_checked
-from bnfold.core.report import BnRecord
-from bnfold.onnx.fold.batchnorm import batchnorm_affine
-from bnfold.onnx.fold.patterns import OPT_IN_PATTERNS
-from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Elementwise, Pattern, Rewrite, Site, TensorUpdate
-from bnfold.onnx.fold.patterns.runs import is_batchnorm
+from bnfold.core.affine import ScaledWeight, cast_checked
+from bnfold.onnx.fold.patterns.base import Elementwise, Rewrite, TensorUpdate
 from bnfold.onnx.graph.index import GraphIndex
 from bnfold.onnx.store.deferred import cast_deferred
 from bnfold.onnx.store.held import HeldValue
 
-__all__ = ["fold_node", "is_batchnorm"]
 
-
-def fold_node(anchor: NodeProto, index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str]) -> list[BnRecord]:
-    """Fold the run at ``anchor`` (a batch norm, or a Mul/Add/Sub/Div by a constant); its records.
-
-    Only batch norms are recorded when they stay: an elementwise node that does not fold is not news."""
-    label = index.node_label(anchor)
-    # Planning never edits the graph, so a batch norm's map read once holds until a rewrite is applied.
-    index.batchnorm_affines.clear()
-    if is_batchnorm(anchor):
-        try:
-            batchnorm_affine(anchor, index)
-        except FoldRefused as refusal:
-            return [BnRecord(label, "left", refusal.message, reason=refusal.code, scope=index.scope)]
-    site = Site(anchor, index, AFFINE_CHAIN in enabled)
-    refusals: list[FoldRefused] = []
-    for pattern in patterns:
-        try:
-            rewrite = pattern.plan(site)
-            if rewrite is None:
-                continue
-            if rewrite.run.batchnorms and rewrite.pattern not in enabled:
-                raise FoldRefused("pattern_disabled", f"pattern {rewrite.pattern} is disabled by the options")
-            records = _records(rewrite, index, refusals)
-            index.batchnorm_affines.clear()
-            _apply(rewrite, index, label)
-        except FoldRefused as refusal:
-            refusals.append(refusal)
-            continue
-        return records
-    if not is_batchnorm(anchor):
-        return []
-    if not refusals:
-        refusals.append(_no_neighbour(anchor, index, enabled))
-    message = "; ".join(dict.fromkeys(r.message for r in refusals))
-    return [BnRecord(label, "left", message, reason=refusals[0].code, scope=index.scope)]
-
-
-def _no_neighbour(bn: NodeProto, index: GraphIndex, enabled: set[str]) -> FoldRefused:
-    producer = index.producers.get(bn.input[0])
-    source = "a graph input" if producer is None else f"a {producer.op_type} node"
-    readers = sorted({r.op_type for r in index.users(bn.output[0])})
-    targets = [f"{'/'.join(readers)} node(s)"] if readers else []
-    if index.is_graph_output(bn.output[0]):
-        targets.append("the graph output")
-    target = " and ".join(targets) or "nothing"
-    hint = "" if enabled & set(OPT_IN_PATTERNS) else (
-        " (the --standalone option rewrites it: mul-add as Mul + Add, conv as a depthwise Conv)")
-    return FoldRefused(
-        "no_linear_producer",
-        f"its input comes from {source} and its output goes to {target}, none a linear layer it folds into{hint}",
-    )
-
-
-def _records(rewrite: Rewrite, index: GraphIndex, refusals: list[FoldRefused]) -> list[BnRecord]:
-    """The records of ``rewrite``, labelled before it renames anything."""
-    run = rewrite.run
-    if rewrite.target is None:
-        into = " + ".join(op.op_type for op in rewrite.replacement)
-    else:
-        into = index.node_label(rewrite.target)
-    absorbed = [index.node_label(n) for n in run.nodes if not is_batchnorm(n)]
-    if rewrite.target is None:
-        kinds = {"Mul + Add": "one Mul and one Add", "Conv": "one depthwise 1x1 Conv"}
-        message = f"rewritten as {kinds.get(into, into)}"
-        if refusals:
-            message += f" ({refusals[0].message})"
-    else:
-        message = f"folded into {into}"
-    if run.batchnorms and absorbed:
-        message += f" together with {', '.join(absorbed)}"
-    if rewrite.note:
-        message += f"; {rewrite.note}"
-    if run.batchnorms:
-        return [
-            BnRecord(index.node_label(bn), "folded", message, pattern=rewrite.pattern, into=into, scope=index.scope)
-            for bn in run.batchnorms
-        ]
-    return [
-        BnRecord(index.node_label(node), "folded", message, pattern=AFFINE_CHAIN, into=into, scope=index.scope,
-                 op_type=node.op_type)
-        for node in run.nodes
-    ]
-
-
-def _apply(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
+def apply_rewrite(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
+    """Edit the graph as ``rewrite`` says; ``label`` names the site in an overflow refusal (``FoldRefused``)."""
     # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched.
     updates = [_cast_update(u, f"{u.role} for {label}") for u in rewrite.updates]
     replacement = [

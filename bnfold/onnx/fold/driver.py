@@ -1,20 +1,25 @@
-"""The fold driver: walk the model's graphs and hand every batch norm to :func:`fold_node`; model totals."""
+"""The fold driver: it decides. It folds every graph the traversal hands it, visiting each batch norm (and
+affine node) in turn, asks the patterns to plan a rewrite there, has the first enabled one applied
+(:mod:`bnfold.onnx.fold.apply`) and records what was folded, what was left and why; model totals."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import onnx
-from onnx import ModelProto
+from onnx import ModelProto, NodeProto
 
+from bnfold.core.affine import FoldRefused
 from bnfold.core.report import BnRecord, Totals
-from bnfold.onnx.fold.apply import fold_node, is_batchnorm
+from bnfold.onnx.fold.apply import apply_rewrite
+from bnfold.onnx.fold.batchnorm import batchnorm_affine
 from bnfold.onnx.fold.patterns import OPT_IN_PATTERNS
-from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Pattern
-from bnfold.onnx.fold.patterns.runs import is_link
-from bnfold.onnx.fold.traversal import fold_all_graphs
+from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Pattern, Rewrite, Site
+from bnfold.onnx.fold.patterns.runs import is_batchnorm, is_link
+from bnfold.onnx.fold.traversal import GraphFold, graphs_to_fold
 from bnfold.onnx.graph.index import GraphIndex, subgraphs
 from bnfold.onnx.graph.types import ValueType
+from bnfold.onnx.guard import GUARD_REJECTED, Guard
 from bnfold.onnx.store.external import payload_bytes
 from bnfold.onnx.store.model_store import ModelStore
 
@@ -23,23 +28,31 @@ Progress = Callable[[str, int, int], None]
 
 def fold_model(
     store: ModelStore,
-    patterns: Sequence[Pattern],
+    guard: Guard,
     enabled: Iterable[str],
     *,
     allow_overridable: bool = False,
     progress: Progress | None = None,
     types: Mapping[str, ValueType],
 ) -> list[BnRecord]:
-    """Fold ``store``'s model in place: its main graph, every subgraph and every model-local function (see
-    :mod:`bnfold.onnx.fold.traversal`). One record per batch norm; those of subgraphs and functions carry
-    their ``scope``. ``types`` are ``types.infer_types(model)``."""
+    """Fold ``store``'s model in place with ``guard``'s patterns: its main graph, every subgraph and every
+    model-local function (see :mod:`bnfold.onnx.fold.traversal`). One record per batch norm; those of
+    subgraphs and functions carry their ``scope``. ``types`` are ``types.infer_types(model)``."""
     chosen = set(enabled)
     overall = _OverallProgress(progress, model_totals(store.proto)[0]) if progress is not None else None
+    graphs: list[GraphFold] = []
+    for graph in graphs_to_fold(store, allow_overridable=allow_overridable, types=types):
+        if graph.left_because is None:
+            graph.records = fold_graph(graph.index, guard, chosen, overall.graph() if overall is not None else None)
+        else:
+            graph.records = _all_left(graph.index, graph.left_because)
+        graphs.append(graph)
+    return [record for graph in sorted(graphs, key=lambda graph: graph.order) for record in graph.records]
 
-    def fold_one(index: GraphIndex) -> list[BnRecord]:
-        return fold_graph(index, patterns, chosen, overall.graph() if overall is not None else None)
 
-    return fold_all_graphs(store, fold_one, allow_overridable=allow_overridable, types=types)
+def _all_left(index: GraphIndex, refusal: FoldRefused) -> list[BnRecord]:
+    return [BnRecord(index.node_label(node), "left", refusal.message, reason=refusal.code, scope=index.scope)
+            for node in index.nodes if is_batchnorm(node)]
 
 
 class _OverallProgress:
@@ -61,13 +74,13 @@ class _OverallProgress:
 
 
 def fold_graph(
-    index: GraphIndex, patterns: Sequence[Pattern], enabled: set[str], progress: Progress | None = None
+    index: GraphIndex, guard: Guard, enabled: set[str], progress: Progress | None = None
 ) -> list[BnRecord]:
     """Fold the affine runs of one graph, visiting batch norms (and, with ``affine-chain``, Mul/Add/Sub/Div
     by constants) in graph order, so a later node of a chain sees the earlier folds, and sweeping again while
     a sweep folds anything. Opt-in patterns take part only when enabled by name."""
     chains = AFFINE_CHAIN in enabled
-    active = [p for p in patterns if p.name in enabled or p.name not in OPT_IN_PATTERNS]
+    active = [p for p in guard.patterns if p.name in enabled or p.name not in OPT_IN_PATTERNS]
     anchors = [node for node in index.nodes if is_link(node, index, chains)]
     total = sum(is_batchnorm(node) for node in anchors)  # progress counts batch norms, as the model totals do
     records = _Records()
@@ -76,7 +89,7 @@ def fold_graph(
         counted = is_batchnorm(anchor)
         # Earlier folds may have removed this node, or rewritten it into a node they placed.
         if not index.is_removed(anchor) and id(anchor) not in index.placed:
-            records.add(fold_node(anchor, index, active, enabled))
+            records.add(fold_node(anchor, index, guard, active, enabled))
         done += counted
         if progress is not None and counted:
             progress("fold", done, total)
@@ -90,11 +103,99 @@ def fold_graph(
         index.placed.clear()
         for node in [n for n in index.nodes if is_link(n, index, chains)]:
             if not index.is_removed(node) and id(node) not in index.placed:
-                records.add(fold_node(node, index, active, enabled))
+                records.add(fold_node(node, index, guard, active, enabled))
     return records.in_order
 
 
 _MAX_SWEEPS = 32
+
+
+def fold_node(anchor: NodeProto, index: GraphIndex, guard: Guard, patterns: Sequence[Pattern], enabled: set[str]
+              ) -> list[BnRecord]:
+    """Fold the run at ``anchor`` (a batch norm, or a Mul/Add/Sub/Div by a constant); its records.
+
+    Only batch norms are recorded when they stay: an elementwise node that does not fold is not news."""
+    label = index.node_label(anchor)
+    rejection = guard.rejection((index.scope, label))
+    if rejection is not None:
+        left = BnRecord(label, "left", rejection, reason=GUARD_REJECTED, scope=index.scope)
+        return [left] if is_batchnorm(anchor) else []
+    # Planning never edits the graph, so a batch norm's map read once holds until a rewrite is applied.
+    index.batchnorm_affines.clear()
+    if is_batchnorm(anchor):
+        try:
+            batchnorm_affine(anchor, index)
+        except FoldRefused as refusal:
+            return [BnRecord(label, "left", refusal.message, reason=refusal.code, scope=index.scope)]
+    site = Site(anchor, index, AFFINE_CHAIN in enabled)
+    refusals: list[FoldRefused] = []
+    for pattern in patterns:
+        try:
+            rewrite = pattern.plan(site)
+            if rewrite is None:
+                continue
+            if rewrite.run.batchnorms and rewrite.pattern not in enabled:
+                raise FoldRefused("pattern_disabled", f"pattern {rewrite.pattern} is disabled by the options")
+            records = _records(rewrite, index, refusals)
+            index.batchnorm_affines.clear()
+            apply_rewrite(rewrite, index, label)
+        except FoldRefused as refusal:
+            refusals.append(refusal)
+            continue
+        return records
+    if not is_batchnorm(anchor):
+        return []
+    if not refusals:
+        refusals.append(_no_neighbour(anchor, index, enabled))
+    message = "; ".join(dict.fromkeys(r.message for r in refusals))
+    return [BnRecord(label, "left", message, reason=refusals[0].code, scope=index.scope)]
+
+
+def _no_neighbour(bn: NodeProto, index: GraphIndex, enabled: set[str]) -> FoldRefused:
+    producer = index.producers.get(bn.input[0])
+    source = "a graph input" if producer is None else f"a {producer.op_type} node"
+    readers = sorted({r.op_type for r in index.users(bn.output[0])})
+    targets = [f"{'/'.join(readers)} node(s)"] if readers else []
+    if index.is_graph_output(bn.output[0]):
+        targets.append("the graph output")
+    target = " and ".join(targets) or "nothing"
+    hint = "" if enabled & set(OPT_IN_PATTERNS) else (
+        " (the --standalone option rewrites it: mul-add as Mul + Add, conv as a depthwise Conv)")
+    return FoldRefused(
+        "no_linear_producer",
+        f"its input comes from {source} and its output goes to {target}, none a linear layer it folds into{hint}",
+    )
+
+
+def _records(rewrite: Rewrite, index: GraphIndex, refusals: list[FoldRefused]) -> list[BnRecord]:
+    """The records of ``rewrite``, labelled before it renames anything."""
+    run = rewrite.run
+    if rewrite.target is None:
+        into = " + ".join(op.op_type for op in rewrite.replacement)
+    else:
+        into = index.node_label(rewrite.target)
+    absorbed = [index.node_label(n) for n in run.nodes if not is_batchnorm(n)]
+    if rewrite.target is None:
+        kinds = {"Mul + Add": "one Mul and one Add", "Conv": "one depthwise 1x1 Conv"}
+        message = f"rewritten as {kinds.get(into, into)}"
+        if refusals:
+            message += f" ({refusals[0].message})"
+    else:
+        message = f"folded into {into}"
+    if run.batchnorms and absorbed:
+        message += f" together with {', '.join(absorbed)}"
+    if rewrite.note:
+        message += f"; {rewrite.note}"
+    if run.batchnorms:
+        return [
+            BnRecord(index.node_label(bn), "folded", message, pattern=rewrite.pattern, into=into, scope=index.scope)
+            for bn in run.batchnorms
+        ]
+    return [
+        BnRecord(index.node_label(node), "folded", message, pattern=AFFINE_CHAIN, into=into, scope=index.scope,
+                 op_type=node.op_type)
+        for node in run.nodes
+    ]
 
 
 class _Records:

@@ -6,12 +6,12 @@ fold, and folds runs of them without a batch norm. Opt-in units run only when as
 """
 
 from bnfold.onnx.fold.patterns.backward import BACKWARD_PATTERNS
-from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN
+from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Pattern
 from bnfold.onnx.fold.patterns.forward import FORWARD_PATTERNS
 from bnfold.onnx.fold.patterns.standalone import STANDALONE_MODES, STANDALONE_PATTERNS
 
 STANDALONE = tuple(STANDALONE_PATTERNS.values())
-ALL_PATTERNS = (*FORWARD_PATTERNS, *BACKWARD_PATTERNS, *STANDALONE)
+ALL_PATTERNS: tuple[Pattern, ...] = (*FORWARD_PATTERNS, *BACKWARD_PATTERNS, *STANDALONE)
 PATTERN_NAMES = (*(p.name for p in FORWARD_PATTERNS + BACKWARD_PATTERNS), AFFINE_CHAIN, *(p.name for p in STANDALONE))
 OPT_IN_PATTERNS = tuple(p.name for p in STANDALONE)
 
