@@ -276,11 +276,12 @@ def render(results: dict[str, Any]) -> str:
         "- **Disk full.** Simulated by a writer that stores half and fails with ENOSPC, by an fsync that "
         "fails, and (as root) by a 64 KiB tmpfs: `OutputError`, exit 2, the previous output intact.",
         "- **Per-pattern guard.** A folded model that fails `onnx.checker` (full check) or that onnxruntime "
-        "cannot load while it loads the original is never written. bnfold refolds with each pattern's folds "
-        "alone, bisects the guilty pattern's folds down to the ones that break the model, and leaves exactly "
-        "those unfolded with reason `guard_rejected` and a message naming the pattern (the command also warns "
-        "on stderr); a pattern that raises is contained the same way. If no set of rejections gives a valid "
-        "model, it is an internal error (exit 3) and nothing is written. In this run the guard rejected "
+        "cannot load while it loads the original is never written. bnfold refolds, at most once per fold, "
+        "leaving the fold the complaint names or else keeping the folds one at a time, and leaves exactly "
+        "those that break the model unfolded with reason `guard_rejected` and a message naming the pattern "
+        "(the command also warns on stderr); a pattern that raises is contained the same way. If no set of "
+        "rejections gives a valid model, it is an internal error (exit 3) and nothing is written. In this run "
+        "the guard rejected "
         f"{refusals} fold(s) of {counts.get('batch norms', 0)} batch norms.",
         "",
         "## Random graphs",
