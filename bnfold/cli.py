@@ -112,7 +112,7 @@ def _is_torch_file(path: Path) -> bool:
 
 # Options that mean something for one kind of input only; given for the other kind, they are refused.
 _ONNX_ONLY = {"only", "skip", "standalone", "allow_overridable", "external_data", "external_threshold", "inputs",
-              "iterations", "seed", "rtol", "atol"}
+              "iterations", "seed"}
 _TORCH_ONLY = {"trust_pickle", "export_onnx", "allow_train_mode"}
 
 
@@ -234,7 +234,8 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
         from bnfold import fold_torch_file
 
         result = fold_torch_file(source, trust_pickle=trust_pickle, input_shapes=shapes, export_onnx=export_onnx,
-                                 verify=verify, allow_train_mode=allow_train_mode, progress=_status(not as_json))
+                                 verify=verify, allow_train_mode=allow_train_mode, rtol=rtol, atol=atol,
+                                 progress=_status(not as_json))
         write_options: dict[str, Any] = {"overwrite_input": overwrite_input}
     else:
         result = fold_onnx(source, verify=verify, only=only, skip=skip, standalone=standalone,
@@ -306,7 +307,8 @@ def verify(original: str, candidate: str, trust_pickle: bool, inputs: str | None
         require_torch()
         from bnfold.torch.files import compare_files
 
-        checked = compare_files(original, candidate, trust_pickle=trust_pickle, input_shapes=shapes)
+        checked = compare_files(original, candidate, trust_pickle=trust_pickle, input_shapes=shapes, rtol=rtol,
+                                atol=atol)
         _emit(as_json, checked.to_dict, checked.render)
         sys.exit(EXIT_OK if checked.passed else EXIT_NOT_EQUIVALENT)
     from bnfold.onnx.verify.verify import verify_onnx

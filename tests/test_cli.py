@@ -323,6 +323,8 @@ def test_inspect_and_verify_take_torch_files_with_the_onnx_json_keys(model_path,
     assert json.loads(same.output).keys() == onnx_keys and json.loads(same.output)["passed"] is True
     wrong = invoke("verify", source, _pt2(tmp_path, "wrong.pt2", scale=1.01), "--input-shape", "1x3x8x8")
     assert wrong.exit_code == 1 and "FAILED" in wrong.output
+    loose = invoke("verify", source, tmp_path / "wrong.pt2", "--input-shape", "1x3x8x8", "--atol", "1e9")
+    assert loose.exit_code == 0, "--rtol/--atol are one rule for both fronts"
     too_big = CliRunner().invoke(main, ["verify", str(source), str(folded), "--input-shape", "2x3x8x8"])
     assert too_big.exit_code == 2 and too_big.output.count("\n") == 1 and "does not run" in too_big.output
     mixed = CliRunner().invoke(main, ["verify", str(model_path), str(source)])

@@ -33,7 +33,8 @@ def fold_module(
     weights/biases updated; with ``inplace=False`` the original is left untouched. Options:
     ``allow_train_mode`` (fold a train-mode model as its eval-mode behaviour), ``input_shapes``
     (generate example inputs), ``verify`` (compare outputs, default True when inputs exist),
-    ``export_onnx`` (path: export the folded model and check it under onnxruntime), ``progress``.
+    ``export_onnx`` (path: export the folded model and check it under onnxruntime), ``rtol``/``atol``
+    (the verification's tolerances, as :func:`bnfold.fold_onnx` takes them), ``progress``.
     """
     require_torch()
     from bnfold.torch.fold.module import fold_module as fold
@@ -49,6 +50,8 @@ def fold_torch_file(
     export_onnx: str | PathLike[str] | None = None,
     verify: bool = True,
     allow_train_mode: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> FoldResult:
     """Fold a ``.pt2`` program, a TorchScript file or (with ``trust_pickle``) a pickled module.
@@ -62,5 +65,6 @@ def fold_torch_file(
 
     return fold_file(
         input_path, trust_pickle=trust_pickle, input_shapes=input_shapes,
-        export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode, progress=progress,
+        export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode, rtol=rtol, atol=atol,
+        progress=progress,
     )

@@ -15,9 +15,11 @@ from torch.utils._pytree import tree_flatten
 from bnfold.core.compare import OutputComparison, VerifyReport, compare_output, failed_output
 
 
-def compare(reference: Any, candidate: Any, engine: str) -> VerifyReport:
+def compare(reference: Any, candidate: Any, engine: str, rtol: float | None = None,
+            atol: float | None = None) -> VerifyReport:
     """``candidate``'s outputs (any nesting of tensors and plain values) against ``reference``'s, from one run
-    under ``engine``: tensors by the rule, anything else by equality."""
+    under ``engine``: tensors by the rule (``rtol``/``atol`` as :func:`compare_output` takes them), anything
+    else by equality."""
     expected, expected_spec = tree_flatten(reference)
     actual, actual_spec = tree_flatten(candidate)
     if expected_spec != actual_spec or len(expected) != len(actual):
@@ -25,13 +27,14 @@ def compare(reference: Any, candidate: Any, engine: str) -> VerifyReport:
     report = VerifyReport([], 1, engine)
     for position, (want, got) in enumerate(zip(expected, actual, strict=True)):
         if isinstance(want, torch.Tensor):
-            report.outputs.append(compare_tensor(f"output {position}", want, got, report.notes))
+            report.outputs.append(compare_tensor(f"output {position}", want, got, report.notes, rtol, atol))
         elif want != got:
             report.problem = f"output {position} differs: {want!r} != {got!r}"
     return report
 
 
-def compare_tensor(name: str, want: torch.Tensor, got: Any, notes: list[str]) -> OutputComparison:
+def compare_tensor(name: str, want: torch.Tensor, got: Any, notes: list[str], rtol: float | None = None,
+                   atol: float | None = None) -> OutputComparison:
     """One output: ``got`` (a tensor or an array) against ``want``; why it fails whole goes to ``notes``."""
     reference = as_numpy(want)
     if isinstance(got, torch.Tensor):
@@ -39,7 +42,7 @@ def compare_tensor(name: str, want: torch.Tensor, got: Any, notes: list[str]) ->
     if not isinstance(got, np.ndarray):
         notes.append(f"output '{name}': the candidate returns {type(got).__name__}, not a tensor")
         return failed_output(name, reference.dtype.name, list(reference.shape), reference.size)
-    return compare_output(name, [reference], [got], notes=notes)
+    return compare_output(name, [reference], [got], rtol=rtol, atol=atol, notes=notes)
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:

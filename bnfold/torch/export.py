@@ -20,7 +20,8 @@ from bnfold.torch.checks import compare_tensor
 from bnfold.torch.running import Inputs
 
 
-def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.PathLike[str]) -> VerifyReport:
+def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.PathLike[str],
+                     rtol: float | None = None, atol: float | None = None) -> VerifyReport:
     """Write ``model`` as ONNX to ``path`` (atomically) and compare onnxruntime's outputs to ``reference``."""
     from bnfold.core.runtime import unoptimized_session
 
@@ -40,7 +41,7 @@ def export_and_check(model: Any, inputs: Inputs, reference: Any, path: str | os.
         result.problem = f"the ONNX model has {len(outputs)} outputs, PyTorch {len(tensors)}"
         return result
     for position, (want, got) in enumerate(zip(tensors, outputs, strict=True)):
-        result.outputs.append(compare_tensor(f"output {position}", want, np.asarray(got), result.notes))
+        result.outputs.append(compare_tensor(f"output {position}", want, np.asarray(got), result.notes, rtol, atol))
     return result
 
 

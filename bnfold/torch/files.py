@@ -58,6 +58,8 @@ def fold_file(
     export_onnx: str | os.PathLike[str] | None = None,
     verify: bool = True,
     allow_train_mode: bool = False,
+    rtol: float | None = None,
+    atol: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> FoldResult:
     source = Path(input_path)
@@ -71,12 +73,14 @@ def fold_file(
         folded, report = fold(
             source, trust_pickle=trust_pickle, input_shapes=input_shapes,
             export_onnx=None if export_onnx is None else Path(export_onnx), verify=verify,
-            allow_train_mode=allow_train_mode, say=say,
+            allow_train_mode=allow_train_mode, tolerance={"rtol": rtol, "atol": atol}, say=say,
         )
     return FoldResult(folded, report)
 
 
-def _fold_pt2(source: Path, *, input_shapes, export_onnx, verify, say, **_: Any) -> tuple[TorchFolded, FoldReport]:
+def _fold_pt2(
+    source: Path, *, input_shapes, export_onnx, verify, tolerance, say, **_: Any
+) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.exported import fold_exported
 
     program = _load(lambda: torch.export.load(str(source)), source, "a torch.export program")
@@ -88,17 +92,18 @@ def _fold_pt2(source: Path, *, input_shapes, export_onnx, verify, say, **_: Any)
     checks = []
     if verify and reference is not None:
         reloaded = torch.export.load(io.BytesIO(saved))
-        checks.append(compare(reference, reloaded.module()(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))  # type: ignore[union-attr]
+        folded_outputs = reloaded.module()(*inputs.args, **inputs.kwargs)  # type: ignore[union-attr]
+        checks.append(compare(reference, folded_outputs, "pytorch (saved file)", **tolerance))
     if export_onnx is not None and inputs is not None:
         from bnfold.torch.export import export_and_check
 
-        checks.append(export_and_check(program, inputs, reference, export_onnx))
+        checks.append(export_and_check(program, inputs, reference, export_onnx, **tolerance))
     _attach(report, checks)
     return TorchFolded(program, save_bytes(saved), source), report
 
 
 def _fold_torchscript(
-    source: Path, *, input_shapes, export_onnx, verify, allow_train_mode, say, **_: Any
+    source: Path, *, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say, **_: Any
 ) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.scripted import fold_scripted
 
@@ -117,24 +122,24 @@ def _fold_torchscript(
     reloaded = torch.jit.load(io.BytesIO(saved), map_location="cpu")
     checks = []
     if verify and inputs is not None:
-        checks.append(compare(reference, reloaded(*inputs.args, **inputs.kwargs), "pytorch (saved file)"))
+        checks.append(compare(reference, reloaded(*inputs.args, **inputs.kwargs), "pytorch (saved file)", **tolerance))
     if export_onnx is not None and inputs is not None:
         from bnfold.torch.export import export_and_check
 
-        checks.append(export_and_check(reloaded, inputs, reference, export_onnx))
+        checks.append(export_and_check(reloaded, inputs, reference, export_onnx, **tolerance))
     _attach(report, checks)
     return TorchFolded(reloaded, save_bytes(saved), source), report
 
 
 def _fold_pickle(
-    source: Path, *, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, say,
+    source: Path, *, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say,
 ) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.module import fold_module
 
     model = _load_pickle(source, trust_pickle)
     result = fold_module(
         model, None, inplace=True, allow_train_mode=allow_train_mode, input_shapes=input_shapes,
-        verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say,
+        verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say, **tolerance,
     )
     return TorchFolded(result.model, save_module(result.model), source), result.report
 
@@ -201,6 +206,8 @@ def compare_files(
     *,
     trust_pickle: bool = False,
     input_shapes: Shapes | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> VerifyReport:
     """Run two PyTorch files (any of the formats :func:`fold_file` reads) on the same inputs and compare
     their outputs: generated for ``input_shapes``, else the example inputs the original ``.pt2`` stores."""
@@ -212,7 +219,7 @@ def compare_files(
     with exact_math(), torch.no_grad():
         expected = _run(original, inputs, Path(original_path).name)
         got = _run(candidate, inputs, Path(candidate_path).name)
-    return compare(expected, got, "pytorch")
+    return compare(expected, got, "pytorch", rtol, atol)
 
 
 def _run(model: Any, inputs: Inputs, name: str) -> Any:

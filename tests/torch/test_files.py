@@ -220,7 +220,7 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
 def test_failed_verification_is_a_verdict_and_nothing_is_written_until_asked(tmp_path: Path, monkeypatch) -> None:
     import bnfold.torch.files
 
-    def wrong(reference, candidate, target):
+    def wrong(reference, candidate, target, **_tolerance):
         return VerifyReport([], 1, target, problem="forced to fail")
 
     monkeypatch.setattr(bnfold.torch.files, "compare", wrong)
@@ -245,3 +245,10 @@ def test_one_result_type_for_every_front(tmp_path: Path) -> None:
     exported = bnfold.fold_torch_file(source)
     assert isinstance(exported, bnfold.FoldResult)
     assert isinstance(exported.model, torch.export.ExportedProgram)
+
+
+def test_tolerances_reach_the_pytorch_verification(tmp_path: Path) -> None:
+    source = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(randomize(TwoBlocks()).eval(), (torch.randn(1, 4, 5, 5),)), str(source))
+    checked = fold_torch_file(source, rtol=0.25, atol=0.5).report.verification.to_dict()
+    assert [(o["rtol"], o["atol"]) for o in checked["outputs"]] == [(0.25, 0.5)]

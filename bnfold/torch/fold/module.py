@@ -45,6 +45,8 @@ def fold_module(
     input_shapes: Mapping[str, Sequence[int]] | Sequence[Sequence[int]] | None = None,
     verify: bool = True,
     export_onnx: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     progress: Progress | None = None,
 ) -> FoldResult:
     """Fold every provably foldable batch norm of ``module``; see the package docstring."""
@@ -85,13 +87,13 @@ def fold_module(
         checks: list[VerifyReport] = []
         if verify and observation is not None:
             say("verifying the folded model")
-            checks.append(compare(observation.outputs, call(work, inputs), "pytorch"))  # type: ignore[arg-type]  # observed: inputs given
+            checks.append(compare(observation.outputs, call(work, inputs), "pytorch", rtol, atol))  # type: ignore[arg-type]  # observed: inputs given
         if export_onnx is not None:
             from bnfold.torch.export import export_and_check
 
             say("exporting to ONNX and checking it under onnxruntime")
             reference = observation.outputs if observation is not None else call(inner, inputs)  # type: ignore[arg-type]
-            checks.append(export_and_check(work, inputs, reference, export_onnx))  # type: ignore[arg-type]  # else refused above
+            checks.append(export_and_check(work, inputs, reference, export_onnx, rtol, atol))  # type: ignore[arg-type]  # else refused above
         if checks:
             report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
     seconds["total"] = time.perf_counter() - started
