@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.core.report import BnRecord, FoldReport, Totals
 from bnfold.core.result import FoldResult
-from bnfold.errors import BnfoldError, InputError, MissingDependencyError, OutputError
+from bnfold.errors import BnfoldError, InputError, InternalError, MissingDependencyError, OutputError
 
 if TYPE_CHECKING:
     from bnfold.onnx.api import enabled_patterns, fold_onnx, inspect_onnx
@@ -56,6 +56,7 @@ __all__ = [
     "FoldReport",
     "FoldResult",
     "InputError",
+    "InternalError",
     "MissingDependencyError",
     "OutputError",
     "Totals",

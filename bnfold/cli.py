@@ -23,7 +23,7 @@ from bnfold.core.atomic import same_file
 from bnfold.core.interrupts import Interrupted, interrupt_on_stop_signals
 from bnfold.core.report import FoldReport
 from bnfold.core.result import FoldResult
-from bnfold.errors import BnfoldError, InputError, MissingDependencyError
+from bnfold.errors import BnfoldError, InputError, InternalError, MissingDependencyError
 from bnfold.onnx.api import fold_onnx, inspect_onnx
 from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.onnx.guard import GUARD_REJECTED
@@ -138,8 +138,10 @@ class _Command(click.Group):
             self._fail(error, EXIT_BAD_INPUT)
         except InputError as error:
             self._fail(error, EXIT_BAD_INPUT)
+        except InternalError as error:
+            self._fail(error, EXIT_INTERNAL)
         except BnfoldError as error:
-            self._fail(error, EXIT_BAD_INPUT if not str(error).startswith("internal") else EXIT_INTERNAL)
+            self._fail(error, EXIT_BAD_INPUT)
         except (click.exceptions.Exit, click.Abort):
             raise
         except click.ClickException as error:
