@@ -26,8 +26,8 @@ from bnfold.core.result import FoldResult
 from bnfold.errors import BnfoldError, InputError, InternalError, MissingDependencyError
 from bnfold.onnx.api import fold_onnx, inspect_onnx
 from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
-from bnfold.onnx.guard import GUARD_REJECTED
 from bnfold.onnx.store.limits import PROTOBUF_LIMIT
+from bnfold.reasons import Reason
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip archives (.pt2, TorchScript, torch.save) and raw pickles
@@ -78,7 +78,7 @@ def _warn_guarded(report: FoldReport) -> None:
     """A site the per-pattern guard left is a bnfold bug the user should report, even though the rest of
     the model folded; say so on stderr, where it does not disturb --json."""
     for record in report.left:
-        if record.reason == GUARD_REJECTED:
+        if record.reason == Reason.GUARD_REJECTED:
             where = f"{record.scope}/{record.bn}" if record.scope else record.bn
             click.echo(f"bnfold: warning: {where}: {record.message}", err=True)
 

@@ -41,7 +41,7 @@ def test_fold_writes_a_verified_model_and_leaves_the_input_alone(model_path, tmp
     assert model_path.read_bytes() == before
     folded = onnx.load(out)
     assert count_ops(folded) == 1
-    assert "conv-bn" in result.output and "no_linear_producer" in result.output
+    assert "conv-bn" in result.output and "no_linear_neighbour" in result.output
     assert "PASSED" in result.output
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file remains"
 
@@ -54,7 +54,7 @@ def test_fold_json_is_machine_readable(model_path, tmp_path):
     assert payload["totals"]["bn_before"] == 2 and payload["totals"]["bn_after"] == 1
     reasons = {r["status"]: r for r in payload["batchnorms"]}
     assert reasons["folded"]["pattern"] == "conv-bn"
-    assert reasons["left"]["reason"] == "no_linear_producer"
+    assert reasons["left"]["reason"] == "no_linear_neighbour"
     assert payload["verification"]["passed"] is True
     assert payload["written"] == [str(tmp_path / "f.onnx")]
 

@@ -15,11 +15,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bnfold.reasons import Reason
+
 
 class FoldRefused(Exception):
-    """A fold is not provably exact or safe; ``code`` is a stable reason code for reports."""
+    """A fold is not provably exact or safe; ``code`` says why, in reports."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: Reason, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -30,9 +32,9 @@ def _as_float64_vector(name: str, values: np.ndarray) -> np.ndarray:
     widens, and is refused later as not finite)."""
     array = np.asarray(values)
     if array.dtype.kind not in "fc" and not str(array.dtype).startswith("bfloat16"):
-        raise FoldRefused("unsupported_dtype", f"{name} has non-float dtype {array.dtype}")
+        raise FoldRefused(Reason.UNSUPPORTED_DTYPE, f"{name} has non-float dtype {array.dtype}")
     if array.ndim != 1:
-        raise FoldRefused("param_shape", f"{name} has shape {array.shape}, expected one value per channel")
+        raise FoldRefused(Reason.PARAM_SHAPE, f"{name} has shape {array.shape}, expected one value per channel")
     return array.astype(np.float64)
 
 
@@ -69,24 +71,26 @@ class ChannelAffine(NamedTuple):
             beta64 = np.zeros(channels) if beta is None else _as_float64_vector("bias (beta)", beta)
         lengths = {v.shape[0] for v in (gamma64, beta64, mean64, var64)}
         if len(lengths) != 1:
-            raise FoldRefused("param_shape", f"parameter lengths differ: {sorted(lengths)}")
+            raise FoldRefused(Reason.PARAM_SHAPE, f"parameter lengths differ: {sorted(lengths)}")
         if channels == 0:
-            raise FoldRefused("param_shape", "parameters have zero channels")
+            raise FoldRefused(Reason.PARAM_SHAPE, "parameters have zero channels")
         params = {"gamma": gamma64, "beta": beta64, "mean": mean64, "var": var64}
         if not np.isfinite(np.stack(list(params.values()))).all():
             name = next(name for name, values in params.items() if not np.isfinite(values).all())
-            raise FoldRefused("non_finite_params", f"{name} contains NaN or infinity")
+            raise FoldRefused(Reason.NON_FINITE_PARAMS, f"{name} contains NaN or infinity")
         eps = float(epsilon)
         if not math.isfinite(eps):
-            raise FoldRefused("non_finite_params", "epsilon is not finite")
+            raise FoldRefused(Reason.NON_FINITE_PARAMS, "epsilon is not finite")
         denominator = var64 + eps
         nonpositive = denominator <= 0
         if nonpositive.any():
-            raise FoldRefused("nonpositive_variance", f"var + epsilon <= 0 at channel {int(np.argmax(nonpositive))}")
+            raise FoldRefused(
+                Reason.NONPOSITIVE_VARIANCE, f"var + epsilon <= 0 at channel {int(np.argmax(nonpositive))}"
+            )
         scale = gamma64 / np.sqrt(denominator)
         shift = beta64 - scale * mean64
         if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
-            raise FoldRefused("non_finite_params", "the folded scale or shift is not finite")
+            raise FoldRefused(Reason.NON_FINITE_PARAMS, "the folded scale or shift is not finite")
         return cls(scale, shift)
 
     @classmethod
@@ -95,7 +99,7 @@ class ChannelAffine(NamedTuple):
         with np.errstate(invalid="ignore"):
             vector = _as_float64_vector("constant", values)
         if not np.isfinite(vector).all():
-            raise FoldRefused("non_finite_params", f"the {op} constant contains NaN or infinity")
+            raise FoldRefused(Reason.NON_FINITE_PARAMS, f"the {op} constant contains NaN or infinity")
         ones, zeros = np.ones_like(vector), np.zeros_like(vector)
         if op == "Mul":
             return cls(vector, zeros)
@@ -105,15 +109,17 @@ class ChannelAffine(NamedTuple):
             return cls(-ones, vector) if constant_first else cls(ones, -vector)
         if op == "Div" and not constant_first:
             if np.any(vector == 0):
-                raise FoldRefused("zero_divisor", f"the Div constant is 0 at channel {int(np.argmax(vector == 0))}")
+                raise FoldRefused(
+                    Reason.ZERO_DIVISOR, f"the Div constant is 0 at channel {int(np.argmax(vector == 0))}"
+                )
             return cls(1 / vector, zeros)
         side = "first" if constant_first else "second"
-        raise FoldRefused("not_affine", f"{op} with the constant as {side} operand is not affine in its input")
+        raise FoldRefused(Reason.NOT_AFFINE, f"{op} with the constant as {side} operand is not affine in its input")
 
     def then(self, later: ChannelAffine) -> ChannelAffine:
         """The map ``later(self(x))``."""
         if later.channels != self.channels:
-            raise FoldRefused("channel_mismatch", f"{self.channels} channels followed by {later.channels}")
+            raise FoldRefused(Reason.CHANNEL_MISMATCH, f"{self.channels} channels followed by {later.channels}")
         return ChannelAffine(later.scale * self.scale, later.scale * self.shift + later.shift)
 
     def apply(self, values: np.ndarray) -> np.ndarray:
@@ -142,17 +148,17 @@ def channel_factors(weight_shape: Sequence[int], factors: np.ndarray, axis: int,
     if groups == 1:
         if factors.shape != (shape[axis],):
             raise FoldRefused(
-                "channel_mismatch", f"{factors.shape[0]} channels against weight axis {axis} of {shape}"
+                Reason.CHANNEL_MISMATCH, f"{factors.shape[0]} channels against weight axis {axis} of {shape}"
             )
         layout = [1] * rank
         layout[axis] = shape[axis]
         return factors.reshape(layout)
     if axis != 1 or rank < 2:
-        raise FoldRefused("unsupported_layout", f"grouped channels on axis {axis} of {shape}")
+        raise FoldRefused(Reason.UNSUPPORTED_LAYOUT, f"grouped channels on axis {axis} of {shape}")
     rows, cols = shape[0], shape[1]
     if groups <= 0 or rows % groups != 0 or factors.shape != (groups * cols,):
         raise FoldRefused(
-            "channel_mismatch",
+            Reason.CHANNEL_MISMATCH,
             f"{factors.shape[0]} channels do not match {groups} groups of weight {shape}",
         )
     group_of_row = np.arange(rows) // (rows // groups)
@@ -211,7 +217,7 @@ def contract_shift_transposed(weight: np.ndarray, shift: np.ndarray, groups: int
     weighted = scale_weight(weight, shift, axis=0)
     rows, cols = weighted.shape[0], weighted.shape[1]
     if groups <= 0 or rows % groups:
-        raise FoldRefused("channel_mismatch", f"{rows} input channels do not split into {groups} groups")
+        raise FoldRefused(Reason.CHANNEL_MISMATCH, f"{rows} input channels do not split into {groups} groups")
     per_tap = weighted.reshape(rows, cols, -1).sum(axis=2)
     return per_tap.reshape(groups, rows // groups, cols).sum(axis=1).reshape(groups * cols)
 
@@ -230,7 +236,7 @@ def refuse_overflow(cast: np.ndarray, values: np.ndarray | ScaledWeight, what: s
     """Refuse (``cast_overflow``) if finite ``values`` became infinite in ``cast``, naming how many."""
     overflowed = overflow_count(cast, values)
     if overflowed:
-        raise FoldRefused("cast_overflow", f"folded {what} overflows {cast.dtype.name} ({overflowed} values)")
+        raise FoldRefused(Reason.CAST_OVERFLOW, f"folded {what} overflows {cast.dtype.name} ({overflowed} values)")
 
 
 def overflow_count(cast: np.ndarray, values: np.ndarray | ScaledWeight) -> int:

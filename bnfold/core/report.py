@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple, Protocol
 
+from bnfold.reasons import Reason
+
 Status = Literal["folded", "left"]
 
 
@@ -29,7 +31,7 @@ class BnRecord(NamedTuple):
     message: str
     pattern: str | None = None
     into: str | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     scope: str = ""
     op_type: str = "BatchNormalization"
 

@@ -32,8 +32,8 @@ from bnfold.onnx.fold.patterns.base import Pattern, Rewrite, Site
 from bnfold.onnx.graph.index import subgraphs
 from bnfold.onnx.graph.types import ValueType
 from bnfold.onnx.store.model_store import ModelStore, weightless
+from bnfold.reasons import Reason
 
-GUARD_REJECTED = "guard_rejected"
 # Domain, operator, input and output element types: what onnxruntime chooses a kernel by.
 Signature = tuple[str, str, frozenset[int], frozenset[int]]
 
@@ -181,14 +181,14 @@ class GuardedPattern:
             message = (f"internal error in pattern {self.name} ({type(error).__name__}: "
                        f"{first_line(error)}); left unfolded, please report it")
             self._events[anchor] = message
-            raise FoldRefused(GUARD_REJECTED, message) from None
+            raise FoldRefused(Reason.GUARD_REJECTED, message) from None
         if rewrite is None:
             return None
         for node in rewrite.run.nodes:
             key = (index.scope, index.node_label(node))
             if key in self._rejected:
                 self._events[anchor] = self._events[key] = self._rejected[key]
-                raise FoldRefused(GUARD_REJECTED, self._rejected[key])
+                raise FoldRefused(Reason.GUARD_REJECTED, self._rejected[key])
         return rewrite
 
 
@@ -208,7 +208,7 @@ class Guard:
         """The records, with every site the guard refused that stayed unfolded given reason ``guard_rejected``
         (the driver reports the first pattern's reason, which may be another pattern's refusal)."""
         return [
-            record._replace(reason=GUARD_REJECTED, message=self._events[record_key(record)])
+            record._replace(reason=Reason.GUARD_REJECTED, message=self._events[record_key(record)])
             if record.status == "left" and record_key(record) in self._events else record
             for record in records
         ]

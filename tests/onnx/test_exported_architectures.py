@@ -30,6 +30,6 @@ def test_architecture_folds_and_verifies(architecture, exporter, exports):
     assert report.verification.passed, report.render()
     left = report.left
     assert len(left) == EXPECTED_LEFT.get(architecture, 0), report.render()
-    assert all(r.reason == "no_linear_producer" for r in left)
+    assert all(r.reason == "no_linear_neighbour" for r in left)
     assert report.totals.bn_after == len(left)
     assert report.totals.nodes_after < report.totals.nodes_before

@@ -11,8 +11,8 @@ from onnx import helper
 import bnfold.onnx.guard
 from bnfold import fold_onnx
 from bnfold.onnx.fold.patterns.forward import ConvBn
-from bnfold.onnx.guard import GUARD_REJECTED
 from bnfold.onnx.store.model_store import ModelStore
+from bnfold.reasons import Reason
 from tests.support.graphs import GraphBuilder
 
 
@@ -75,7 +75,7 @@ def test_named_culprits_cost_one_refold_each(monkeypatch, bad):
     break_conv_bn(monkeypatch, bad)
     checks = count_calls(monkeypatch, bnfold.onnx.guard.FoldedModelCheck, "__call__")
     records = {record.bn: record for record in fold_onnx(conv_bn_chain(8), verify=False).report.records}
-    assert {name for name, record in records.items() if record.reason == GUARD_REJECTED} == bad
+    assert {name for name, record in records.items() if record.reason == Reason.GUARD_REJECTED} == bad
     assert {records[name].status for name in set(records) - bad} == {"folded"}
     assert len(checks) == 1 + len(bad)
 
@@ -89,7 +89,7 @@ def test_unnamed_culprits_cost_one_refold_per_fold(monkeypatch):
     calls = count_calls(monkeypatch, bnfold.onnx.guard.FoldedModelCheck, "__call__")
     folds = 8
     records = {record.bn: record for record in fold_onnx(conv_bn_chain(folds), verify=False).report.records}
-    assert records["bn2"].reason == GUARD_REJECTED and "fails (injected)" in records["bn2"].message
+    assert records["bn2"].reason == Reason.GUARD_REJECTED and "fails (injected)" in records["bn2"].message
     assert sum(record.status == "folded" for record in records.values()) == folds - 1
     # The first fold, none applied, one per fold, and the repaired fold.
     assert len(calls) == 1 + 1 + folds + 1
@@ -101,6 +101,6 @@ def test_an_ir3_model_with_overridable_initializers_is_refolded_once_per_fold(mo
     once."""
     checks = count_calls(monkeypatch, bnfold.onnx.guard.FoldedModelCheck, "__call__")
     records = fold_onnx(ir3(conv_bn_chain(6, opset=8)), verify=False, allow_overridable=True).report.records
-    assert {record.reason for record in records} == {GUARD_REJECTED}
+    assert {record.reason for record in records} == {Reason.GUARD_REJECTED}
     assert all("not in graph input" in record.message for record in records)
     assert len(checks) == 1 + 1 + 6 + 1

@@ -16,7 +16,7 @@ from bnfold import fold_onnx
 from bnfold.cli import main
 from bnfold.errors import InternalError
 from bnfold.onnx.fold.patterns.forward import ConvBn
-from bnfold.onnx.guard import GUARD_REJECTED
+from bnfold.reasons import Reason
 from tests.support.graphs import GraphBuilder, assert_equivalent, count_ops
 
 
@@ -58,7 +58,7 @@ def test_one_bad_rewrite_costs_only_its_own_batch_norm(monkeypatch):
     break_conv_bn(monkeypatch, where={"bn2"})
     result = fold_onnx(model)
     records = by_name(result)
-    assert (records["bn2"].status, records["bn2"].reason) == ("left", GUARD_REJECTED)
+    assert (records["bn2"].status, records["bn2"].reason) == ("left", Reason.GUARD_REJECTED)
     assert "conv-bn" in records["bn2"].message and "onnx.checker" in records["bn2"].message
     assert [records[name].status for name in ("bn1", "bn3", "bn_gemm")] == ["folded"] * 3
     onnx.checker.check_model(result.model, full_check=True)
@@ -72,7 +72,7 @@ def test_a_pattern_broken_everywhere_costs_only_that_pattern(monkeypatch):
     break_conv_bn(monkeypatch)
     records = by_name(fold_onnx(model, verify=False))
     assert {name: records[name].reason for name in ("bn1", "bn2", "bn3")} == dict.fromkeys(
-        ("bn1", "bn2", "bn3"), GUARD_REJECTED)
+        ("bn1", "bn2", "bn3"), Reason.GUARD_REJECTED)
     assert records["bn_gemm"].status == "folded"
 
 
@@ -81,7 +81,7 @@ def test_a_crashing_pattern_costs_only_its_site(monkeypatch):
     break_conv_bn(monkeypatch, where={"bn1"}, crash=True)
     result = fold_onnx(model)
     records = by_name(result)
-    assert records["bn1"].reason == GUARD_REJECTED
+    assert records["bn1"].reason == Reason.GUARD_REJECTED
     assert "internal error in pattern conv-bn (RuntimeError: injected failure)" in records["bn1"].message
     assert [records[name].status for name in ("bn2", "bn3", "bn_gemm")] == ["folded"] * 3
     assert result.report.verification.passed
@@ -103,7 +103,7 @@ def test_a_model_onnxruntime_cannot_load_is_repaired_too(monkeypatch):
     monkeypatch.setattr(bnfold.onnx.guard, "kernel_signatures", signatures)
     monkeypatch.setattr(bnfold.onnx.guard, "_ort_load_failure", load_failure)
     records = by_name(fold_onnx(model_with_three_conv_bns_and_a_gemm_bn(), verify=False))
-    assert records["bn2"].reason == GUARD_REJECTED and "onnxruntime cannot load" in records["bn2"].message
+    assert records["bn2"].reason == Reason.GUARD_REJECTED and "onnxruntime cannot load" in records["bn2"].message
     assert [records[name].status for name in ("bn1", "bn3", "bn_gemm")] == ["folded"] * 3
 
 

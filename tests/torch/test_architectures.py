@@ -61,7 +61,7 @@ def test_paper_mlp_without_inputs_needs_proof_of_rank() -> None:
     """Linear -> BN1d folds only when the rank is proven; the paper MLP flattens its input first."""
     model, x = _build("paper_mlp")
     result = fold_module(model)
-    assert all(r.reason == "channel_axis_unproven" or r.status == "folded" for r in result.report.records)
+    assert all(r.reason == "unknown_shape" or r.status == "folded" for r in result.report.records)
     assert max_error(model, result.model, x) < EXACT
 
 

@@ -74,7 +74,7 @@ def test_bn_with_zero_shift_folds_before_a_padded_conv() -> None:
 def test_bn_before_conv_transpose_needs_zero_shift() -> None:
     model = randomize(Pair(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 6, 2, stride=2)))
     result, error = fold_and_measure(model, torch.randn(2, 4, 5, 5))
-    assert outcome(result) == {"first": "padding"} and error == 0.0
+    assert outcome(result) == {"first": "uneven_taps"} and error == 0.0
 
 
 def test_bn_then_linear_folds_on_2d_input() -> None:

@@ -7,6 +7,7 @@ from onnx import NodeProto
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 _KNOWN_ATTRIBUTES = {"epsilon", "momentum", "spatial", "training_mode", "is_test", "consumed_inputs"}
 _FIRST_SUPPORTED_OPSET = 7
@@ -24,21 +25,21 @@ def batchnorm_affine(node: NodeProto, index: GraphIndex) -> ChannelAffine:
 
 def _read_batchnorm(node: NodeProto, index: GraphIndex) -> ChannelAffine:
     if index.opset < _FIRST_SUPPORTED_OPSET:
-        raise FoldRefused("unsupported_opset", f"opset {index.opset} BatchNormalization is not supported")
+        raise FoldRefused(Reason.UNSUPPORTED_OPSET, f"opset {index.opset} BatchNormalization is not supported")
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     unknown = sorted(set(attributes) - _KNOWN_ATTRIBUTES)
     if unknown:
-        raise FoldRefused("unsupported_attribute", f"unknown attribute(s) {', '.join(unknown)}")
+        raise FoldRefused(Reason.UNSUPPORTED_ATTRIBUTE, f"unknown attribute(s) {', '.join(unknown)}")
     if int(attributes.get("training_mode", 0)) != 0:
-        raise FoldRefused("training_mode", "training_mode=1: it normalizes with batch statistics")
+        raise FoldRefused(Reason.TRAINING_MODE, "training_mode=1: it normalizes with batch statistics")
     if any(node.output[1:]):
-        raise FoldRefused("training_mode", "it has running-statistics outputs, i.e. it runs in training mode")
+        raise FoldRefused(Reason.TRAINING_MODE, "it has running-statistics outputs, i.e. it runs in training mode")
     if int(attributes.get("spatial", 1)) != 1:
-        raise FoldRefused("spatial_0", "spatial=0: statistics are per activation, not per channel")
+        raise FoldRefused(Reason.SPATIAL_0, "spatial=0: statistics are per activation, not per channel")
     if len(node.input) != 5 or not all(node.input):
-        raise FoldRefused("malformed", f"expected 5 inputs, found {len(node.input)}")
+        raise FoldRefused(Reason.MALFORMED, f"expected 5 inputs, found {len(node.input)}")
     x_type = index.value_type(node.input[0])
     if x_type is not None and x_type.rank is not None and x_type.rank < 2:
-        raise FoldRefused("unsupported_shape", f"input has rank {x_type.rank}; the channel axis is 1")
+        raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"input has rank {x_type.rank}; the channel axis is 1")
     gamma, beta, mean, var = (index.constants.value(name) for name in node.input[1:])
     return ChannelAffine.from_batchnorm(gamma, beta, mean, var, float(attributes.get("epsilon", 1e-5)))

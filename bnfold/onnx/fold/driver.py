@@ -19,9 +19,10 @@ from bnfold.onnx.fold.patterns.runs import is_batchnorm, is_link
 from bnfold.onnx.fold.traversal import GraphFold, graphs_to_fold
 from bnfold.onnx.graph.index import GraphIndex, subgraphs
 from bnfold.onnx.graph.types import ValueType
-from bnfold.onnx.guard import GUARD_REJECTED, Guard
+from bnfold.onnx.guard import Guard
 from bnfold.onnx.store.external import payload_bytes
 from bnfold.onnx.store.model_store import ModelStore
+from bnfold.reasons import Reason
 
 Progress = Callable[[str, int, int], None]
 
@@ -118,7 +119,7 @@ def fold_node(anchor: NodeProto, index: GraphIndex, guard: Guard, patterns: Sequ
     label = index.node_label(anchor)
     rejection = guard.rejection((index.scope, label))
     if rejection is not None:
-        left = BnRecord(label, "left", rejection, reason=GUARD_REJECTED, scope=index.scope)
+        left = BnRecord(label, "left", rejection, reason=Reason.GUARD_REJECTED, scope=index.scope)
         return [left] if is_batchnorm(anchor) else []
     # Planning never edits the graph, so a batch norm's map read once holds until a rewrite is applied.
     index.batchnorm_affines.clear()
@@ -135,7 +136,7 @@ def fold_node(anchor: NodeProto, index: GraphIndex, guard: Guard, patterns: Sequ
             if rewrite is None:
                 continue
             if rewrite.run.batchnorms and rewrite.pattern not in enabled:
-                raise FoldRefused("pattern_disabled", f"pattern {rewrite.pattern} is disabled by the options")
+                raise FoldRefused(Reason.PATTERN_DISABLED, f"pattern {rewrite.pattern} is disabled by the options")
             records = _records(rewrite, index, refusals)
             index.batchnorm_affines.clear()
             apply_rewrite(rewrite, index, label)
@@ -162,7 +163,7 @@ def _no_neighbour(bn: NodeProto, index: GraphIndex, enabled: set[str]) -> FoldRe
     hint = "" if enabled & set(OPT_IN_PATTERNS) else (
         " (the --standalone option rewrites it: mul-add as Mul + Add, conv as a depthwise Conv)")
     return FoldRefused(
-        "no_linear_producer",
+        Reason.NO_LINEAR_NEIGHBOUR,
         f"its input comes from {source} and its output goes to {target}, none a linear layer it folds into{hint}",
     )
 

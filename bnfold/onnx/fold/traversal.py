@@ -30,6 +30,7 @@ from bnfold.onnx.graph.functions import (
 from bnfold.onnx.graph.index import GraphIndex, NameAllocator, opset_version
 from bnfold.onnx.graph.types import ValueType
 from bnfold.onnx.store.model_store import ModelStore
+from bnfold.reasons import Reason
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _function(
                        opset=function_opset(model, function), scope=function_scope(function), store=store)
     if references:
         yield from _tree(index, order, FoldRefused(
-            "function_attribute_reference",
+            Reason.FUNCTION_ATTRIBUTE_REFERENCE,
             f"its function takes attribute(s) {', '.join(references)} from each caller, so the values a fold "
             f"would depend on are not known"))
         return

@@ -18,6 +18,7 @@ from onnx import AttributeProto, NodeProto, TensorProto, numpy_helper
 
 from bnfold.core.affine import FoldRefused
 from bnfold.onnx.graph.types import ValueType
+from bnfold.reasons import Reason
 
 
 class GraphValues(Protocol):
@@ -60,7 +61,7 @@ def _np_dtype(elem_type: int) -> np.dtype:
 def _constant_node_value(node: NodeProto, index: GraphValues) -> np.ndarray:
     attribute = node.attribute[0] if len(node.attribute) == 1 else None
     if attribute is None or attribute.ref_attr_name:
-        raise FoldRefused("non_constant_params", f"Constant node {node.name!r} is malformed or set by its caller")
+        raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"Constant node {node.name!r} is malformed or set by its caller")
     if attribute.name == "value":
         return index.tensor_array(attribute.t)
     scalars: dict[str, Callable[[AttributeProto], np.ndarray]] = {
@@ -70,7 +71,7 @@ def _constant_node_value(node: NodeProto, index: GraphValues) -> np.ndarray:
         "value_ints": lambda a: np.array(list(a.ints), dtype=np.int64),
     }
     if attribute.name not in scalars:
-        raise FoldRefused("non_constant_params", f"Constant node {node.name!r} holds {attribute.name}")
+        raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"Constant node {node.name!r} holds {attribute.name}")
     return scalars[attribute.name](attribute)
 
 
@@ -153,7 +154,7 @@ class ConstantResolver:
         if name in self._cache:
             return self._cache[name]
         if depth > _MAX_DEPTH:
-            raise FoldRefused("non_constant_params", f"{name!r} is computed by too deep a subgraph")
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"{name!r} is computed by too deep a subgraph")
         value = self._resolve(name, depth)
         self._cache[name] = value
         return value
@@ -176,17 +177,17 @@ class ConstantResolver:
         if name in index.initializers:
             if name in index.graph_inputs and not index.allow_overridable:
                 raise FoldRefused(
-                    "overridable_params",
+                    Reason.OVERRIDABLE_PARAMS,
                     f"initializer {name!r} is also a graph input, so a caller may override it",
                 )
             return index.tensor_value(name)
         producer = index.producers.get(name)
         if producer is None:
             if name in index.graph_inputs or self._outer is None:
-                raise FoldRefused("non_constant_params", f"{name!r} is a graph input, not a constant")
+                raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"{name!r} is a graph input, not a constant")
             return self._outer.value(name, depth + 1)
         if producer.domain not in ("", "ai.onnx"):
-            raise FoldRefused("non_constant_params", f"{name!r} comes from custom op {producer.op_type}")
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"{name!r} comes from custom op {producer.op_type}")
         if producer.op_type == "Constant":
             return _constant_node_value(producer, index)
         return self._evaluate(producer, depth)
@@ -194,9 +195,9 @@ class ConstantResolver:
     def _evaluate(self, node: NodeProto, depth: int) -> np.ndarray:
         op = node.op_type
         if op not in _EVALUATORS and op not in _SHAPE_ONLY_INPUTS:
-            raise FoldRefused("non_constant_params", f"value comes from a {op} node that is not constant")
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"value comes from a {op} node that is not constant")
         if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
-            raise FoldRefused("non_constant_params", f"{op} node {node.name!r} has a subgraph")
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"{op} node {node.name!r} has a subgraph")
         shape_only = _SHAPE_ONLY_INPUTS.get(op, set())
         if op == "Shape":
             return self._shape_of(node)
@@ -209,7 +210,7 @@ class ConstantResolver:
             with np.errstate(all="ignore"):
                 return np.asarray(_EVALUATORS[op](node, inputs, _attributes(node)))
         except (ValueError, IndexError, KeyError, TypeError) as error:
-            raise FoldRefused("non_constant_params", f"cannot evaluate {op} node {node.name!r}: {error}") from None
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"cannot evaluate {op} node {node.name!r}: {error}") from None
 
     def _shape_of(self, node: NodeProto) -> np.ndarray:
         shape = self._static_shape(node.input[0])
@@ -224,11 +225,11 @@ class ConstantResolver:
             return tuple(self._index.initializers[name].dims)
         value_type = self._index.types.get(name)
         if value_type is None or value_type.shape is None or any(d is None for d in value_type.shape):
-            raise FoldRefused("non_constant_params", f"the shape of {name!r} is not static")
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"the shape of {name!r} is not static")
         return tuple(int(d) for d in value_type.shape)  # type: ignore[arg-type]  # no None, checked above
 
     def _elem_type(self, name: str) -> int:
         value_type = self._index.types.get(name)
         if value_type is None:
-            raise FoldRefused("non_constant_params", f"the dtype of {name!r} is unknown")
+            raise FoldRefused(Reason.NON_CONSTANT_PARAMS, f"the dtype of {name!r} is unknown")
         return value_type.elem_type

@@ -14,6 +14,7 @@ import numpy as np
 
 from bnfold.core.affine import FoldRefused, ScaledWeight, overflow_count
 from bnfold.onnx.store import limits
+from bnfold.reasons import Reason
 
 _DEFERRABLE_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
@@ -45,7 +46,7 @@ class RoundedProduct:
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         overflowed = self._overflows()
         if overflowed:
-            raise FoldRefused("cast_overflow", f"folded {what} overflows {self.dtype.name} ({overflowed} values)")
+            raise FoldRefused(Reason.CAST_OVERFLOW, f"folded {what} overflows {self.dtype.name} ({overflowed} values)")
 
     @property
     def weight(self) -> np.ndarray:

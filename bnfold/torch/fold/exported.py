@@ -12,6 +12,7 @@ from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.core.report import FoldReport
+from bnfold.reasons import Reason
 from bnfold.torch.capture.aten import AtenBn, AtenLayer, Site, aten, aten_dataflow
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
 from bnfold.torch.fold.layers import fold_arrays
@@ -67,14 +68,14 @@ class _ProgramFolder:
     def _bn_facts(self, site: AtenBn) -> BnFacts:
         try:
             if site.training:
-                raise FoldRefused("training_mode", "it was exported in training mode (batch statistics)")
+                raise FoldRefused(Reason.TRAINING_MODE, "it was exported in training mode (batch statistics)")
             tensors = [self.tensor(n) if n is not None else None for n in (site.weight, site.bias)]
             for node, tensor in zip((site.weight, site.bias), tensors, strict=True):
                 if node is not None and tensor is None:
-                    raise FoldRefused("non_constant_params", "its parameters are not constants of the program")
+                    raise FoldRefused(Reason.NON_CONSTANT_PARAMS, "its parameters are not constants of the program")
             mean, var = self.tensor(site.mean), self.tensor(site.var)
             if mean is None or var is None:
-                raise FoldRefused("no_running_stats", "it has no constant running statistics")
+                raise FoldRefused(Reason.NO_RUNNING_STATS, "it has no constant running statistics")
             affine = ChannelAffine.from_batchnorm(
                 optional_float64(tensors[0]), optional_float64(tensors[1]), to_float64(mean), to_float64(var),
                 site.eps,
@@ -85,9 +86,9 @@ class _ProgramFolder:
 
     def _layer_check(self, site: AtenLayer) -> LayerGeometry | FoldRefused:
         if site.bias is not None and self.tensor(site.bias) is None:
-            return FoldRefused("non_constant_params", "its bias is not a constant of the program")
+            return FoldRefused(Reason.NON_CONSTANT_WEIGHT, "its bias is not a constant of the program")
         if not self.tensor(site.weight).is_floating_point():  # type: ignore[union-attr]  # a site has its weight
-            return FoldRefused("unsupported_dtype", "its weight is not floating point")
+            return FoldRefused(Reason.UNSUPPORTED_DTYPE, "its weight is not floating point")
         return site.geometry
 
     def _fold_weights(

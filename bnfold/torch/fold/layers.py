@@ -12,6 +12,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from bnfold.core.affine import ChannelAffine, FoldRefused, contract_shift, scale_weight
+from bnfold.reasons import Reason
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
 from bnfold.torch.fold.tensors import from_float64, optional_float64, to_float64
 
@@ -55,15 +56,15 @@ def _pinned_ranks(module: _BatchNorm) -> frozenset[int] | None:
 
 def bn_affine(module: _BatchNorm) -> ChannelAffine:
     if type(module).forward not in _BN_FORWARDS:
-        raise FoldRefused("unsupported_bn", f"{type(module).__name__} overrides forward()")
+        raise FoldRefused(Reason.UNSUPPORTED_BN, f"{type(module).__name__} overrides forward()")
     if _hooks(module):
-        raise FoldRefused("hooks", "it has forward hooks that would see its output")
+        raise FoldRefused(Reason.HOOKS, "it has forward hooks that would see its output")
     if module.training:
-        raise FoldRefused("training_mode", "it is in training mode (normalizes with batch statistics)")
+        raise FoldRefused(Reason.TRAINING_MODE, "it is in training mode (normalizes with batch statistics)")
     if not module.track_running_stats or module.running_mean is None or module.running_var is None:
-        raise FoldRefused("no_running_stats", "track_running_stats=False: it always uses batch statistics")
+        raise FoldRefused(Reason.NO_RUNNING_STATS, "track_running_stats=False: it always uses batch statistics")
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
-        raise FoldRefused("unsupported_bn", "its lazy parameters are not initialized")
+        raise FoldRefused(Reason.UNSUPPORTED_BN, "its lazy parameters are not initialized")
     return ChannelAffine.from_batchnorm(
         optional_float64(module.weight), optional_float64(module.bias),
         to_float64(module.running_mean), to_float64(module.running_var), module.eps,
@@ -78,18 +79,18 @@ def layer_geometry(module: nn.Module) -> LayerGeometry | FoldRefused:
     else:
         base = next((cls for cls in _CONV_CLASSES if isinstance(module, cls)), None)  # type: ignore[assignment]
         if base is None:
-            return FoldRefused("unsupported_layer", f"{type(module).__name__} is not a supported layer")
+            return FoldRefused(Reason.UNSUPPORTED_LAYER, f"{type(module).__name__} is not a supported layer")
         kind, spatial = _CONV_CLASSES[base]
         if kind == "conv" and type(module)._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
-            return FoldRefused("unsupported_layer", f"{type(module).__name__} overrides _conv_forward()")
+            return FoldRefused(Reason.UNSUPPORTED_LAYER, f"{type(module).__name__} overrides _conv_forward()")
     if type(module).forward is not base.forward:
-        return FoldRefused("unsupported_layer", f"{type(module).__name__} overrides forward()")
+        return FoldRefused(Reason.UNSUPPORTED_LAYER, f"{type(module).__name__} overrides forward()")
     if parametrize.is_parametrized(module):
-        return FoldRefused("unsupported_layer", "its weight is parametrized (computed at call time)")
+        return FoldRefused(Reason.UNSUPPORTED_LAYER, "its weight is parametrized (computed at call time)")
     if _hooks(module):
-        return FoldRefused("hooks", "the layer has forward hooks that would see folded values")
+        return FoldRefused(Reason.HOOKS, "the layer has forward hooks that would see folded values")
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
-        return FoldRefused("unsupported_layer", "its lazy parameters are not initialized")
+        return FoldRefused(Reason.UNSUPPORTED_LAYER, "its lazy parameters are not initialized")
     if kind == "linear":
         return LayerGeometry("linear", 0, 1, module.in_features, module.out_features, False)  # type: ignore[arg-type]
     return LayerGeometry(

@@ -15,6 +15,7 @@ from bnfold.core.compare import VerificationSet, VerifyReport
 from bnfold.core.report import FoldReport, Totals
 from bnfold.core.result import FoldResult
 from bnfold.errors import InputError
+from bnfold.reasons import Reason
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
 from bnfold.torch.capture.fx import trace
 from bnfold.torch.capture.strategy import Capture, capture
@@ -126,7 +127,7 @@ def _plan(work: nn.Module, index: ModuleIndex, captured: Capture) -> Plan:
         if is_batchnorm(module):
             facts = bn_facts(module)
             if name in captured.uncaptured and facts.refusal is None:
-                facts = BnFacts(None, FoldRefused("capture_failed", captured.uncaptured[name]), facts.ranks)
+                facts = BnFacts(None, FoldRefused(Reason.CAPTURE_FAILED, captured.uncaptured[name]), facts.ranks)
             bns[name] = facts
         elif is_layer(module):
             layers[name] = layer_geometry(module)

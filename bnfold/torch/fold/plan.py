@@ -16,6 +16,7 @@ import numpy as np
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.core.report import BnRecord
+from bnfold.reasons import Reason
 from bnfold.torch.capture.dataflow import BnFacts, Call, Dataflow, LayerGeometry
 
 FoldWeights = Callable[[str, LayerGeometry, "ChannelAffine | None", "ChannelAffine | None"], Any]
@@ -67,9 +68,9 @@ class _Planner:
             if facts.refusal is not None:
                 self.left[name] = facts.refusal
             elif name in flow.referenced:
-                self.left[name] = FoldRefused("module_reused", flow.referenced[name])
+                self.left[name] = FoldRefused(Reason.MODULE_REUSED, flow.referenced[name])
             elif not self.sites.get(name):
-                self.left[name] = FoldRefused("not_called", "the forward pass never calls it")
+                self.left[name] = FoldRefused(Reason.NOT_CALLED, "the forward pass never calls it")
         self.direction: dict[int, tuple[str, int]] = {}
         self.site_refusal: dict[int, FoldRefused] = {}
 
@@ -102,59 +103,59 @@ class _Planner:
             outcome = self._backward(call)
             if isinstance(outcome, FoldRefused):
                 first = forward_refusal[call.id]
-                self.site_refusal[call.id] = outcome if first.code == "no_linear_neighbour" else first
+                self.site_refusal[call.id] = outcome if first.code == Reason.NO_LINEAR_NEIGHBOUR else first
             else:
                 self.direction[call.id] = ("before", outcome)
 
     def _forward(self, call: Call) -> int | FoldRefused:
         if call.source is None:
-            return FoldRefused("no_linear_neighbour", "its input is not the output of a conv or linear layer")
+            return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, "its input is not the output of a conv or linear layer")
         source = self.calls[call.source]
         if len(source.consumers) != 1:
             return FoldRefused(
-                "input_fan_out", f"its input (output of {source.module}) has {len(source.consumers)} users"
+                Reason.INPUT_FAN_OUT, f"its input (output of {source.module}) has {len(source.consumers)} users"
             )
         if source.kind == "bn":
             decided = self.direction.get(source.id)
             if decided is None or decided[0] != "after":
-                return FoldRefused("no_linear_neighbour", f"it follows {source.module}, which is not folded")
+                return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, f"it follows {source.module}, which is not folded")
             return decided[1]
         return self._layer_ready(source, call, source.output_rank, "output")
 
     def _backward(self, call: Call) -> int | FoldRefused:
         if len(call.consumers) != 1 or call.consumers[0] is None:
             if len(call.consumers) > 1:
-                return FoldRefused("output_fan_out", f"its output has {len(call.consumers)} users")
-            return FoldRefused("no_linear_neighbour", "no conv or linear layer next to it")
+                return FoldRefused(Reason.OUTPUT_FAN_OUT, f"its output has {len(call.consumers)} users")
+            return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, "no conv or linear layer next to it")
         target = self.calls[call.consumers[0]]
         if target.kind == "bn":
             decided = self.direction.get(target.id)
             if decided is None or decided[0] != "before":
-                return FoldRefused("no_linear_neighbour", f"it feeds {target.module}, which is not folded")
+                return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, f"it feeds {target.module}, which is not folded")
             return decided[1]
         return self._layer_ready(target, call, target.input_rank, "input")
 
     def _layer_ready(self, layer: Call, bn: Call, rank: int | None, side: str) -> int | FoldRefused:
         geometry = self.layers.get(layer.module)
         if geometry is None:
-            return FoldRefused("no_linear_neighbour", f"{layer.module} is not a foldable layer")
+            return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, f"{layer.module} is not a foldable layer")
         if isinstance(geometry, FoldRefused):
             return geometry
         count = len(self.sites[layer.module])
         if count != 1:
-            return FoldRefused("module_reused", f"{layer.module} is called at {count} sites")
+            return FoldRefused(Reason.MODULE_REUSED, f"{layer.module} is called at {count} sites")
         if layer.module in self.flow.referenced:
-            return FoldRefused("module_reused", self.flow.referenced[layer.module])
+            return FoldRefused(Reason.MODULE_REUSED, self.flow.referenced[layer.module])
         expected = geometry.batched_rank
         pinned = self.bns[bn.module].ranks
         if rank is not None and rank != expected:
             return FoldRefused(
-                "channel_axis_unproven",
+                Reason.CHANNEL_AXIS,
                 f"the {side} of {layer.module} has rank {rank}: its channel axis is not the BN's axis 1",
             )
         if rank is None and pinned != frozenset({expected}):
             return FoldRefused(
-                "channel_axis_unproven",
+                Reason.UNKNOWN_SHAPE,
                 f"cannot prove the {side} of {layer.module} has rank {expected} (pass example inputs)",
             )
         return layer.id
@@ -180,7 +181,7 @@ class _Planner:
             for call in calls:
                 if call.module not in self.left:
                     self.left[call.module] = FoldRefused(
-                        "shared_code", f"its call site is shared with {blocked[0]}, which is not folded"
+                        Reason.SHARED_CODE, f"its call site is shared with {blocked[0]}, which is not folded"
                     )
                     changed = True
         return changed
@@ -245,9 +246,9 @@ def _check_shift_is_exact(fold: LayerFold, before: ChannelAffine) -> None:
         return
     if fold.geometry.kind == "convtranspose":
         raise FoldRefused(
-            "padding", f"{fold.layer} is transposed: a BN shift before it reaches border outputs unevenly"
+            Reason.UNEVEN_TAPS, f"{fold.layer} is transposed: a BN shift before it reaches border outputs unevenly"
         )
     if fold.geometry.zero_padded:
         raise FoldRefused(
-            "padding", f"{fold.layer} zero-pads its input: a BN shift before it would not reach the padding"
+            Reason.PADDING, f"{fold.layer} zero-pads its input: a BN shift before it would not reach the padding"
         )

@@ -16,6 +16,7 @@ import torch
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.core.report import FoldReport
+from bnfold.reasons import Reason
 from bnfold.torch.capture.dataflow import BnFacts, Call, Dataflow, LayerGeometry
 from bnfold.torch.fold.layers import fold_arrays
 from bnfold.torch.fold.plan import Plan, plan_folds
@@ -206,10 +207,10 @@ def _bn_facts(module: torch.jit.ScriptModule) -> BnFacts:
     ranks = _BN_RANKS[_class_name(module)]
     try:
         if module.training:
-            raise FoldRefused("training_mode", "it is in training mode (normalizes with batch statistics)")
+            raise FoldRefused(Reason.TRAINING_MODE, "it is in training mode (normalizes with batch statistics)")
         if hasattr(module, "eps"):
             if not module.track_running_stats or module.running_mean is None:
-                raise FoldRefused("no_running_stats", "track_running_stats=False: it always uses batch statistics")
+                raise FoldRefused(Reason.NO_RUNNING_STATS, "track_running_stats=False: it always uses batch statistics")
             params = (module.weight, module.bias, module.running_mean, module.running_var, module.eps)
         else:
             params = _traced_bn_params(module)
@@ -227,10 +228,10 @@ def _traced_bn_params(module: torch.jit.ScriptModule) -> tuple[Any, Any, Any, An
     graph = module._c._get_method("forward").graph
     norms = [n for n in _all_nodes(graph.nodes()) if n.kind() == "aten::batch_norm"]
     if len(norms) != 1 or norms[0].output() != graph.return_node().inputsAt(0):
-        raise FoldRefused("unsupported_bn", "its traced graph is not a single batch_norm")
+        raise FoldRefused(Reason.UNSUPPORTED_BN, "its traced graph is not a single batch_norm")
     node = norms[0]
     if node.inputsAt(5).toIValue() is not False:
-        raise FoldRefused("training_mode", "it was traced in training mode (batch statistics)")
+        raise FoldRefused(Reason.TRAINING_MODE, "it was traced in training mode (batch statistics)")
     eps = node.inputsAt(7).toIValue()
     tensors = []
     for position in (1, 2, 3, 4):
@@ -240,16 +241,18 @@ def _traced_bn_params(module: torch.jit.ScriptModule) -> tuple[Any, Any, Any, An
         elif node.inputsAt(position).toIValue() is None and position in (1, 2):
             tensors.append(None)
         else:
-            raise FoldRefused("no_running_stats", "its statistics are not attributes of the module")
+            raise FoldRefused(Reason.NO_RUNNING_STATS, "its statistics are not attributes of the module")
     if not isinstance(eps, float):
-        raise FoldRefused("unsupported_bn", "its epsilon is not a constant")
+        raise FoldRefused(Reason.NON_CONSTANT_PARAMS, "its epsilon is not a constant")
     return (*tensors, eps)
 
 
 def _geometry(module: torch.jit.ScriptModule) -> LayerGeometry | FoldRefused:
     kind, spatial = _LAYERS[_class_name(module)]
     if not hasattr(module, "bias"):
-        return FoldRefused("unsupported_layer", "it was traced without a bias, so it has no slot for the folded bias")
+        return FoldRefused(
+            Reason.UNSUPPORTED_LAYER, "it was traced without a bias, so it has no slot for the folded bias"
+        )
     weight = module.weight
     if kind == "linear":
         return LayerGeometry("linear", 0, 1, int(weight.shape[1]), int(weight.shape[0]), False)
@@ -271,11 +274,11 @@ def _traced_geometry(module: torch.jit.ScriptModule, kind: str, spatial: int) ->
     graph = module._c._get_method("forward").graph
     convolutions = [n for n in _all_nodes(graph.nodes()) if n.kind() == "aten::_convolution"]
     if len(convolutions) != 1 or convolutions[0].output() != graph.return_node().inputsAt(0):
-        return FoldRefused("unsupported_layer", "its traced graph is not a single convolution")
+        return FoldRefused(Reason.UNSUPPORTED_LAYER, "its traced graph is not a single convolution")
     node = convolutions[0]
     padding, transposed, groups = _constant(node.inputsAt(4)), node.inputsAt(6).toIValue(), node.inputsAt(8).toIValue()
     if padding is None or transposed != (kind == "convtranspose") or not isinstance(groups, int):
-        return FoldRefused("unsupported_layer", "its traced convolution has non-constant arguments")
+        return FoldRefused(Reason.UNSUPPORTED_LAYER, "its traced convolution has non-constant arguments")
     weight = module.weight
     if kind == "conv":
         out_channels, in_channels = int(weight.shape[0]), int(weight.shape[1]) * groups

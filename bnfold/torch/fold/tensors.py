@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from bnfold.core.affine import FoldRefused, cast_checked
+from bnfold.reasons import Reason
 
 _NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
@@ -26,7 +27,7 @@ def from_float64(values: np.ndarray, like: torch.Tensor, what: str) -> torch.Ten
         cast = cast_checked(values, np.dtype(ml_dtypes.bfloat16), what)
         tensor = torch.from_numpy(np.ascontiguousarray(cast).view(np.int16)).view(torch.bfloat16)
     else:
-        raise FoldRefused("unsupported_dtype", f"{what} has dtype {dtype}")
+        raise FoldRefused(Reason.UNSUPPORTED_DTYPE, f"{what} has dtype {dtype}")
     return tensor.to(like.device)
 
 

@@ -89,22 +89,22 @@ def test_layer_output_with_another_reader_is_left():
     y = conv_graph(g)
     model = g.model([g.bn(y, 4), g.node("Relu", [y])])
     record = only_record(model)
-    assert (record.status, record.reason) == ("left", "producer_fan_out")
+    assert (record.status, record.reason) == ("left", "input_fan_out")
 
 
 def test_layer_output_that_is_a_graph_output_is_left():
     g = GraphBuilder()
     y = conv_graph(g)
     model = g.model([g.bn(y, 4), y])
-    assert only_record(model).reason == "producer_graph_output"
+    assert only_record(model).reason == "input_graph_output"
 
 
-def test_bn_on_a_graph_input_has_no_linear_producer():
+def test_bn_on_a_graph_input_has_no_linear_neighbour():
     g = GraphBuilder()
     x = g.input("x", [1, 4, 5, 5])
     model = g.model([g.bn(g.node("Relu", [x]), 4)])
     record = only_record(model)
-    assert record.reason == "no_linear_producer"
+    assert record.reason == "no_linear_neighbour"
     assert "Relu" in record.message
 
 

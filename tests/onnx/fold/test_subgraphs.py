@@ -162,7 +162,7 @@ def test_conv_output_also_read_inside_a_subgraph_is_fan_out():
                                     else_branch=body("else", [helper.make_node("Neg", [y], ["e"])], [], ["e"])))
     model = g.model([bn, "z"])
     (record,) = fold(model).report.records
-    assert (record.bn, record.status, record.reason) == ("bn", "left", "producer_fan_out")
+    assert (record.bn, record.status, record.reason) == ("bn", "left", "input_fan_out")
 
 
 def loop_model(trip_count: int = 3) -> onnx.ModelProto:

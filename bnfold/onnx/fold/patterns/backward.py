@@ -34,6 +34,7 @@ from bnfold.onnx.fold.patterns.runs import (
     require_sole_reader,
 )
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 
 class _BackwardUnit:
@@ -99,7 +100,7 @@ def _auto_pad(node: NodeProto) -> str:
 
 
 def _shift_before(unit: str, layer: Layer, run: AffineRun, space: ChannelSpace, updates: list[TensorUpdate],
-                  code: str, why: str) -> Rewrite | None:
+                  code: Reason, why: str) -> Rewrite | None:
     """Fold the scale and keep the shift, exactly, before the layer.
 
     Per channel ``a*x + b = a*(x + b/a)``, and the layer is linear in each input channel with zero
@@ -142,7 +143,7 @@ class BnConv(_BackwardUnit):
         if not np.any(shift):
             return Rewrite(self.name, run, conv, updates, reader=reader)
         if _zero_padded(conv, weight):
-            return _shift_before(self.name, layer, run, space, updates, "padding",
+            return _shift_before(self.name, layer, run, space, updates, Reason.PADDING,
                                  f"{index.node_label(conv)} pads its input with zeros")
         bias = bias_of(conv, index, 2, weight.shape[0], dtype)
         new_bias = bias + contract_shift(weight, shift, axis=1, groups=groups)
@@ -180,7 +181,7 @@ class BnConvTranspose(_BackwardUnit):
         if not np.any(shift):
             return Rewrite(self.name, run, deconv, updates, reader=reader)
         if not _even_taps(deconv, weight):
-            return _shift_before(self.name, layer, run, space, updates, "uneven_taps",
+            return _shift_before(self.name, layer, run, space, updates, Reason.UNEVEN_TAPS,
                                  f"{index.node_label(deconv)} gives output positions different numbers of taps")
         bias = bias_of(deconv, index, 2, weight.shape[1] * groups, dtype)
         updates.append(TensorUpdate(deconv, 2, bias + contract_shift_transposed(weight, shift, groups), dtype, "bias"))
@@ -211,11 +212,12 @@ class BnGemm(_BackwardUnit):
             return None
         if int_attribute(reader, "transA", 0):
             raise FoldRefused(
-                "gemm_trans_a", f"{index.node_label(reader)} transposes A: its rows, not its features, are the channels"
+                Reason.GEMM_TRANS_A,
+                f"{index.node_label(reader)} transposes A: its rows, not its features, are the channels",
             )
         weight = weight_of(reader, index)
         if weight.ndim != 2:
-            raise FoldRefused("unsupported_shape", f"Gemm B has rank {weight.ndim}")
+            raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Gemm B has rank {weight.ndim}")
         features = weight.shape[1 if int_attribute(reader, "transB", 0) else 0]
         return Layer(reader, weight, ChannelSpace(1, 2, features), reader.output[0])
 
@@ -235,9 +237,9 @@ class BnGemm(_BackwardUnit):
             new_bias = moved
         else:
             if bias.dtype != dtype:
-                raise FoldRefused("dtype_mismatch", f"C dtype {bias.dtype} differs from B dtype {dtype}")
+                raise FoldRefused(Reason.DTYPE_MISMATCH, f"C dtype {bias.dtype} differs from B dtype {dtype}")
             if bias.ndim > 2:
-                raise FoldRefused("unsupported_shape", f"Gemm C of shape {bias.shape}")
+                raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Gemm C of shape {bias.shape}")
             new_bias = float_attribute(gemm, "beta", 1.0) * bias.astype(np.float64) + moved
         updates.append(TensorUpdate(gemm, 2, new_bias, dtype, "bias"))
         return Rewrite(self.name, run, gemm, updates, attributes=[(gemm, "beta", 1.0)], reader=reader)
@@ -256,7 +258,9 @@ class BnMatMul(_BackwardUnit):
             return None
         weight = weight_of(reader, index)
         if weight.ndim != 2:
-            raise FoldRefused("matmul_rank", f"{index.node_label(reader)} has a batched weight of rank {weight.ndim}")
+            raise FoldRefused(
+                Reason.MATMUL_RANK, f"{index.node_label(reader)} has a batched weight of rank {weight.ndim}"
+            )
         rank = tensor_rank(index, value, "the MatMul input")
         return Layer(reader, weight, ChannelSpace(rank - 1, rank, weight.shape[0]), reader.output[0])
 
@@ -273,7 +277,7 @@ class BnMatMul(_BackwardUnit):
             slot = elementwise_slots(bias_add, index)[1]  # type: ignore[index]  # matched by its slots
             bias = index.constants.value(bias_add.input[slot])
             if bias.dtype != dtype:
-                raise FoldRefused("dtype_mismatch", f"Add constant dtype {bias.dtype} differs from {dtype}")
+                raise FoldRefused(Reason.DTYPE_MISMATCH, f"Add constant dtype {bias.dtype} differs from {dtype}")
             updates.append(TensorUpdate(bias_add, slot, bias.astype(np.float64) + moved, dtype, "bias"))
             return Rewrite(self.name, run, matmul, updates, reader=reader)
         if not run.worth_replacing_by(1):

@@ -14,6 +14,7 @@ from onnx import NodeProto
 from bnfold.core.affine import FoldRefused, ScaledWeight
 from bnfold.onnx.fold.patterns.runs import AffineRun
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -112,7 +113,7 @@ class Pattern(Protocol):
 
 def float_dtype(array: np.ndarray, what: str) -> np.dtype:
     if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
-        raise FoldRefused("unsupported_dtype", f"{what} has dtype {array.dtype}, not a float type")
+        raise FoldRefused(Reason.UNSUPPORTED_DTYPE, f"{what} has dtype {array.dtype}, not a float type")
     return array.dtype
 
 
@@ -124,7 +125,7 @@ def constant(index: GraphIndex, node: NodeProto, slot: int, what: str) -> np.nda
         return index.constants.value(node.input[slot])
     except FoldRefused as refusal:
         raise FoldRefused(
-            "non_constant_weight" if refusal.code == "non_constant_params" else refusal.code,
+            Reason.NON_CONSTANT_WEIGHT if refusal.code == Reason.NON_CONSTANT_PARAMS else refusal.code,
             f"{what} of {index.node_label(node)}: {refusal.message}",
         ) from None
 

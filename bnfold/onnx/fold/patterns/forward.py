@@ -33,6 +33,7 @@ from bnfold.onnx.fold.patterns.runs import (
     require_sole_reader,
 )
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 
 class _ForwardUnit:
@@ -67,10 +68,10 @@ class _ForwardUnit:
             return None
         links = above + links_from(site.anchor, index, site.chains)
         if mapper is not None:
-            require_sole_reader(layer.output, mapper, index, "producer")
-        require_sole_reader(value, links[0], index, "producer")
+            require_sole_reader(layer.output, mapper, index, "input")
+        require_sole_reader(value, links[0], index, "input")
         for upper, lower in zip(links, links[1 : len(above) + 1], strict=False):
-            require_sole_reader(upper.output[0], lower, index, "producer")
+            require_sole_reader(upper.output[0], lower, index, "input")
         space = layer.space if mapper is None else space_after(mapper, layer.space, index)
         run = read_run(links, index, space, required=len(above) + 1)
         return self.fold(layer, run, space, mapper, index)
@@ -131,7 +132,7 @@ class ConvTransposeBn(_ForwardUnit):
         weight = weight_of(deconv, index, min_rank=3)
         groups = int_attribute(deconv, "group", 1)
         if groups < 1 or weight.shape[0] % groups:
-            raise FoldRefused("unsupported_shape", f"ConvTranspose weight {weight.shape} with group={groups}")
+            raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"ConvTranspose weight {weight.shape} with group={groups}")
         return Layer(deconv, weight, ChannelSpace(1, weight.ndim, weight.shape[1] * groups), value)
 
     def fold(self, layer: Layer, run: AffineRun, space: ChannelSpace, mapper: NodeProto | None,
@@ -165,7 +166,7 @@ class GemmBn(_ForwardUnit):
             return None
         weight = weight_of(gemm, index)
         if weight.ndim != 2:
-            raise FoldRefused("unsupported_shape", f"Gemm B has rank {weight.ndim}")
+            raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Gemm B has rank {weight.ndim}")
         axis = 0 if int_attribute(gemm, "transB", 0) else 1
         return Layer(gemm, weight, ChannelSpace(1, 2, weight.shape[axis]), value)
 
@@ -180,10 +181,10 @@ class GemmBn(_ForwardUnit):
             new_bias = affine.shift
         else:
             if bias.dtype != dtype:
-                raise FoldRefused("dtype_mismatch", f"C dtype {bias.dtype} differs from B dtype {dtype}")
+                raise FoldRefused(Reason.DTYPE_MISMATCH, f"C dtype {bias.dtype} differs from B dtype {dtype}")
             as_2d = bias.astype(np.float64).reshape((1,) * (2 - bias.ndim) + bias.shape)
             if bias.ndim > 2 or as_2d.shape[1] not in (1, channels):  # type: ignore[misc]  # 2-D unless refused
-                raise FoldRefused("unsupported_shape", f"Gemm C of shape {bias.shape}")
+                raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Gemm C of shape {bias.shape}")
             new_bias = (beta * as_2d) * affine.scale + affine.shift
             if bias.ndim < 2 and new_bias.shape[0] == 1:
                 new_bias = new_bias.reshape(channels)
@@ -229,7 +230,7 @@ class MatMulBn(_ForwardUnit):
             rank = None if input_type is None else input_type.rank  # type: ignore[assignment]  # 2, or refused
             if rank != 2 or weight.ndim != 2:
                 raise FoldRefused(
-                    "matmul_rank",
+                    Reason.MATMUL_RANK,
                     f"MatMul input rank is {'unknown' if rank is None else rank}, weight rank {weight.ndim}: only "
                     "in 2-D is a BN's channel axis the feature axis",
                 )
@@ -246,11 +247,11 @@ class MatMulBn(_ForwardUnit):
         updates = [TensorUpdate(matmul, 1, ScaledWeight(layer.weight, features.scale, axis=-1), dtype, "weight")]
         if layer.bias_add is not None:
             add = layer.bias_add
-            require_sole_reader(matmul.output[0], add, index, "producer")
+            require_sole_reader(matmul.output[0], add, index, "input")
             data_slot, bias_slot = elementwise_slots(add, index)  # type: ignore[misc]  # matched by its slots
             bias = index.constants.value(add.input[bias_slot])
             if bias.dtype != dtype:
-                raise FoldRefused("dtype_mismatch", f"Add constant dtype {bias.dtype} differs from {dtype}")
+                raise FoldRefused(Reason.DTYPE_MISMATCH, f"Add constant dtype {bias.dtype} differs from {dtype}")
             features_bias = link_affine(add, index, layer.space).shift
             updates.append(TensorUpdate(add, bias_slot, features.apply(features_bias), dtype, "bias"))
             return Rewrite(self.name, run, matmul, updates, tail=mapper or add)

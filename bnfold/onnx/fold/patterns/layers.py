@@ -12,6 +12,7 @@ from bnfold.core.affine import FoldRefused
 from bnfold.onnx.fold.patterns.base import constant, float_dtype
 from bnfold.onnx.fold.patterns.runs import ChannelSpace
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 
 class Layer(NamedTuple):
@@ -38,10 +39,10 @@ def is_op(node: NodeProto | None, op_type: str) -> TypeGuard[NodeProto]:
 def weight_of(node: NodeProto, index: GraphIndex, slot: int = 1, min_rank: int = 2) -> np.ndarray:
     weight = constant(index, node, slot, "weight")
     if weight is None:
-        raise FoldRefused("non_constant_weight", f"{index.node_label(node)} has no weight input")
+        raise FoldRefused(Reason.NON_CONSTANT_WEIGHT, f"{index.node_label(node)} has no weight input")
     float_dtype(weight, "weight")
     if weight.ndim < min_rank:
-        raise FoldRefused("unsupported_shape", f"{index.node_label(node)} weight has rank {weight.ndim}")
+        raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"{index.node_label(node)} weight has rank {weight.ndim}")
     return weight
 
 
@@ -51,14 +52,14 @@ def bias_of(node: NodeProto, index: GraphIndex, slot: int, channels: int, dtype:
     if bias is None:
         return np.zeros(channels)
     if bias.shape != (channels,):
-        raise FoldRefused("channel_mismatch", f"bias of shape {bias.shape} for {channels} channels")
+        raise FoldRefused(Reason.CHANNEL_MISMATCH, f"bias of shape {bias.shape} for {channels} channels")
     if bias.dtype != dtype:
-        raise FoldRefused("dtype_mismatch", f"bias dtype {bias.dtype} differs from weight dtype {dtype}")
+        raise FoldRefused(Reason.DTYPE_MISMATCH, f"bias dtype {bias.dtype} differs from weight dtype {dtype}")
     return bias.astype(np.float64)
 
 
 def tensor_rank(index: GraphIndex, name: str, what: str) -> int:
     value_type = index.value_type(name)
     if value_type is None or value_type.rank is None:
-        raise FoldRefused("unknown_shape", f"the rank of {what} {name!r} is unknown")
+        raise FoldRefused(Reason.UNKNOWN_SHAPE, f"the rank of {what} {name!r} is unknown")
     return value_type.rank

@@ -16,6 +16,7 @@ from onnx import NodeProto
 from bnfold.core.affine import FoldRefused
 from bnfold.onnx.fold.patterns.runs import ChannelSpace
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 MAPPER_OPS = ("Transpose", "Reshape", "Flatten")
 
@@ -29,7 +30,7 @@ def _permutation(node: NodeProto, rank: int) -> list[int]:
         if attribute.name == "perm":
             perm = [int(p) for p in attribute.ints]
             if sorted(perm) != list(range(rank)):
-                raise FoldRefused("unsupported_shape", f"Transpose perm {perm} for a rank-{rank} tensor")
+                raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Transpose perm {perm} for a rank-{rank} tensor")
             return perm
     return list(reversed(range(rank)))
 
@@ -37,7 +38,7 @@ def _permutation(node: NodeProto, rank: int) -> list[int]:
 def _static_shape(index: GraphIndex, name: str, what: str) -> tuple[int | None, ...]:
     value_type = index.value_type(name)
     if value_type is None or value_type.shape is None:
-        raise FoldRefused("unknown_shape", f"the shape of {what} {name!r} is unknown")
+        raise FoldRefused(Reason.UNKNOWN_SHAPE, f"the shape of {what} {name!r} is unknown")
     return value_type.shape
 
 
@@ -47,7 +48,7 @@ def _feature_blocks(run_shape: tuple[int | None, ...], features: int, mapper: No
     trailing: tuple[int, ...] = run_shape[1:]  # type: ignore[assignment]  # a None in it is refused first
     if len(run_shape) < 2 or any(d is None for d in trailing) or math.prod(trailing) != features:
         raise FoldRefused(
-            "reshape_mixes_channels",
+            Reason.RESHAPE_MIXES_CHANNELS,
             f"{mapper.op_type} {mapper.name!r} does not keep each channel of shape {list(run_shape)} as one "
             f"contiguous block of the {features} features",
         )
@@ -57,7 +58,7 @@ def _feature_blocks(run_shape: tuple[int | None, ...], features: int, mapper: No
 def _require_innermost(layer_space: ChannelSpace, mapper: NodeProto) -> None:
     if layer_space.axis != layer_space.rank - 1:
         raise FoldRefused(
-            "reshape_mixes_channels",
+            Reason.RESHAPE_MIXES_CHANNELS,
             f"{mapper.op_type} {mapper.name!r} reshapes a tensor whose channel axis is not its last axis",
         )
 

@@ -9,7 +9,7 @@ therefore always read *for* a layer, through a :class:`ChannelSpace`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from onnx import NodeProto
@@ -17,6 +17,7 @@ from onnx import NodeProto
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.onnx.fold.batchnorm import batchnorm_affine
 from bnfold.onnx.graph.index import GraphIndex
+from bnfold.reasons import Reason
 
 ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
 _SHIFT_OPS = ("Add", "Sub")
@@ -92,7 +93,7 @@ def link_affine(node: NodeProto, index: GraphIndex, space: ChannelSpace) -> Chan
     if is_batchnorm(node):
         if space.axis != 1:
             raise FoldRefused(
-                "channel_axis",
+                Reason.CHANNEL_AXIS,
                 f"{label} normalizes axis 1, but the layer's channels are axis {space.axis} of a "
                 f"rank-{space.rank} tensor",
             )
@@ -102,19 +103,19 @@ def link_affine(node: NodeProto, index: GraphIndex, space: ChannelSpace) -> Chan
         assert slots is not None, "only links have a per-channel map"
         values = index.constants.value(node.input[slots[1]])
         if values.dtype.kind != "f" and values.dtype.name != "bfloat16":
-            raise FoldRefused("unsupported_dtype", f"{label} has a {values.dtype} constant, not a float one")
+            raise FoldRefused(Reason.UNSUPPORTED_DTYPE, f"{label} has a {values.dtype} constant, not a float one")
         vector = _per_channel(values, space, node.op_type, label)
         affine = ChannelAffine.from_elementwise(node.op_type, vector, constant_first=slots[1] == 0)
     if affine.channels != space.channels:
         raise FoldRefused(
-            "channel_mismatch", f"{label} has {affine.channels} channels but the layer has {space.channels}"
+            Reason.CHANNEL_MISMATCH, f"{label} has {affine.channels} channels but the layer has {space.channels}"
         )
     return affine
 
 
 def _per_channel(values: np.ndarray, space: ChannelSpace, op: str, label: str) -> np.ndarray:
     """The per-channel vector of a constant, proven by broadcasting its actual shape against the rank."""
-    code = "bias_not_per_channel" if op in _SHIFT_OPS else "scale_not_per_channel"
+    code = Reason.BIAS_NOT_PER_CHANNEL if op in _SHIFT_OPS else Reason.SCALE_NOT_PER_CHANNEL
     shape = values.shape
     if len(shape) > space.rank:
         raise FoldRefused(code, f"{label}: a constant of shape {shape} adds axes to a rank-{space.rank} tensor")
@@ -174,13 +175,20 @@ def read_run(nodes: list[NodeProto], index: GraphIndex, space: ChannelSpace, *, 
     return AffineRun(chosen, affine, data_input(chosen[0], index), chosen[-1].output[0])
 
 
-def require_sole_reader(value: str, reader: NodeProto, index: GraphIndex, side: str) -> None:
+def require_sole_reader(value: str, reader: NodeProto, index: GraphIndex, side: Literal["input", "output"]) -> None:
     """``reader`` must be the only reader of ``value``, which must not be a graph output: a fold changes
-    the value (``side`` names it in reason codes: ``producer`` or ``output``)."""
+    the value (``side`` says which side of the batch norm it is on, for the reason code)."""
+    graph_output, fan_out = _SOLE_READER_REASONS[side]
     if index.is_graph_output(value):
-        raise FoldRefused(f"{side}_graph_output", f"{value!r} is a graph output, so it must keep its value")
+        raise FoldRefused(graph_output, f"{value!r} is a graph output, so it must keep its value")
     readers = index.users(value)
     if readers != [reader]:
         raise FoldRefused(
-            f"{side}_fan_out", f"{value!r} has {len(readers)} readers; folding would change what the others read"
+            fan_out, f"{value!r} has {len(readers)} readers; folding would change what the others read"
         )
+
+
+_SOLE_READER_REASONS = {
+    "input": (Reason.INPUT_GRAPH_OUTPUT, Reason.INPUT_FAN_OUT),
+    "output": (Reason.OUTPUT_GRAPH_OUTPUT, Reason.OUTPUT_FAN_OUT),
+}

@@ -22,6 +22,7 @@ from bnfold.onnx.fold.batchnorm import batchnorm_affine
 from bnfold.onnx.fold.patterns.base import FLOAT_TYPES, DepthwiseConv, Elementwise, Replacement, Rewrite, Site
 from bnfold.onnx.fold.patterns.layers import tensor_rank
 from bnfold.onnx.fold.patterns.runs import AffineRun, ChannelSpace, is_batchnorm, links_from, read_run
+from bnfold.reasons import Reason
 
 # Element types whose depthwise Conv onnxruntime's CPU provider (like most runtimes) can run.
 _CONV_TYPES = {np.dtype(np.float32), np.dtype(np.float16)}
@@ -36,7 +37,7 @@ class _Standalone:
             return None
         value_type = index.value_type(bn.input[0])
         if value_type is None or value_type.elem_type not in FLOAT_TYPES:
-            raise FoldRefused("unsupported_dtype", f"the input of {index.node_label(bn)} has no known float type")
+            raise FoldRefused(Reason.UNSUPPORTED_DTYPE, f"the input of {index.node_label(bn)} has no known float type")
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value_type.elem_type))
         rank = tensor_rank(index, bn.input[0], "the BN input")
         space = ChannelSpace(1, rank, batchnorm_affine(bn, index).channels)

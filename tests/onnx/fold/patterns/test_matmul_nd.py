@@ -86,7 +86,7 @@ def test_matmul_output_read_elsewhere_is_left():
     g = GraphBuilder()
     y = g.node("MatMul", [g.input("x", [2, 3, 5]), g.weight([5, 4])])
     model = g.model([g.bn(g.node("Transpose", [y], perm=[0, 2, 1]), 4), g.node("Relu", [y])])
-    assert only_record(fold(model)).reason == "producer_fan_out"
+    assert only_record(fold(model)).reason == "input_fan_out"
 
 
 def test_skipping_matmul_nd_bn_leaves_it():

@@ -66,7 +66,7 @@ def left_behind_model() -> onnx.ModelProto:
 
 
 EXPECTED_REASONS = {
-    "after_relu": "no_linear_producer",
+    "after_relu": "no_linear_neighbour",
     "zero_scale": "padding",
     "shared_output": "output_fan_out",
     "columns_bias": "bias_not_per_channel",

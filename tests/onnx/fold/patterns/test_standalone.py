@@ -29,7 +29,7 @@ def relu_bn_model(shape=(2, 3, 4, 4), dtype=np.float32, param_dtype=None, opset:
 
 def test_standalone_bn_is_left_by_default_with_a_hint():
     (record,) = fold(relu_bn_model()).report.records
-    assert (record.status, record.reason) == ("left", "no_linear_producer")
+    assert (record.status, record.reason) == ("left", "no_linear_neighbour")
     assert "Relu" in record.message and "--standalone" in record.message and "mul-add" in record.message
 
 
@@ -161,7 +161,7 @@ def test_cli_standalone_option_for_inspect_and_fold(tmp_path):
     onnx.save(relu_bn_model(), path)
     runner = CliRunner()
     left = runner.invoke(main, ["inspect", str(path), "--json"])
-    assert left.exit_code == 0 and json.loads(left.output)["batchnorms"][0]["reason"] == "no_linear_producer"
+    assert left.exit_code == 0 and json.loads(left.output)["batchnorms"][0]["reason"] == "no_linear_neighbour"
     rewritten = runner.invoke(main, ["inspect", str(path), "--standalone", "mul-add", "--json"])
     assert json.loads(rewritten.output)["batchnorms"][0]["pattern"] == "standalone-mul-add"
     folded = runner.invoke(main, ["fold", str(path), "-o", str(tmp_path / "out.onnx"), "--standalone", "mul-add"])
