@@ -11,7 +11,8 @@ overridable); the case lists them in ``must_stay``.
 :func:`check` runs :func:`bnfold.fold_onnx` on a case and returns every property it breaks: no crash, a
 model ``onnx.checker`` accepts, the same outputs as the original under onnxruntime with optimizations off
 (``onnx.reference`` where onnxruntime has no kernel), every unsafe batch norm still there and recorded as
-left, and idempotence (folding the result again folds nothing and changes no byte).
+left, every batch norm left with a :class:`bnfold.reasons.Reason`, and idempotence (folding the result again
+folds nothing and changes no byte).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bnfold.core.compare import default_tolerances
 from bnfold.core.report import BnRecord
 from bnfold.onnx.fold.patterns import PATTERN_NAMES, STANDALONE_MODES
 from bnfold.onnx.verify.reference_fixes import reference_evaluator
+from bnfold.reasons import Reason
 
 DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
 OPSETS = (13, 15, 17, 21)
@@ -600,6 +602,8 @@ def check(case: FuzzCase) -> Verdict:
             problems.append("not equivalent: the fold of the float64 twin computes something else")
     remaining = _batchnorms(result.model.graph)
     left = {r.bn for r in result.report.records if r.status == "left"}
+    problems += [f"{r.bn} left with reason {r.reason!r}, not a Reason" for r in result.report.records
+                 if r.status == "left" and not isinstance(r.reason, Reason)]
     for name, why in sorted(case.must_stay.items()):
         if name not in remaining or name not in left:
             problems.append(f"unsafe batch norm {name} ({why}) was folded")
