@@ -20,9 +20,12 @@ class Reason(str, Enum):
         member.meaning = meaning
         return member
 
-    # The code itself wherever the member is printed, as enum.StrEnum does (Python 3.11+ only).
-    __str__ = str.__str__
-    __format__ = str.__format__
+    # The code itself wherever the member is printed, as enum.StrEnum (Python 3.11+ only) does.
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
     # The batch norm itself
     TRAINING_MODE = "training_mode", "it normalizes with batch statistics (training mode), not running ones"
