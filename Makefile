@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	$(BIN)/bnfold fold $(SAMPLE) -o build/resnet_small.folded.onnx
 
 test: $(VENV)/.installed
-	$(BIN)/ruff check bnfold tests models cli.py
+	$(BIN)/ruff check bnfold tests models bench cli.py
 	$(BIN)/mypy
 	$(BIN)/pytest -q $(PYTEST_FLAGS)
 

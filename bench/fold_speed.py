@@ -5,7 +5,8 @@ change in background load hits every tool alike; each run is a fresh worker proc
 time of the whole process (what a user waits for), the time of the work alone (excluding interpreter start
 and imports), and the peak resident set. After the last round each output is checked: batch norms and nodes
 left, ``onnx.checker``, and equivalence with the original under onnxruntime at ``ORT_DISABLE_ALL``
-(:func:`bnfold.onnx.verify.verify.verify_onnx`, which falls back to ``onnx.reference`` where onnxruntime lacks a kernel).
+(:func:`bnfold.onnx.verify.verify.verify_onnx`, which falls back to ``onnx.reference`` where onnxruntime lacks
+a kernel).
 """
 
 from __future__ import annotations

@@ -491,9 +491,9 @@ def _tools(results: dict[str, Any]) -> list[str]:
         "## Every tool on the benchmark models",
         "",
         "What each tool leaves and whether its output is right: batch norms and nodes before → after, output size, "
-        "and the check of the output (`onnx.checker` full check, then `bnfold.onnx.verify.verify` against the original at "
-        "`ORT_DISABLE_ALL` on 2 random inputs; the percentage is how much of the default float32 tolerance the "
-        "largest difference used). Times are the median whole-command wall time (× the floor).",
+        "and the check of the output (`onnx.checker` full check, then `bnfold.onnx.verify.verify` against the "
+        "original at `ORT_DISABLE_ALL` on 2 random inputs; the percentage is how much of the default float32 "
+        "tolerance the largest difference used). Times are the median whole-command wall time (× the floor).",
         "",
     ]
     names = [row["tool"] for row in tools[0]["tools"] if row["tool"] != "floor"]
