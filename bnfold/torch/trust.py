@@ -47,8 +47,8 @@ def require_safe(data: bytes, kind: str, name: str, trust: bool) -> None:
             f"{name}: {why}, so loading or running it could run code of the file's choosing: refusing it "
             "without trust_pickle=True (--trust-pickle)"
         ) from None
-    except (zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read {name}: {error}") from error
+    except Exception as error:  # parsing the file's own bytes: any failure means a damaged file
+        raise InputError(f"cannot read {name}: {type(error).__name__}: {error}") from error
 
 
 def _members(archive: zipfile.ZipFile) -> dict[str, str]:
