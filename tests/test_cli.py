@@ -87,8 +87,8 @@ def test_output_equal_to_input_is_refused_without_the_flag(model_path):
         (["verify", "MODEL", "missing.onnx"], "no such file"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path, args, message):
-    os.chdir(tmp_path)
+def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, [str(model_path) if a == "MODEL" else a for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output

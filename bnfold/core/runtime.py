@@ -32,4 +32,17 @@ def unoptimized_session(
     """A CPU session on ``model`` (serialized bytes, or a path, from which external data resolves) with
     ``options`` (default :func:`unoptimized_options`)."""
     source = model if isinstance(model, bytes) else os.fspath(model)
+    if isinstance(source, str) and not _utf8(source):
+        # onnxruntime takes only UTF-8 paths: read the bytes here (external data then cannot be found).
+        with open(source, "rb") as handle:
+            source = handle.read()
     return ort.InferenceSession(source, options or unoptimized_options(), providers=["CPUExecutionProvider"])
+
+
+def _utf8(path: str) -> bool:
+    """Whether ``path`` (a file system name, non-UTF-8 bytes as surrogates) is valid UTF-8."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -50,9 +50,11 @@ class OnnxFolded:
         return self.store.base_dir if has_external_tensors(self.store.proto) else None
 
     def write(self, path: Path, *, external_data: str | None = None,
-              external_threshold: int = limits.PROTOBUF_LIMIT) -> list[Path]:
-        """:func:`bnfold.write_model` for this result; returns the paths written."""
-        return self.store.write(path, external_data=external_data, external_threshold=external_threshold)
+              external_threshold: int = limits.PROTOBUF_LIMIT, overwrite_input: bool = False) -> list[Path]:
+        """:func:`bnfold.write_model` for this result; returns the paths written. No file of the input (model
+        file, external data files) is replaced unless ``overwrite_input`` and ``path`` is the input itself."""
+        return self.store.write(path, external_data=external_data, external_threshold=external_threshold,
+                                overwrite_input=overwrite_input)
 
 
 def enabled_patterns(only: Iterable[str] | None = None, skip: Iterable[str] | None = None,

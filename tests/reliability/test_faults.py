@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pathlib
 import random
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold.onnx.store.io as bnfold_io
 from bnfold import OutputError, fold_onnx
 from bnfold.cli import main
+from bnfold.core.atomic import AtomicFiles
 from bnfold.onnx.store import limits
 from tests.support.bad_inputs import conv_bn
 
@@ -75,18 +75,13 @@ class _FillingDisk:
 
 
 def full_disk_on_write(monkeypatch) -> None:
-    """Every write of the output, through Path.write_bytes or a file bnfold opens, fills the disk."""
-    def write_half(path: pathlib.Path, data: bytes) -> int:
-        with open(path, "wb") as handle:
-            _FillingDisk(handle).write(data)
-        return 0
+    """Every file the atomic writer hands out fills the disk on its first write."""
+    create = AtomicFiles.create
 
-    def open_filling(path, mode="r", *args, **kwargs):
-        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 - closed by the wrapper
-        return _FillingDisk(handle) if "w" in mode else handle
+    def create_filling(self, destination):
+        return _FillingDisk(create(self, destination))
 
-    monkeypatch.setattr(pathlib.Path, "write_bytes", write_half)
-    monkeypatch.setattr(bnfold_io, "open", open_filling, raising=False)
+    monkeypatch.setattr(AtomicFiles, "create", create_filling)
 
 
 def full_disk_on_fsync(monkeypatch) -> None:
@@ -130,18 +125,33 @@ def command(source: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bnfold", "fold", str(source), "-o", str(out), "--no-verify", *extra]
 
 
-def staging_started(directory: Path, name: str) -> bool:
-    return any(entry.startswith(f".{name}.") for entry in os.listdir(directory))
+def staging_started(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` has begun writing into ``directory``: it holds an unnamed file there (the
+    atomic writer's O_TMPFILE, which /proc shows as ``#inode (deleted)``) or a named temporary file exists."""
+    if any(entry.startswith(".bnfold-") for entry in os.listdir(directory)):
+        return True
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in descriptors:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(f"{directory}/#") or (target.startswith(f"{directory}/") and "(deleted)" in target):
+            return True
+    return False
 
 
-def interrupt(args: list[str], signum: int, *, at: float | None, directory: Path, name: str
+def interrupt(args: list[str], signum: int, *, at: float | None, directory: Path
               ) -> subprocess.CompletedProcess[str]:
     """Run ``args`` and send ``signum`` ``at`` seconds after the start, or (``at`` None) as soon as the
     write's staging directory appears."""
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
     while process.poll() is None:
-        due = staging_started(directory, name) if at is None else time.monotonic() - started >= at
+        due = staging_started(process.pid, directory) if at is None else time.monotonic() - started >= at
         if due:
             process.send_signal(signum)
             break
@@ -182,8 +192,7 @@ def test_an_interrupt_mid_write_leaves_the_old_output_or_the_complete_new_one(bi
         signum = (signal.SIGINT, signal.SIGTERM)[run % 2]
         for name, content in old.items():
             (out_dir / name).write_bytes(content)
-        completed = interrupt(command(big_model, out_dir / "out.onnx", *extra), signum, at=at, directory=out_dir,
-                              name="out.onnx")
+        completed = interrupt(command(big_model, out_dir / "out.onnx", *extra), signum, at=at, directory=out_dir)
         after = {p.name: p.read_bytes() for p in out_dir.iterdir() if not p.name.startswith(".")}
         assert leftovers(out_dir) == [], f"temporary files left after {signal.Signals(signum).name} at {at}"
         # Outside the command's own run (interpreter start-up and shutdown) the signal ends the process the

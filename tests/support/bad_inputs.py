@@ -818,7 +818,8 @@ def run_api_subprocess(case: BadInput, timeout: float = 300) -> list[str]:
     the case needs them); its problems."""
     prefix = _prefix(case)
     completed = subprocess.run([*prefix, sys.executable, "-m", "tests.support.bad_inputs", case.key],
-                               capture_output=True, text=True, timeout=timeout, check=False)
+                               capture_output=True, text=True, timeout=timeout, check=False,
+                               cwd=Path(__file__).resolve().parents[2])  # the checkout, whatever the cwd
     if completed.returncode != 0:
         return [f"the API check died (exit {completed.returncode}): {completed.stderr.strip()[-300:]}"]
     return json.loads(completed.stdout)

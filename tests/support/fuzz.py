@@ -267,11 +267,15 @@ def render(results: dict[str, Any]) -> str:
         "",
         "## Faults",
         "",
-        "- **Atomic writes.** Every output (ONNX, its external data file, PyTorch files) is written to a "
-        "temporary in the destination directory, fsynced and renamed over the destination; a model and its "
-        "data file are renamed together with signals deferred, so an interrupt never splits the pair. "
+        "- **Atomic writes.** Every ONNX output and its external data file is written to an unnamed file "
+        "(`O_TMPFILE`) in the destination directory, fsynced, and linked and renamed over the destination "
+        "(`core/atomic.AtomicFiles`); a model and its data file are put in place together with signals "
+        "deferred, so an interrupt never splits the pair, and a kill during the write leaves nothing. PyTorch "
+        "files, which torch writes to a path, go through a short named temporary (`.bnfold-*.tmp`) removed "
+        "with signals deferred. No output may replace a file the input consists of (model file, external "
+        "data files, under any name), nor a FIFO, device or socket. "
         "`tests/reliability/test_faults.py` sends SIGINT and SIGTERM to `bnfold fold` on a 25 MiB model, both "
-        "the moment the staging directory appears and at random times: the destination is always the old "
+        "the moment the write begins and at random times: the destination is always the old "
         "file or the complete new one, no temporary remains, and the command exits 128+signal with one line.",
         "- **Disk full.** Simulated by a writer that stores half and fails with ENOSPC, by an fsync that "
         "fails, and (as root) by a 64 KiB tmpfs: `OutputError`, exit 2, the previous output intact.",

@@ -13,9 +13,8 @@ import contextlib
 import functools
 import itertools
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,8 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, TensorProto
 
-from bnfold.core.atomic import fsync_directory, fsync_file
-from bnfold.core.interrupts import deferred_interrupts
+from bnfold.core.atomic import AtomicFiles, check_destination, replaces_any
 from bnfold.errors import InputError, OutputError
 from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import (
@@ -68,6 +66,10 @@ def read_model_lazy(path: str | os.PathLike[str]) -> ModelProto:
     in the file too: they become external references to the file itself (see :mod:`bnfold.onnx.store.wire`),
     read only when a fold needs them. Their base directory is ``Path(path).parent``."""
     source = _regular_file(path)
+    if os.path.dirname(os.path.realpath(source)) != os.path.realpath(source.parent):
+        # A symlink into another directory: external data is found beside the path given (as onnx and
+        # onnxruntime look for it), where references to the file itself would lead outside; read it whole.
+        return read_model(source, load_external_data=False)
     try:
         model = read_skeleton(source, limits.LAZY_MIN_BYTES)
     except (WireError, DecodeError, ValueError, RuntimeError, OSError):
@@ -159,25 +161,25 @@ def write_model(
     external_threshold: int = limits.PROTOBUF_LIMIT,
     base_dir: str | os.PathLike[str] | None = None,
     held: HeldTensors | None = None,
+    protected: Sequence[Path] = (),
 ) -> list[Path]:
-    """Write ``model`` atomically: a temporary directory next to the destination, fsync, rename.
+    """Write ``model`` atomically (:class:`bnfold.core.atomic.AtomicFiles`: unnamed files beside the
+    destination, fsync, put in place together).
 
     Models whose tensors have ``external_threshold`` bytes or more (counting those still on disk, see
     :func:`tensor_bytes`), or that protobuf cannot hold in one message, are written with every
     tensor of ``limits.EXTERNAL_MIN_BYTES`` or more in one external data file next to the output, named
     ``external_data`` (a plain file name; default ``<name>.data``). Smaller models are one file. ``base_dir``
     is where a lazily read model's external tensors are (its source directory); ``held`` has the values of
-    tensors a fold kept outside the model (see ``held.HeldTensors``). ``model`` is not modified.
-    Returns the paths written; on failure nothing at the destination changes and no temporary file remains.
+    tensors a fold kept outside the model (see ``held.HeldTensors``). ``model`` is not modified. Neither the
+    model file nor its data file may replace any of ``protected`` (the input's files, see :func:`input_files`),
+    under any name. Returns the paths written; on failure nothing at the destination changes and no
+    temporary file remains.
     """
     destination = Path(path)
-    directory = destination.parent if str(destination.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"{destination}: directory {directory} does not exist")
-    if destination.is_dir():
-        raise OutputError(f"{destination}: is a directory")
+    directory = destination.parent
     location = external_data or f"{destination.name}.data"
-    _check_data_file_name(location, destination)
+    check_output(destination, location, protected)
     on_disk = [tensor for tensor in model_tensors(model) if is_external(tensor)]
     if on_disk and base_dir is None:
         raise OutputError(f"{destination}: the model keeps tensors in external files; pass the directory it was "
@@ -185,39 +187,52 @@ def write_model(
     source_dir = Path(base_dir) if base_dir is not None else directory
     check_external_refs(on_disk, source_dir)
     check_held_sources((held or {}).values())
-    staging: Path | None = None
     try:
-        try:
-            # Deferred, so an interrupt cannot fall between creating the directory and knowing to remove it.
-            with deferred_interrupts():
-                staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory))
-        except OSError as error:
-            raise OutputError(f"{destination}: cannot write to {directory} ({error.strerror or error})") from None
-        staged = staging / destination.name
-        moves: list[tuple[Path, Path]] = []
-        one_message = (tensor_bytes(model) < external_threshold
-                       and _write_one_message(model, staged, source_dir, held))
-        if not one_message:
-            with open(staging / location, "wb") as data_file:
-                writer = _DataFileWriter(data_file, location, source_dir, held)
-                serialized = _copy_model(model, writer).SerializeToString()
-                if data_file.tell():  # no tensor was large enough: no data file
-                    moves.append((staging / location, directory / location))
-            staged.write_bytes(serialized)
+        with AtomicFiles(directory) as files:
+            if tensor_bytes(model) < external_threshold:
+                handle = files.create(destination)
+                if _write_one_message(model, handle, source_dir, held):
+                    return files.commit()
+                files.drop(handle)
+            # The data file first: it is put in place first, so a model never names a data file not yet there.
+            data_file = files.create(directory / location)
+            writer = _DataFileWriter(data_file, location, source_dir, held)
+            serialized = _copy_model(model, writer).SerializeToString()
+            if not data_file.tell():  # no tensor was large enough: no data file
+                files.drop(data_file)
+            files.create(destination).write(serialized)
             del serialized
-        moves.append((staged, destination))
-        for source, _ in moves:
-            fsync_file(source)
-        with deferred_interrupts():  # a model and its data file are replaced together or not at all
-            for source, target in moves:
-                os.replace(source, target)
-        fsync_directory(directory)
-        return [target for _, target in moves]
+            return files.commit()
     except OSError as error:
         raise OutputError(f"{destination}: write failed ({error.strerror or error}); nothing was replaced") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(destination: Path, data_file: str, protected: Sequence[Path] = ()) -> None:
+    """Refuse, before anything is computed, an output that cannot be written or would destroy an input:
+    :func:`bnfold.core.atomic.check_destination` for the model file and its data file ``data_file`` (a plain
+    name, placed beside it), neither of which may be the same file as one of ``protected``."""
+    _check_data_file_name(data_file, destination)
+    check_destination(destination)
+    targets = [destination]
+    if len(os.fsencode(data_file)) < _name_max(destination.parent):  # else it cannot exist (nor be written)
+        targets.append(destination.parent / data_file)
+        check_destination(targets[-1])
+    replaced = replaces_any(targets, list(protected))
+    if replaced is not None:
+        raise OutputError(f"{destination}: refusing to replace {replaced}, a file of the input model")
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def input_files(model: ModelProto, source: Path) -> list[Path]:
+    """The files a model read from ``source`` consists of: ``source`` and each external data file."""
+    refs = {external_ref(tensor, source.parent).path for tensor in model_tensors(model) if is_external(tensor)}
+    return [source, *(Path(path) for path in sorted(refs))]
 
 
 @contextlib.contextmanager
@@ -231,8 +246,8 @@ def staged_file(model: ModelProto, base_dir: Path | None, held: HeldTensors | No
         yield path
 
 
-def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: HeldTensors | None) -> bool:
-    """Write the whole model to ``path`` as one protobuf message, streaming the main graph's tensors; False,
+def _write_one_message(model: ModelProto, out: BinaryIO, base_dir: Path, held: HeldTensors | None) -> bool:
+    """Write the whole model to ``out`` as one protobuf message, streaming the main graph's tensors; False,
     having written nothing, if it would be 2 GiB or more, which protobuf refuses to read (this happens when
     the graph itself weighs more than the margin ``limits.PROTOBUF_LIMIT`` leaves below the tensors)."""
     attached = itertools.islice(model_tensors(model), len(model.graph.initializer), None)
@@ -240,8 +255,7 @@ def _write_one_message(model: ModelProto, path: Path, base_dir: Path, held: Held
         rest = _copy_model(model, lambda tensor: _inline_copy(tensor, base_dir), initializers=False)
     else:  # nothing to inline, so protobuf copies the nodes itself, not one by one in Python
         rest = without_initializers(model)
-    with open(path, "wb") as handle:
-        return write_inline(model, rest, handle, base_dir, held, limit=limits.PROTOBUF_MESSAGE_MAX)
+    return write_inline(model, rest, out, base_dir, held, limit=limits.PROTOBUF_MESSAGE_MAX)
 
 
 def _check_data_file_name(location: str, destination: Path) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
+from bnfold.core.atomic import same_file
 from bnfold.errors import InputError
 from bnfold.onnx.store import limits
 from bnfold.onnx.store.external import (
@@ -34,6 +35,7 @@ from bnfold.onnx.store.held import HeldTensors, HeldValue, clear_value, held_arr
 from bnfold.onnx.store.io import (
     check_supported,
     has_external_tensors,
+    input_files,
     read_model_lazy,
     set_inline,
     staged_file,
@@ -53,13 +55,17 @@ class ModelStore:
         # The file a lazily read model's large inline tensors are still in.
         self.source = source
         self.held: HeldTensors = {}
+        # The files the model was read from (model file and external data files): no write may replace them.
+        self.input_files: list[Path] = []
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> ModelStore:
         """The model in ``path``, its large tensors left on disk until they are read (``io.read_model_lazy``)."""
         proto = read_model_lazy(path)
         source = Path(path)
-        return cls(proto, source.parent if has_external_tensors(proto) else None, source)
+        store = cls(proto, source.parent if has_external_tensors(proto) else None, source)
+        store.input_files = input_files(proto, source)
+        return store
 
     @classmethod
     def copy_of(cls, proto: ModelProto) -> ModelStore:
@@ -137,10 +143,13 @@ class ModelStore:
             self.held_array(name)
 
     def write(self, path: str | os.PathLike[str], *, external_data: str | None = None,
-              external_threshold: int = limits.PROTOBUF_LIMIT) -> list[Path]:
-        """The model written atomically with every tensor streamed from where it is (``io.write_model``)."""
+              external_threshold: int = limits.PROTOBUF_LIMIT, overwrite_input: bool = False) -> list[Path]:
+        """The model written atomically with every tensor streamed from where it is (``io.write_model``).
+        No file the input consists of is replaced, unless ``overwrite_input`` and ``path`` is the input's
+        model file: then the whole input may be replaced."""
+        replacing = overwrite_input and bool(self.input_files) and same_file(self.input_files[0], Path(path))
         return write_model(self.proto, path, external_data=external_data, external_threshold=external_threshold,
-                           base_dir=self.base_dir, held=self.held)
+                           base_dir=self.base_dir, held=self.held, protected=[] if replacing else self.input_files)
 
     @contextlib.contextmanager
     def staged(self, *, external_threshold: int = limits.PROTOBUF_LIMIT) -> Iterator[Path]:

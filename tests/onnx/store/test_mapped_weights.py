@@ -115,7 +115,7 @@ def test_a_fold_written_over_its_own_input_reads_the_input_as_it_was(tmp_path: P
     """The atomic rename replaces the file's name, not the bytes the mapping reads."""
     model = chain()
     path = write(model, tmp_path)
-    fold_onnx(path, verify=False).write(path)
+    fold_onnx(path, verify=False).write(path, overwrite_input=True)
     assert onnx.load(path).SerializeToString() == fold_onnx(model, verify=False).model.SerializeToString()
 
 

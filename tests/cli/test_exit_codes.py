@@ -1,0 +1,76 @@
+"""Exit codes that tell the truth, through real processes: a written model is exit 0 whatever became of
+stdout (closed, a pipe whose reader left, a full device), and odd but valid options never exit 3."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tests.support.bad_inputs import conv_bn
+
+# Shell redirections a CI script may leave bnfold with.
+STDOUT_FATES = {
+    "closed": ">&-",
+    "closed-with-stderr": ">&- 2>&-",
+    "full-device": ">/dev/full",
+    "reader-gone": "| head -c 1 >/dev/null",
+}
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save(conv_bn(), path)
+    return path
+
+
+def shell(command: str, cwd: Path) -> int:
+    """``command`` under sh; its first stage's exit code (a pipeline's own is the last stage's)."""
+    status = cwd / "status"
+    script = f"{{ {command}; echo $? > {status}; }}" if "|" not in command else \
+        f"{{ {command.split('|')[0]}; echo $? > {status}; }} | {command.split('|', 1)[1]}"
+    subprocess.run(["sh", "-c", script], cwd=cwd, timeout=120, check=False)
+    return int(status.read_text())
+
+
+@pytest.mark.parametrize("fate", list(STDOUT_FATES))
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_written_model_is_exit_0_whatever_became_of_stdout(model: Path, fate: str, as_json: bool):
+    bnfold = f"{sys.executable} -m bnfold"
+    flags = " --json" if as_json else ""
+    code = shell(f"{bnfold} fold {model} -o out.onnx{flags} {STDOUT_FATES[fate]}", model.parent)
+    assert code == 0
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(model.parent / "out.onnx").graph.node}
+
+
+def test_a_closed_stdout_leaves_no_traceback_on_stderr(model: Path):
+    completed = subprocess.run(f"{sys.executable} -m bnfold fold {model} -o out.onnx >&-", shell=True,
+                               cwd=model.parent, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0 and completed.stderr == ""
+
+
+@pytest.mark.parametrize(("option", "code"), [
+    (["--seed", "-1"], 2), (["--seed", str(2**70)], 0), (["--iterations", "0"], 2), (["--rtol", "nan"], 2),
+])
+def test_odd_option_values_never_exit_3(model: Path, option: list[str], code: int):
+    completed = subprocess.run([sys.executable, "-m", "bnfold", "fold", model, "-o", model.parent / "o.onnx",
+                                *option], capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == code, completed.stderr
+    assert "Traceback" not in completed.stderr
+    if code:
+        assert completed.stderr.count("\n") == 1
+
+
+def test_exit_codes_do_not_depend_on_the_environment_encoding(model: Path):
+    """A C locale (ASCII) and a non-UTF-8 file name: still one model written, exit 0."""
+    odd = os.path.join(os.fsencode(model.parent), b"\xe9t\xe9.onnx")
+    os.rename(model, odd)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    completed = subprocess.run([sys.executable, "-m", "bnfold", "fold", odd], env=env, capture_output=True,
+                               timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
