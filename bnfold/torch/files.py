@@ -23,6 +23,7 @@ from bnfold.errors import InputError, OutputError, first_line
 from bnfold.torch.checks import compare, exact_math
 from bnfold.torch.result import TorchFolded, save_bytes, save_module
 from bnfold.torch.running import Inputs, random_inputs
+from bnfold.torch.trust import require_safe
 
 Format = Literal["pt2", "torchscript", "pickle"]
 Shapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
@@ -68,22 +69,36 @@ def fold_file(
         raise InputError(f"{source} does not exist or is not a file")
     kind = detect_format(source)
     say(f"{source.name}: {kind}")
-    fold = {"pt2": _fold_pt2, "torchscript": _fold_torchscript, "pickle": _fold_pickle}[kind]
+    fold = _FOLDERS[kind]
+    data = _checked_bytes(source, kind, trust_pickle)
     with exact_math():
         folded, report = fold(
-            source, trust_pickle=trust_pickle, input_shapes=input_shapes,
+            source, data=data, trust_pickle=trust_pickle, input_shapes=input_shapes,
             export_onnx=None if export_onnx is None else Path(export_onnx), verify=verify,
             allow_train_mode=allow_train_mode, tolerance={"rtol": rtol, "atol": atol}, say=say,
         )
     return FoldResult(folded, report)
 
 
+def _checked_bytes(source: Path, kind: Format, trust: bool) -> bytes | None:
+    """A .pt2 or TorchScript file's bytes, read once and proven not to run code of its own on loading or
+    running (:mod:`bnfold.torch.trust`); ``None`` for a pickle, which :func:`_load_pickle` refuses untrusted."""
+    if kind == "pickle":
+        return None
+    try:
+        data = source.read_bytes()
+    except OSError as error:
+        raise InputError(f"cannot read {source}: {error}") from error
+    require_safe(data, kind, source.name, trust)
+    return data
+
+
 def _fold_pt2(
-    source: Path, *, input_shapes, export_onnx, verify, tolerance, say, **_: Any
+    source: Path, *, data: bytes, input_shapes, export_onnx, verify, tolerance, say, **_: Any
 ) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.exported import fold_exported
 
-    program = _load(lambda: torch.export.load(str(source)), source, "a torch.export program")
+    program = _load(lambda: torch.export.load(io.BytesIO(data)), source, "a torch.export program")
     inputs = _program_inputs(program, input_shapes)
     reference = program.module()(*inputs.args, **inputs.kwargs) if inputs is not None else None
     say("folding the exported program")
@@ -103,12 +118,12 @@ def _fold_pt2(
 
 
 def _fold_torchscript(
-    source: Path, *, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say, **_: Any
+    source: Path, *, data: bytes, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say, **_: Any
 ) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.scripted import fold_scripted
 
-    original = _load(lambda: torch.jit.load(str(source), map_location="cpu"), source, "TorchScript")
-    work = torch.jit.load(str(source), map_location="cpu")
+    original = _load(lambda: torch.jit.load(io.BytesIO(data), map_location="cpu"), source, "TorchScript")
+    work = torch.jit.load(io.BytesIO(data), map_location="cpu")
     if work.training:
         if not allow_train_mode:
             raise InputError(_TRAIN_MODE)
@@ -132,7 +147,7 @@ def _fold_torchscript(
 
 
 def _fold_pickle(
-    source: Path, *, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say,
+    source: Path, *, data: None, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say,
 ) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.module import fold_module
 
@@ -142,6 +157,11 @@ def _fold_pickle(
         verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say, **tolerance,
     )
     return TorchFolded(result.model, save_module(result.model), source), result.report
+
+
+_FOLDERS: dict[Format, Callable[..., tuple[TorchFolded, FoldReport]]] = {
+    "pt2": _fold_pt2, "torchscript": _fold_torchscript, "pickle": _fold_pickle,
+}
 
 
 def _load_pickle(source: Path, trust_pickle: bool) -> nn.Module:
@@ -234,11 +254,12 @@ def _runnable(source: Path, trust_pickle: bool, input_shapes: Shapes | None) -> 
     if not source.is_file():
         raise InputError(f"{source} does not exist or is not a file")
     kind = detect_format(source)
+    data = _checked_bytes(source, kind, trust_pickle)
     if kind == "pt2":
-        program = _load(lambda: torch.export.load(str(source)), source, "a torch.export program")
+        program = _load(lambda: torch.export.load(io.BytesIO(data)), source, "a torch.export program")  # type: ignore[arg-type]
         return program.module(), _program_inputs(program, input_shapes)
     if kind == "torchscript":
-        model = _load(lambda: torch.jit.load(str(source), map_location="cpu"), source, "TorchScript")
+        model = _load(lambda: torch.jit.load(io.BytesIO(data), map_location="cpu"), source, "TorchScript")  # type: ignore[arg-type]
     else:
         model = _load_pickle(source, trust_pickle)
     model.eval()
