@@ -53,33 +53,55 @@ class Totals(NamedTuple):
         return cls(before[0], after[0], before[1], after[1], before[2], after[2])
 
 
+# The version of :meth:`FoldReport.to_dict`'s layout (docs/json-schema.md); raised whenever a key changes meaning.
+JSON_SCHEMA = 2
+
+
 class FoldReport:
     """The records of one fold, its totals, and (once verified) the verification's verdict; ``seconds``
-    has the time each stage took."""
+    has the time each stage took, ``notes`` what the user should know about how the model was read or
+    what the fold did to it (one line each)."""
 
     def __init__(self, records: list[BnRecord] | None = None, totals: Totals | None = None,
-                 verification: Renderable | None = None, seconds: dict[str, float] | None = None) -> None:
+                 verification: Renderable | None = None, seconds: dict[str, float] | None = None,
+                 notes: list[str] | None = None) -> None:
         self.records = [] if records is None else records
         self.totals = totals
         self.verification = verification
         self.seconds = {} if seconds is None else seconds
+        self.notes = [] if notes is None else notes
 
     def __repr__(self) -> str:
-        return f"FoldReport({len(self.folded)} folded, {len(self.left)} left, totals={self.totals})"
+        elementwise = len(self.folded) - len(self.folded_batchnorms)
+        return (f"FoldReport({len(self.folded_batchnorms)} batch norms folded, {len(self.left)} left, "
+                f"{elementwise} Mul/Add/Sub/Div nodes folded, totals={self.totals})")
 
     @property
     def folded(self) -> list[BnRecord]:
+        """Every folded record: batch norms and Mul/Add/Sub/Div nodes folded without one."""
         return [r for r in self.records if r.status == "folded"]
 
     @property
+    def folded_batchnorms(self) -> list[BnRecord]:
+        return [r for r in self.folded if r.op_type == "BatchNormalization"]
+
+    @property
     def left(self) -> list[BnRecord]:
+        """The batch norms left (only batch norms are recorded when they stay)."""
         return [r for r in self.records if r.status == "left"]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON layout of docs/json-schema.md: counts of batch norms and of elementwise nodes apart."""
+        batchnorms = [r for r in self.records if r.op_type == "BatchNormalization"]
+        elementwise = [r for r in self.records if r.op_type != "BatchNormalization"]
         return {
-            "batchnorms": [r.to_dict() for r in self.records],
-            "folded": len(self.folded),
+            "schema": JSON_SCHEMA,
+            "folded": len(self.folded_batchnorms),
             "left": len(self.left),
+            "elementwise_folded": len(elementwise),
+            "batchnorms": [r.to_dict() for r in batchnorms],
+            "elementwise": [r.to_dict() for r in elementwise],
+            "notes": list(self.notes),
             "totals": None if self.totals is None else self.totals._asdict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "seconds": {k: round(v, 6) for k, v in self.seconds.items()},
@@ -105,6 +127,7 @@ class FoldReport:
                 f"batch norms {t.bn_before} -> {t.bn_after}   nodes {t.nodes_before} -> {t.nodes_after}   "
                 f"parameters {_bytes(t.param_bytes_before)} -> {_bytes(t.param_bytes_after)}"
             )
+        lines.extend(f"note: {note}" for note in self.notes)
         if self.verification is not None:
             lines.append("")
             lines.append(self.verification.render())

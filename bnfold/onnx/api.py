@@ -20,7 +20,7 @@ from bnfold.onnx.fold.patterns import (
     STANDALONE_MODES,
     STANDALONE_PATTERNS,
 )
-from bnfold.onnx.session import FoldSession, ModelLike, Progress
+from bnfold.onnx.session import FoldSession, ModelLike, Progress, fold_notes
 from bnfold.onnx.store import limits
 from bnfold.onnx.store.io import has_external_tensors
 from bnfold.onnx.store.model_store import ModelStore
@@ -106,7 +106,8 @@ def fold_onnx(
                           progress=progress)
     loaded = time.perf_counter()
     folded = session.fold()
-    report = FoldReport(folded.records, totals(session.before, model_totals(folded.store.proto)))
+    model_sizes = totals(session.before, model_totals(folded.store.proto))
+    report = FoldReport(folded.records, model_sizes, notes=fold_notes(folded.store.proto, model_sizes))
     report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
     if verify:
         # onnxruntime and onnx.reference: only when verifying

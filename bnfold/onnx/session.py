@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator
 import onnx
 from onnx import ModelProto
 
+from bnfold.core.report import Totals
 from bnfold.errors import BnfoldError, InputError, InternalError, first_line
 from bnfold.onnx.fold.driver import fold_model, model_totals
 from bnfold.onnx.fold.patterns import ALL_PATTERNS
+from bnfold.onnx.fold.traversal import lists_initializers
 from bnfold.onnx.graph.types import ValueType, infer_types
 from bnfold.onnx.guard import Folded, FoldedModelCheck, Guard, Rejections, repair
 from bnfold.onnx.store import limits
@@ -54,6 +56,20 @@ def blaming(original: ModelLike) -> Iterator[None]:
     except Exception as error:
         check_input(original, "the input model")
         raise InternalError(f"internal error while folding ({type(error).__name__}: {error})") from error
+
+
+def fold_notes(folded: ModelProto, totals: Totals) -> list[str]:
+    """What a user should know about how the model was read and what the fold made of it."""
+    notes = []
+    initializers = {tensor.name for tensor in folded.graph.initializer}
+    if lists_initializers(folded) and any(value.name in initializers for value in folded.graph.input):
+        notes.append(f"IR version {folded.ir_version} lists every initializer as a graph input too; they were "
+                     f"taken as constants, as onnxruntime takes them (and new ones listed in turn)")
+    grown = totals.param_bytes_after - totals.param_bytes_before
+    if grown > limits.NOTED_GROWTH_BYTES and totals.param_bytes_after > 2 * totals.param_bytes_before:
+        notes.append(f"parameters grew by {grown / 2**20:.1f} MiB: weights the model computes at run time "
+                     f"(such as ConstantOfShape outputs) are stored once a batch norm is folded into them")
+    return notes
 
 
 class FoldSession:

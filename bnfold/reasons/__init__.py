@@ -31,7 +31,9 @@ class Reason(str, Enum):
     TRAINING_MODE = "training_mode", "it normalizes with batch statistics (training mode), not running ones"
     NO_RUNNING_STATS = "no_running_stats", "it has no constant running statistics to fold (PyTorch)"
     SPATIAL_0 = "spatial_0", "`spatial=0`: its statistics are per activation, not per channel"
-    UNSUPPORTED_OPSET = "unsupported_opset", "the model's opset has a BatchNormalization bnfold does not know"
+    UNSUPPORTED_OPSET = "unsupported_opset", (
+        "at the model's opset the fold would need a node that behaves otherwise there (before opset 7, Mul and Add "
+        "broadcast by attribute)")
     UNSUPPORTED_ATTRIBUTE = "unsupported_attribute", "the BatchNormalization has an attribute bnfold does not know"
     MALFORMED = "malformed", "the BatchNormalization does not have its five inputs"
     UNSUPPORTED_BN = "unsupported_bn", (

@@ -7,15 +7,23 @@ import numpy as np
 import onnx
 from onnx import NodeProto
 
-from bnfold.core.affine import ScaledWeight, cast_checked
+from bnfold.core.affine import FoldRefused, ScaledWeight, cast_checked
 from bnfold.onnx.fold.patterns.base import Elementwise, Rewrite, TensorUpdate
+from bnfold.onnx.fold.patterns.runs import FIRST_NUMPY_BROADCAST_OPSET
 from bnfold.onnx.graph.index import GraphIndex
 from bnfold.onnx.store.deferred import cast_deferred
 from bnfold.onnx.store.held import HeldValue
+from bnfold.reasons import Reason
 
 
 def apply_rewrite(rewrite: Rewrite, index: GraphIndex, label: str) -> None:
     """Edit the graph as ``rewrite`` says; ``label`` names the site in an overflow refusal (``FoldRefused``)."""
+    if index.opset < FIRST_NUMPY_BROADCAST_OPSET and any(
+            isinstance(op, Elementwise) for op in (*rewrite.replacement, rewrite.bias_after)):
+        # Their broadcast/axis form neither onnxruntime (no kernel) nor onnx.reference can run.
+        raise FoldRefused(Reason.UNSUPPORTED_OPSET,
+                          f"the rewrite adds a Mul or Add, which broadcast by attribute at opset {index.opset}; "
+                          f"--standalone conv rewrites a batch norm as a depthwise Conv instead")
     # Every cast happens before the first edit, so an overflow refusal leaves the graph untouched.
     updates = [_cast_update(u, f"{u.role} for {label}") for u in rewrite.updates]
     replacement = [

@@ -10,7 +10,8 @@ from bnfold.onnx.graph.index import GraphIndex
 from bnfold.reasons import Reason
 
 _KNOWN_ATTRIBUTES = {"epsilon", "momentum", "spatial", "training_mode", "is_test", "consumed_inputs"}
-_FIRST_SUPPORTED_OPSET = 7
+# Before opset 7 a BatchNormalization normalizes with the batch's statistics unless ``is_test`` is set.
+_FIRST_OPSET_WITHOUT_IS_TEST = 7
 
 
 def batchnorm_affine(node: NodeProto, index: GraphIndex) -> ChannelAffine:
@@ -24,12 +25,14 @@ def batchnorm_affine(node: NodeProto, index: GraphIndex) -> ChannelAffine:
 
 
 def _read_batchnorm(node: NodeProto, index: GraphIndex) -> ChannelAffine:
-    if index.opset < _FIRST_SUPPORTED_OPSET:
-        raise FoldRefused(Reason.UNSUPPORTED_OPSET, f"opset {index.opset} BatchNormalization is not supported")
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     unknown = sorted(set(attributes) - _KNOWN_ATTRIBUTES)
     if unknown:
         raise FoldRefused(Reason.UNSUPPORTED_ATTRIBUTE, f"unknown attribute(s) {', '.join(unknown)}")
+    # ``consumed_inputs`` (opset 1) only marks the statistics a training step updates in place.
+    if index.opset < _FIRST_OPSET_WITHOUT_IS_TEST and int(attributes.get("is_test", 0)) == 0:
+        raise FoldRefused(Reason.TRAINING_MODE,
+                          f"opset {index.opset} BatchNormalization without is_test=1 normalizes with batch statistics")
     if int(attributes.get("training_mode", 0)) != 0:
         raise FoldRefused(Reason.TRAINING_MODE, "training_mode=1: it normalizes with batch statistics")
     if any(node.output[1:]):

@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from onnx import AttributeProto, FunctionProto, GraphProto, NodeProto
+from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto
 
 from bnfold.core.affine import FoldRefused
 from bnfold.core.report import BnRecord
@@ -55,11 +55,20 @@ def graphs_to_fold(
     types = dict(types)  # a copy: the fold records renames in it, and the caller may fold the model again
     order = itertools.count()
     index = GraphIndex(model.graph, types, NameAllocator([model.graph]), opset=opset_version(model),
-                       allow_overridable=allow_overridable, store=store, main_graph=True)
+                       allow_overridable=allow_overridable, store=store, main_graph=True,
+                       listed_initializers=lists_initializers(model))
     yield from _tree(index, order)
     index.commit()
     for function in model.functions:
         yield from _function(store, function, types, order)
+
+
+def lists_initializers(model: ModelProto) -> bool:
+    """Whether ``model``'s IR version (3 or older) requires every initializer to be listed as a graph input."""
+    return model.ir_version < _FIRST_IR_WITH_UNLISTED_INITIALIZERS
+
+
+_FIRST_IR_WITH_UNLISTED_INITIALIZERS = 4
 
 
 def _named_subgraphs(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
@@ -80,6 +89,7 @@ def _tree(index: GraphIndex, order: Iterator[int], left_because: FoldRefused | N
             prefix = f"{index.scope}/" if index.scope else ""
             inner = GraphIndex(graph, index.types, index.names, opset=index.opset,
                                allow_overridable=index.allow_overridable, outer=index, store=index.store,
+                               listed_initializers=index.listed_initializers,
                                scope=f"{prefix}{index.node_label(node)}/{attribute}")
             yield from _tree(inner, order, left_because)
             inner.commit()

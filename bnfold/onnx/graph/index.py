@@ -89,6 +89,7 @@ class GraphIndex:
         scope: str = "",
         store: ModelStore,
         main_graph: bool = False,
+        listed_initializers: bool = False,
     ) -> None:
         self.graph = graph
         # Where every tensor's bytes are; only the main graph's written values may be held beside the proto.
@@ -100,7 +101,11 @@ class GraphIndex:
         self.allow_overridable = allow_overridable
         self.scope = scope
         self.initializers: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
-        self.graph_inputs = {i.name for i in graph.input}
+        # IR version 3 and older require every initializer to be listed as a graph input too; such a listing
+        # is no sign that a caller may override the value (onnxruntime does not let one), so the graph's
+        # inputs are the values it lists without an initializer. New initializers are listed in turn.
+        self.listed_initializers = listed_initializers
+        self.graph_inputs = {i.name for i in graph.input} - (self.initializers.keys() if listed_initializers else set())
         self.graph_outputs = {o.name for o in graph.output}
         self.nodes: list[NodeProto] = list(graph.node)
         self.producers: dict[str, NodeProto] = {}
@@ -272,6 +277,8 @@ class GraphIndex:
                     del self.graph.initializer[position]
             for name in dead:
                 del self.initializers[name]
+        if self.listed_initializers:
+            self._list_initializers()
         if self._vanished:
             stale = [v for v in self.graph.value_info if v.name in self._vanished and v.name not in self.producers]
             for info in stale:
@@ -281,6 +288,34 @@ class GraphIndex:
         # Every value is in the protos now; cached arrays would hold a copy of each tensor read.
         self._arrays.clear()
         self.constants.forget_all()
+
+    def _list_initializers(self) -> None:
+        """Keep an IR-3 graph valid: the main graph lists exactly its initializers (with their current type and
+        shape) besides its inputs; a subgraph, whose inputs are its caller's to give, gets each new tensor as
+        a ``Constant`` node instead, as a model-local function does."""
+        listed = {info.name: info for info in self.graph.input}
+        if not self.main_graph:
+            new = [t for t in self.graph.initializer if t.name not in listed]
+            if new:
+                kept = [t for t in self.graph.initializer if t.name in listed]
+                constants = [onnx.helper.make_node("Constant", [], [t.name], name=t.name, value=t) for t in new]
+                del self.graph.initializer[:]
+                self.graph.initializer.extend(kept)
+                self.initializers = {t.name: t for t in self.graph.initializer}
+                for position, constant in enumerate(constants):
+                    self.graph.node.insert(position, constant)
+                self.nodes[:0] = list(self.graph.node[:len(constants)])
+            return
+        wanted = [
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.graph.initializer
+        ]
+        by_name = {info.name: info for info in wanted}
+        listing = [info if info.name in self.graph_inputs else by_name[info.name]
+                   for info in self.graph.input if info.name in self.graph_inputs or info.name in by_name]
+        listing += [info for info in wanted if info.name not in listed]
+        if [i.SerializeToString() for i in listing] != [i.SerializeToString() for i in self.graph.input]:
+            del self.graph.input[:]
+            self.graph.input.extend(listing)
 
     def _sweep_dead_values(self) -> None:
         pending = sorted(self._maybe_dead)

@@ -34,7 +34,8 @@ def _from_value_info(info: ValueInfoProto) -> ValueType | None:
     tensor_type = info.type.tensor_type
     if not tensor_type.HasField("shape"):
         return ValueType(tensor_type.elem_type, None)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+    # A negative dim_value (Paddle's exports declare [-1, 3, -1, -1]) means "dynamic", as an unset one does.
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tensor_type.shape.dim)
     return ValueType(tensor_type.elem_type, dims)
 
 

@@ -45,6 +45,10 @@ DEFERRED_MIN_BYTES = 256 << 10
 # A deferred product is computed this many bytes of rows at a time, into one reused buffer.
 DEFERRED_BLOCK_BYTES = 8 << 20
 
+# A fold that adds more parameter bytes than this (and at least doubles them) says so: it stored weights the
+# model computed at run time.
+NOTED_GROWTH_BYTES = 1 << 20
+
 # -- writing ---------------------------------------------------------------------------------------------
 # Smaller tensors stay inline in the .onnx file, as onnx's own converter does.
 EXTERNAL_MIN_BYTES = 1024

@@ -76,7 +76,8 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     dims = None
     if tensor_type.HasField("shape"):
         dims = tuple(
-            dim.dim_value if dim.WhichOneof("value") == "dim_value"
+            # A negative dim_value (Paddle writes -1) is a dynamic dim, as an unset one is.
+            (dim.dim_value if dim.dim_value >= 0 else None) if dim.WhichOneof("value") == "dim_value"
             else dim.dim_param if dim.WhichOneof("value") == "dim_param" else None
             for dim in tensor_type.shape.dim
         )

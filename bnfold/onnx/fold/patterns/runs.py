@@ -20,6 +20,9 @@ from bnfold.onnx.graph.index import GraphIndex
 from bnfold.reasons import Reason
 
 ELEMENTWISE_OPS = ("Mul", "Add", "Sub", "Div")
+# Before opset 7, Mul/Add/Sub/Div broadcast only by their ``broadcast``/``axis`` attributes (a ``(C,)``
+# constant may then act on axis 1): such nodes are never read as links of a run.
+FIRST_NUMPY_BROADCAST_OPSET = 7
 _SHIFT_OPS = ("Add", "Sub")
 
 
@@ -63,6 +66,8 @@ def elementwise_slots(node: NodeProto, index: GraphIndex) -> tuple[int, int] | N
     """``(data slot, constant slot)`` of a Mul/Add/Sub/Div whose one operand is constant and which is
     affine in the other; ``None`` for anything else."""
     if node.op_type not in ELEMENTWISE_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    if index.opset < FIRST_NUMPY_BROADCAST_OPSET:
         return None
     if len(node.input) != 2 or len(node.output) != 1 or not all(node.input):
         return None
