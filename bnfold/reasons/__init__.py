@@ -82,6 +82,12 @@ class Reason(str, Enum):
     PADDING = "padding", "the layer after it zero-pads its input, which its shift, moved into the bias, would not reach"
     UNEVEN_TAPS = "uneven_taps", (
         "the ConvTranspose after it gives output positions different numbers of taps: a shift reaches them unevenly")
+    # Merging parallel or serial linear layers (structural re-parameterization)
+    BRANCH_GEOMETRY = "branch_geometry", (
+        "the parallel branches differ in stride or dilation, or their taps do not align under their paddings")
+    POOL_BORDER = "pool_border", (
+        "the AveragePool divides border windows by fewer taps (count_include_pad=0 with padding, or ceil_mode)")
+    MERGE_COSTLIER = "merge_costlier", "the merged layer would compute more than the layers it replaces"
     CAST_OVERFLOW = "cast_overflow", "a folded value overflows the weight's dtype"
     # Options and the guard
     PATTERN_DISABLED = "pattern_disabled", "the pattern that would fold it is disabled (`--only`, `--skip`)"

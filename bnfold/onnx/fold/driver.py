@@ -13,6 +13,7 @@ from bnfold.core.affine import FoldRefused
 from bnfold.core.report import BnRecord, Totals
 from bnfold.onnx.fold.apply import apply_rewrite
 from bnfold.onnx.fold.batchnorm import batchnorm_affine
+from bnfold.onnx.fold.merging import merge_graph
 from bnfold.onnx.fold.patterns import OPT_IN_PATTERNS
 from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Pattern, Rewrite, Site
 from bnfold.onnx.fold.patterns.runs import is_batchnorm, is_link
@@ -98,7 +99,10 @@ def fold_graph(
     # layer; a run it absorbed no longer blocks a reader): sweep again until nothing folds, so that a second
     # run of bnfold finds nothing to do. Folds remove batch norms or nodes; the bound is for a rewrite that
     # would ever trade one node for another.
+    # Merges of linear layers (structural re-parameterization) alternate with the sweeps: a merge can leave a
+    # run to fold into its result, and a fold can make the branches of the next Add merge.
     for _ in range(_MAX_SWEEPS):
+        records.add(merge_graph(index, guard, enabled))
         if not records.folded_since_last_sweep():
             break
         index.placed.clear()
@@ -205,15 +209,15 @@ class _Records:
 
     def __init__(self) -> None:
         self.in_order: list[BnRecord] = []
-        self._left_at: dict[str, int] = {}
+        self._left_at: dict[tuple[str, str], int] = {}
         self._folded = False
 
     def add(self, records: list[BnRecord]) -> None:
         for record in records:
-            earlier = self._left_at.get(record.bn) if record.op_type == "BatchNormalization" else None
+            earlier = self._left_at.get((record.op_type, record.bn))
             if record.status == "left":
                 if earlier is None:
-                    self._left_at[record.bn] = len(self.in_order)
+                    self._left_at[(record.op_type, record.bn)] = len(self.in_order)
                     self.in_order.append(record)
                 else:  # the latest reason is the one that holds for the graph as it ends up
                     self.in_order[earlier] = record
@@ -223,7 +227,7 @@ class _Records:
                 self.in_order.append(record)
             else:
                 self.in_order[earlier] = record
-                del self._left_at[record.bn]
+                del self._left_at[(record.op_type, record.bn)]
 
     def folded_since_last_sweep(self) -> bool:
         folded, self._folded = self._folded, False
