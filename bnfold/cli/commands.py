@@ -62,7 +62,7 @@ def main() -> None:
 def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], skip: tuple[str, ...],
          standalone: str | None, allow_overridable: bool, overwrite_input: bool, external_data: str | None,
          external_threshold: int,
-         trust_pickle: bool, export_onnx: str | None, allow_train_mode: bool, inputs: str | None,
+         trust_pickle: bool, export_onnx: str | None, allow_train_mode: bool, inputs: tuple[str, ...],
          input_shapes: tuple[str, ...], iterations: int, seed: int, rtol: float | None, atol: float | None,
          as_json: bool) -> None:
     """Fold MODEL's batch norms and write the result to --output."""
@@ -82,7 +82,8 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
         write_options: dict[str, Any] = {"overwrite_input": overwrite_input}
     else:
         result = fold_onnx(source, verify=verify, only=only, skip=skip, standalone=standalone,
-                           allow_overridable=allow_overridable, inputs=inputs, input_shapes=named_shapes(shapes),
+                           allow_overridable=allow_overridable, inputs=list(inputs) or None,
+                           input_shapes=named_shapes(shapes),
                            iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress(not as_json))
         warn_guarded(result.report)
         write_options = {"external_data": external_data, "external_threshold": external_threshold,
@@ -90,7 +91,8 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
     report = result.report
     passed = report.verification is None or report.verification.passed
     written = result.write(target, **write_options) if passed else []
-    note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification failed)"
+    status = getattr(report.verification, "status", "failed")  # unverified: a folded site no input reached
+    note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification {status})"
     emit(as_json, lambda: {"input": str(source), "output": str(target), "written": [str(p) for p in written],
                             **report.to_dict()}, lambda: report.render() + note)
     sys.exit(EXIT_OK if passed else EXIT_NOT_EQUIVALENT)
@@ -127,7 +129,7 @@ def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], standalone
 @click.argument("candidate", type=click.Path())
 @trust_pickle_option
 @verify_options
-def verify(original: str, candidate: str, trust_pickle: bool, inputs: str | None, input_shapes: tuple[str, ...],
+def verify(original: str, candidate: str, trust_pickle: bool, inputs: tuple[str, ...], input_shapes: tuple[str, ...],
            iterations: int, seed: int, rtol: float | None, atol: float | None, as_json: bool) -> None:
     """Check that CANDIDATE computes what ORIGINAL computes (exit 0) or not (exit 1)."""
     shapes = parse_shapes(input_shapes)
@@ -151,8 +153,8 @@ def verify(original: str, candidate: str, trust_pickle: bool, inputs: str | None
         sys.exit(EXIT_OK if checked.passed else EXIT_NOT_EQUIVALENT)
     from bnfold.onnx.verify.verify import verify_onnx
 
-    report = verify_onnx(original, candidate, inputs=inputs, input_shapes=named_shapes(shapes), iterations=iterations,
-                         seed=seed, rtol=rtol, atol=atol, progress=progress(not as_json))
+    report = verify_onnx(original, candidate, inputs=list(inputs) or None, input_shapes=named_shapes(shapes),
+                         iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress(not as_json))
     emit(as_json, report.to_dict, report.render)
     sys.exit(EXIT_OK if report.passed else EXIT_NOT_EQUIVALENT)
 

@@ -176,9 +176,12 @@ train_mode_option = click.option("--allow-train-mode", is_flag=True,
 
 def verify_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--inputs", type=click.Path(dir_okay=False), help="A .npz of input arrays (name -> array)."),
+        click.option("--inputs", multiple=True, type=click.Path(),
+                     help="Inputs to run on: an .npz (name -> array), ONNX test data (input_N.pb, a test_data_set_N "
+                          "directory or a directory of them, whose output_N.pb are compared too). Repeat for "
+                          "several samples."),
         click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224",
-                     help="Shape for an input with dynamic dims (default 1 per dynamic dim)."),
+                     help="Shape for an input with dynamic dims (ONNX default: two sizes the model runs at)."),
         click.option("--iterations", type=click.IntRange(min=1), default=3, show_default=True,
                      help="Random input draws to compare (ignored with --inputs)."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

@@ -1,11 +1,13 @@
 """The one rule by which bnfold judges a candidate's outputs against the original's, for both fronts.
 
-Every output is compared over all runs, in float64, against the ORIGINAL model's output: integers and bools
+Every output is compared run by run, in float64, against the ORIGINAL model's output: integers and bools
 exactly; NaN and infinities at the same positions (infinities with the same sign); every other element ``i``
-passes iff ``|cand[i] - ref[i]| <= atol + rtol * |ref[i]|``, with ``atol = atol_factor * scale`` (``scale``:
-the largest finite ``|ref|`` of the output, 1 if that is 0) unless the caller gives an absolute ``atol``.
-The rule, its calibration and its limits are in docs/verification.md; this module needs numpy only, so the
-ONNX and PyTorch fronts hand it arrays.
+passes iff ``|cand[i] - ref[i]| <= atol + rtol * |ref[i]|``, with ``atol = atol_factor * scale`` unless the
+caller gives an absolute ``atol``. ``scale`` is a robust magnitude of that run's reference (see
+:func:`robust_scale`), so that a few large values cannot widen the tolerance for all the others. An output
+that has no element in any run proves nothing: it is ``empty``, and the verdict is not a pass. The rule, its
+calibration and its limits are in docs/verification.md; this module needs numpy only, so the ONNX and PyTorch
+fronts hand it arrays, one run at a time (:class:`OutputAccumulator`), and keep none of them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,6 +29,14 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (1e-2, 2e-2),
     "bfloat16": (5e-2, 1.5e-1),
 }
+
+#: The scale is this quantile of the nonzero finite |ref|: at most a tenth of the elements (and always one of
+#: two or more) may be larger than the others without changing it.
+SCALE_QUANTILE = 0.9
+#: The quantile is taken over at most this many evenly spaced elements, so no output is ever copied whole.
+SCALE_SAMPLE = 1 << 16
+
+Status = Literal["passed", "failed", "unverified", "unchanged"]
 
 
 def default_tolerances(dtype: Any) -> tuple[float, float]:
@@ -46,7 +56,9 @@ def check_tolerances(rtol: float | None, atol: float | None) -> None:
 
 @dataclass
 class OutputComparison:
-    """How one output of the candidate compares with the original's, over all runs."""
+    """How one output of the candidate compares with the original's, over all runs. ``atol`` is the
+    strictest absolute tolerance applied (the runs' scales may differ), ``required_atol`` the smallest that
+    would have passed at that run's scale; ``empty``: no run gave an element, so nothing was compared."""
 
     name: str
     dtype: str
@@ -61,9 +73,10 @@ class OutputComparison:
     mismatched: int
     total: int
     passed: bool
+    empty: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: an infinite figure (e.g. ``required_rtol`` when a zero reference is missed) is null."""
+        """JSON-safe: an infinite figure (only ever in a failed output) is null."""
         return {key: _json_number(value) for key, value in asdict(self).items()}
 
 
@@ -77,7 +90,9 @@ def failed_output(name: str, dtype: str, shape: list[int], total: int) -> Output
 class VerifyReport:
     """The verdict of one comparison of two models on the same inputs: one :class:`OutputComparison` per
     output, run ``iterations`` times under ``engine``. ``problem`` says why the outputs could not be compared
-    one by one at all (e.g. they differ in structure); the verdict then fails."""
+    one by one at all (e.g. they differ in structure); the verdict then fails. ``unexercised`` names changed
+    parts of the model (folded sites) that no run executed: their outputs prove nothing about them, so the
+    verdict is ``unverified``, not passed. ``unchanged``: the candidate is the original, nothing was run."""
 
     outputs: list[OutputComparison]
     iterations: int
@@ -85,17 +100,37 @@ class VerifyReport:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     problem: str | None = None
+    unexercised: list[str] = field(default_factory=list)
+    sizes: list[dict[str, list[int]]] = field(default_factory=list)
+    unchanged: bool = False
+    expected: VerifyReport | None = None  # the candidate against expected outputs given with the inputs
+
+    @property
+    def status(self) -> Status:
+        if self.problem is not None or any(not o.passed and not o.empty for o in self.outputs):
+            return "failed"
+        if self.expected is not None and self.expected.status == "failed":
+            return "failed"
+        if self.unchanged:
+            return "unchanged"
+        if self.unexercised or any(o.empty for o in self.outputs) or not self.outputs:
+            return "unverified"
+        return "passed"
 
     @property
     def passed(self) -> bool:
-        return self.problem is None and all(output.passed for output in self.outputs)
+        return self.status in ("passed", "unchanged")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
+            "status": self.status,
             "engine": self.engine,
             "iterations": self.iterations,
+            "sizes": [dict(sizes) for sizes in self.sizes],
             "outputs": [output.to_dict() for output in self.outputs],
+            "unexercised": list(self.unexercised),
+            "expected": None if self.expected is None else self.expected.to_dict(),
             "seconds": {stage: round(value, 6) for stage, value in self.seconds.items()},
             "notes": list(self.notes),
             "problem": self.problem,
@@ -111,21 +146,42 @@ class VerifyReport:
                     [o.name, o.dtype, "x".join(map(str, o.shape)) or "scalar", _fmt(o.max_abs_error),
                      _fmt(o.max_rel_error), _fmt(o.mean_abs_error), _fmt(o.atol), _fmt(o.rtol),
                      _fmt(o.required_atol), _fmt(o.required_rtol), f"{o.mismatched}/{o.total}",
-                     "ok" if o.passed else "FAIL"]
+                     "empty" if o.empty else "ok" if o.passed else "FAIL"]
                     for o in self.outputs
                 ],
             ))
         lines.extend(f"note: {note}" for note in self.notes)
-        runs = f"{self.iterations} iteration{'s' if self.iterations != 1 else ''} under {self.engine}"
-        failed = [o.name for o in self.outputs if not o.passed]
-        if self.problem is not None:
-            lines.append(f"FAILED: {self.problem}, {runs}")
-        elif failed:
-            lines.append(f"FAILED: {len(failed)} of {len(self.outputs)} outputs differ beyond tolerance "
-                         f"({', '.join(failed)}), {runs}")
-        else:
-            lines.append(f"PASSED: all {len(self.outputs)} outputs within tolerance, {runs}")
+        if self.expected is not None:
+            lines.append("the candidate against the expected outputs given with the inputs:")
+            lines.extend("  " + line for line in self.expected.render().splitlines())
+        lines.append(f"{self.status.upper()}: {self._summary()}")
         return "\n".join(lines)
+
+    def _summary(self) -> str:
+        runs = f"{self.iterations} iteration{'s' if self.iterations != 1 else ''} under {self.engine}"
+        if self.sizes and any(self.sizes):
+            runs += " at " + "; ".join(
+                ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in sizes.items())
+                for sizes in self.sizes)
+        failed = [o.name for o in self.outputs if not o.passed and not o.empty]
+        empty = [o.name for o in self.outputs if o.empty]
+        if self.problem is not None:
+            return f"{self.problem}, {runs}"
+        if not failed and self.expected is not None and self.expected.status == "failed":
+            return f"the candidate differs from the expected outputs given with the inputs, {runs}"
+        if failed:
+            return (f"{len(failed)} of {len(self.outputs)} outputs differ beyond tolerance "
+                    f"({', '.join(failed)}), {runs}")
+        if self.unchanged:
+            return "the folded model is the original; nothing to run"
+        if self.unexercised:
+            return (f"{len(self.unexercised)} folded site(s) never ran on these inputs "
+                    f"({', '.join(self.unexercised[:5])}{', ...' if len(self.unexercised) > 5 else ''}); "
+                    f"pass inputs that reach them (--inputs), {runs}")
+        if empty or not self.outputs:
+            return (f"output(s) {', '.join(empty)} had no element to compare; pass inputs under which "
+                    f"they are not empty (--inputs, --input-shape), {runs}") if empty else f"no output, {runs}"
+        return f"all {len(self.outputs)} outputs within tolerance, {runs}"
 
 
 @dataclass
@@ -151,45 +207,90 @@ def compare_output(
 ) -> OutputComparison:
     """One output over all runs (``references[i]`` and ``candidates[i]`` from run ``i``) under the rule of
     the module docstring. A candidate of another dtype or shape fails whole, with a line in ``notes``."""
-    dtype = references[0].dtype
-    shape = [int(size) for size in references[-1].shape]
-    total = sum(reference.size for reference in references)
+    accumulator = OutputAccumulator(name, rtol, atol, notes)
     for reference, candidate in zip(references, candidates, strict=True):
-        if candidate.dtype != reference.dtype or candidate.shape != reference.shape:
-            if notes is not None:
-                notes.append(f"output '{name}': the candidate returns {candidate.dtype.name} "
-                             f"{list(candidate.shape)}, the original {reference.dtype.name} {list(reference.shape)}")
-            return failed_output(name, dtype.name, shape, total)
+        accumulator.add(reference, candidate)
+    return accumulator.result()
 
-    if not is_float(dtype):
+
+class OutputAccumulator:
+    """The rule applied to one output run by run, keeping figures, not arrays: memory does not grow with
+    the number of runs."""
+
+    def __init__(self, name: str, rtol: float | None = None, atol: float | None = None,
+                 notes: list[str] | None = None) -> None:
+        self.name, self.rtol, self.atol, self.notes = name, rtol, atol, notes
+        self.dtype: np.dtype | None = None
+        self.shape: list[int] = []
+        self.total = 0
+        self.mismatched = 0
+        self.whole_failure = False
+        self.statistics: _Statistics | None = None
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if self.dtype is None:
+            self.dtype = reference.dtype
+        self.shape = [int(size) for size in reference.shape]
+        self.total += reference.size
+        if self.whole_failure or candidate.dtype != reference.dtype or candidate.shape != reference.shape:
+            if not self.whole_failure and self.notes is not None:
+                self.notes.append(f"output '{self.name}': the candidate returns {candidate.dtype.name} "
+                                  f"{list(candidate.shape)}, the original {reference.dtype.name} "
+                                  f"{list(reference.shape)}")
+            self.whole_failure = True
+            return
+        with np.errstate(all="ignore"):  # the figures handle 0/0 and overflow; no warning reaches the user
+            if not is_float(reference.dtype):
+                self._add_exact(reference, candidate)
+            else:
+                self._add_float(reference, candidate)
+
+    def _add_exact(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         # Integers and bools must match exactly; comparing natively keeps int64 beyond 2**53 exact.
-        mismatched = sum(int(np.count_nonzero(c != r)) for r, c in zip(references, candidates, strict=True))
         statistics = _Statistics(rtol=0.0, atol=0.0)
-        if dtype.kind in "biu":
-            for reference, candidate in zip(references, candidates, strict=True):
-                for ref, cand in zip(_float64_chunks(reference), _float64_chunks(candidate), strict=True):
-                    statistics.add(ref, cand)
+        mismatched = int(np.count_nonzero(candidate != reference))
+        self.mismatched += mismatched
+        if reference.dtype.kind in "iu":
+            for ref, cand in zip(_float64_chunks(reference), _float64_chunks(candidate), strict=True):
+                statistics.add(ref, cand)
         elif mismatched:
             statistics.max_abs = statistics.max_rel = statistics.required_atol = math.inf
-        return statistics.comparison(name, dtype.name, shape, mismatched, total)
+        self._merge(statistics)
 
-    if rtol is None or atol is None:
-        default_rtol, atol_factor = default_tolerances(dtype)
-        rtol = default_rtol if rtol is None else rtol
-        if atol is None:
-            atol = atol_factor * _scale(references)
-    statistics = _Statistics(rtol=rtol, atol=atol)
-    nonfinite_mismatched = 0
-    for reference, candidate in zip(references, candidates, strict=True):
+    def _add_float(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        rtol, atol = self.rtol, self.atol
+        if rtol is None or atol is None:
+            default_rtol, atol_factor = default_tolerances(reference.dtype)
+            rtol = default_rtol if rtol is None else rtol
+            atol = atol_factor * robust_scale(reference) if atol is None else atol
+        statistics = _Statistics(rtol=rtol, atol=atol)
         for ref, cand in zip(_float64_chunks(reference), _float64_chunks(candidate), strict=True):
             both_finite = np.isfinite(ref) & np.isfinite(cand)
             if both_finite.all():
                 statistics.add(ref, cand)
                 continue
             same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
-            nonfinite_mismatched += int(np.count_nonzero(~both_finite & ~same_special))
+            self.mismatched += int(np.count_nonzero(~both_finite & ~same_special))
             statistics.add(ref[both_finite], cand[both_finite])
-    return statistics.comparison(name, dtype.name, shape, statistics.beyond + nonfinite_mismatched, total)
+        self.mismatched += statistics.beyond
+        self._merge(statistics)
+
+    def _merge(self, run: _Statistics) -> None:
+        if self.statistics is None:
+            self.statistics = run
+        else:
+            self.statistics.merge(run)
+
+    def result(self) -> OutputComparison:
+        dtype = "unknown" if self.dtype is None else self.dtype.name
+        if self.whole_failure:
+            return failed_output(self.name, dtype, self.shape, self.total)
+        statistics = self.statistics or _Statistics(rtol=self.rtol or 0.0, atol=self.atol or 0.0)
+        comparison = statistics.comparison(self.name, dtype, self.shape, self.mismatched, self.total)
+        if self.total == 0:
+            comparison.passed, comparison.empty = False, True
+        return comparison
 
 
 def is_float(dtype: np.dtype) -> bool:
@@ -197,13 +298,20 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
 
 
-def _scale(references: Sequence[np.ndarray]) -> float:
-    """The largest finite magnitude of the reference output over all runs, or 1 if that is 0."""
-    largest = 0.0
-    for reference in references:
-        for values in _float64_chunks(reference):
-            largest = max(largest, float(np.max(np.abs(values[np.isfinite(values)]), initial=0.0)))
-    return largest or 1.0
+def robust_scale(reference: np.ndarray) -> float:
+    """The magnitude the default atol is relative to: the ``SCALE_QUANTILE`` quantile (rounded down to an
+    element) of the nonzero finite ``|reference|``, over at most ``SCALE_SAMPLE`` evenly spaced elements; 1 if
+    there is none. Exact zeros (ReLU outputs, padding) do not pull it down, and fewer than a tenth of the
+    elements -- one of two or more -- cannot pull it up."""
+    flat = reference.reshape(-1)
+    step = max(1, -(-flat.size // SCALE_SAMPLE))
+    with np.errstate(all="ignore"):
+        sample = np.abs(flat[::step].astype(np.float64))
+    sample = sample[np.isfinite(sample) & (sample > 0)]
+    if sample.size == 0:
+        return 1.0
+    rank = math.floor(SCALE_QUANTILE * (sample.size - 1))
+    return float(np.partition(sample, rank)[rank])
 
 
 # Elements compared at a time: their float64 copies stay in the CPU's cache, and no output, however large, is
@@ -220,7 +328,8 @@ def _float64_chunks(array: np.ndarray) -> Iterator[np.ndarray]:
 
 @dataclass
 class _Statistics:
-    """Running error figures over finite element pairs, at fixed tolerances."""
+    """Running error figures over finite element pairs, at the fixed tolerances of one run (merged runs keep
+    the strictest atol and express ``required_atol`` at its scale)."""
 
     rtol: float
     atol: float
@@ -238,10 +347,12 @@ class _Statistics:
         error = np.abs(candidate - reference)
         magnitude = np.abs(reference)
         allowed_by_rtol = self.rtol * magnitude
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # a subnormal |ref| overflows
-            # fmax passes over NaN, which is 0 / 0 here: a zero error, or a zero excess, at a zero reference
-            # needs no tolerance; the initial 0 stands for those and for errors within atol (excess <= 0).
-            relative = np.fmax.reduce(error / magnitude, initial=0.0)
+        with np.errstate(all="ignore"):  # a subnormal |ref| overflows; 0 / 0 is NaN
+            # Relative to |ref|, but never to less than atol: near zero the error is judged against atol,
+            # and a relative figure there (0.15, or infinite at an exact zero) would say nothing.
+            relative = np.fmax.reduce(error / np.maximum(magnitude, self.atol), initial=0.0)
+            # fmax passes over NaN, which is 0 / 0 here: a zero excess at a zero reference needs no rtol; the
+            # initial 0 stands for those and for errors within atol (excess <= 0).
             needed_rtol = np.fmax.reduce((error - self.atol) / magnitude, initial=0.0)
         self.max_abs = max(self.max_abs, float(error.max()))
         self.max_rel = max(self.max_rel, float(relative))
@@ -251,10 +362,28 @@ class _Statistics:
         self.required_rtol = max(self.required_rtol, float(needed_rtol))
         self.beyond += int(np.count_nonzero(error > self.atol + allowed_by_rtol))
 
+    def merge(self, other: _Statistics) -> None:
+        """Fold another run's figures into these; ``required_atol`` is kept relative to the strictest atol,
+        so that it passes iff every run does."""
+        strict = min(self.atol, other.atol)
+        self.required_atol = max(_rescaled(self.required_atol, self.atol, strict),
+                                 _rescaled(other.required_atol, other.atol, strict))
+        self.atol = strict
+        self.max_abs, self.max_rel = max(self.max_abs, other.max_abs), max(self.max_rel, other.max_rel)
+        self.sum_abs += other.sum_abs
+        self.count += other.count
+        self.required_rtol = max(self.required_rtol, other.required_rtol)
+
     def comparison(self, name: str, dtype: str, shape: list[int], mismatched: int, total: int) -> OutputComparison:
         mean_abs = self.sum_abs / self.count if self.count else 0.0
         return OutputComparison(name, dtype, shape, self.max_abs, self.max_rel, mean_abs, self.required_atol,
                                 self.required_rtol, self.atol, self.rtol, mismatched, total, mismatched == 0)
+
+
+def _rescaled(required: float, atol: float, strict: float) -> float:
+    if required <= 0 or atol == strict or not math.isfinite(required):
+        return required
+    return required * strict / atol if atol > 0 else required
 
 
 def _fmt(value: float) -> str:

@@ -25,7 +25,9 @@ from bnfold.onnx.store import limits
 from bnfold.onnx.store.io import has_external_tensors
 from bnfold.onnx.store.model_store import ModelStore
 
-Inputs = Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | str | os.PathLike[str] | None
+# A mapping of arrays, a path (.npz, ONNX test data .pb or test_data_set directory), or several of those.
+Inputs = (Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray] | str | os.PathLike[str]] | str
+          | os.PathLike[str] | None)
 
 
 class OnnxFolded:
@@ -111,14 +113,18 @@ def fold_onnx(
     report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
     if verify:
         # onnxruntime and onnx.reference: only when verifying
-        from bnfold.onnx.verify.verify import verify_onnx
+        from bnfold.onnx.verify.verify import VerifyReport, verify_onnx
 
         verified = time.perf_counter()
-        # The folded model as it is: its weights where the fold left them, so none is written or copied.
-        report.verification = verify_onnx(
-            session.original, folded.store, inputs=inputs, input_shapes=input_shapes,
-            iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress,
-        )
+        if report.folded:
+            # The folded model as it is: its weights where the fold left them, so none is written or copied.
+            report.verification = verify_onnx(
+                session.original, folded.store, inputs=inputs, input_shapes=input_shapes,
+                iterations=iterations, seed=seed, rtol=rtol, atol=atol, progress=progress,
+                folded_sites=[(record.scope, record.bn) for record in report.folded],
+            )
+        else:  # nothing folded: the model written is the input, so there is nothing to run or compare
+            report.verification = VerifyReport([], 0, "none", unchanged=True)
         report.seconds["verify"] = time.perf_counter() - verified
     return FoldResult(OnnxFolded(folded.store), report)
 

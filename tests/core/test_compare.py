@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import ml_dtypes
@@ -21,6 +22,7 @@ from bnfold.core.compare import (
     check_tolerances,
     compare_output,
     default_tolerances,
+    robust_scale,
 )
 from bnfold.errors import InputError
 
@@ -123,17 +125,78 @@ def test_another_dtype_or_shape_fails_whole_with_a_note():
         assert not output.passed and output.mismatched == output.total == 6 and notes
 
 
-def test_default_atol_is_the_dtype_factor_times_the_largest_finite_magnitude():
-    reference = np.array([np.nan, -8.0, 2.0, np.inf], np.float32)
+def test_default_atol_is_the_dtype_factor_times_a_robust_magnitude():
+    reference = np.array([np.nan, -8.0, 2.0, 0.0, np.inf, 3.0], np.float32)
     output = compared(reference, reference.copy())
-    assert (output.rtol, output.atol) == (1e-4, 1e-4 * 8.0)
+    # The nonzero finite magnitudes are 8, 2, 3: the largest is left out, the next one is the scale.
+    assert (output.rtol, output.atol) == (1e-4, 1e-4 * 3.0)
+    assert robust_scale(np.array([0.0, 0.0, 5.0])) == 5.0, "exact zeros (ReLU, padding) do not pull it down"
     assert compared(np.zeros(3, np.float16), np.zeros(3, np.float16)).atol == DEFAULT_TOLERANCES["float16"][1]
+
+
+@st.composite
+def dominated(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    """An output of typical magnitude ~1 in which fewer than a tenth of the elements are huge, and the
+    position of one typical element."""
+    size = draw(st.integers(2, 400))
+    typical = draw(hnp.arrays(np.float64, size, elements=st.floats(0.5, 2.0) | st.floats(-2.0, -0.5)))
+    huge = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=max(1, (size - 1) // 10), unique=True))
+    typical[huge] = draw(st.floats(1e3, 1e12)) * np.sign(typical[huge])  # clipped to float16's range below
+    victim = draw(st.sampled_from([i for i in range(size) if i not in huge]))
+    return typical, victim
+
+
+@settings(max_examples=150, deadline=None)
+@given(dominated(), st.sampled_from(FLOAT_DTYPES), st.floats(5, 100))
+def test_a_few_large_values_cannot_hide_an_error_elsewhere(case, dtype, k):
+    """A planted error of k times the default tolerance of the typical elements (so k * factor * typical,
+    far below the largest values' scale) fails however large and wherever the huge elements are."""
+    values, victim = case
+    reference = np.clip(values, -6e4, 6e4).astype(dtype) if dtype is np.float16 else values.astype(dtype)
+    rtol, factor = DEFAULT_TOLERANCES[np.dtype(dtype).name]
+    candidate = reference.copy()
+    candidate[victim] += dtype(k * (factor + rtol) * 2.0)  # typical magnitudes are at most 2
+    output = compared(reference, candidate)
+    assert not output.passed and output.mismatched >= 1
+    assert compared(reference, reference.copy()).passed
+
+
+def test_an_output_with_no_element_is_empty_and_never_passes():
+    for shape in [(0,), (2, 0, 3)]:
+        output = compared(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        assert output.empty and not output.passed and output.total == 0
+        report = VerifyReport([output], 1, "onnxruntime")
+        assert report.status == "unverified" and not report.passed
+        assert report.render().splitlines()[-1].startswith("UNVERIFIED: output(s) y had no element")
+    some_runs_empty = compare_output("y", [np.zeros(0), np.ones(2)], [np.zeros(0), np.ones(2)])
+    assert some_runs_empty.passed and not some_runs_empty.empty
+
+
+def test_runs_are_judged_each_at_its_own_scale():
+    """A run of large values does not widen the tolerance of a run of small ones."""
+    small, large = np.full(4, 1.0, np.float32), np.full(4, 1e6, np.float32)
+    assert not compare_output("y", [large, small], [large, small + np.float32(1e-2)]).passed
+    output = compare_output("y", [large, small], [large, small + np.float32(1e-5)])
+    assert output.passed and output.atol == pytest.approx(1e-4 * 1.0)
+    assert output.required_atol < output.atol
+
+
+def test_a_passing_report_has_finite_relative_errors_and_warns_about_nothing():
+    reference = np.array([0.0, 1e-30, 1.0, 5.0, -3.0], np.float32)
+    candidate = reference + np.float32(1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        output = compared(reference, candidate)
+        report = VerifyReport([output], 1, "onnxruntime")
+        payload = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert output.passed and output.max_rel_error < 1 and None not in payload["outputs"][0].values()
+    assert "inf" not in report.render()
 
 
 def test_bfloat16_has_its_own_defaults():
     reference = np.array([1.0, -2.0], ml_dtypes.bfloat16)
     output = compared(reference, reference.copy())
-    assert output.passed and (output.rtol, output.atol) == (5e-2, 1.5e-1 * 2.0)
+    assert output.passed and (output.rtol, output.atol) == (5e-2, 1.5e-1 * 1.0)
     assert default_tolerances("bfloat16") == DEFAULT_TOLERANCES["bfloat16"]
     with pytest.raises(InputError, match="no default tolerance"):
         default_tolerances(np.complex64)
@@ -152,7 +215,8 @@ def test_a_verdict_is_json_safe_and_one_schema_for_single_and_several_checks():
     report = VerifyReport([missed], 1, "onnxruntime")
     payload = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert payload["outputs"][0]["required_rtol"] is None and payload["passed"] is False
-    assert set(payload) == {"passed", "engine", "iterations", "outputs", "seconds", "notes", "problem"}
+    assert set(payload) == {"passed", "status", "engine", "iterations", "sizes", "outputs", "unexercised", "expected",
+                            "seconds", "notes", "problem"}
     both = VerificationSet([report, VerifyReport([], 1, "pytorch", problem="the outputs have a different structure")])
     assert [set(check) for check in both.to_dict()["checks"]] == [set(payload)] * 2
     assert not both.passed and "FAILED: the outputs have a different structure" in both.render()

@@ -19,6 +19,7 @@ from onnx import ModelProto, TensorProto
 from bnfold.core.runtime import unoptimized_options, unoptimized_session
 from bnfold.errors import InputError, first_line
 from bnfold.onnx.store.model_store import ModelStore
+from bnfold.onnx.verify.coverage import Coverage
 from bnfold.onnx.verify.inputs import Feeds
 from bnfold.onnx.verify.interface import ModelSource
 from bnfold.onnx.verify.reference_fixes import reference_evaluator
@@ -32,51 +33,68 @@ Runner = Callable[[list[str], Feeds], Sequence[Any]]
 
 def open_runners(
     sources: Mapping[str, ModelSource], protos: Mapping[str, ModelProto], notes: list[str],
-    staged_files: contextlib.ExitStack,
+    staged_files: contextlib.ExitStack, coverage: Coverage,
 ) -> tuple[str, dict[str, Runner]]:
     """The engine and a runner per role of ``sources``; why onnx.reference was chosen goes to ``notes``.
-    Files staged for onnxruntime live as long as ``staged_files``."""
+    Files staged for onnxruntime live as long as ``staged_files``. The candidate runs with ``coverage``'s
+    probes where its engine can be given an instrumented copy."""
+    edits: dict[str, Callable[[ModelProto], None] | None] = {"original": None, "candidate": coverage.instrument}
     bfloat16_tensor = next((
         value.name for proto in protos.values() for value in (*proto.graph.input, *proto.graph.output)
         if value.type.tensor_type.elem_type == TensorProto.BFLOAT16), None)
     if bfloat16_tensor is not None:
         notes.append(f"'{bfloat16_tensor}' is bfloat16, which onnxruntime's Python API cannot feed or fetch; "
                      f"both models ran under {ENGINE_REFERENCE}")
-        return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role]) for role in sources}
+        return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role], edits[role]) for role in sources}
     sessions = {}
     for role in sources:
         try:
-            sessions[role] = _ort_session(sources[role], staged_files)
+            sessions[role] = _ort_session(sources[role], staged_files, edits[role])
         except Exception as error:  # noqa: BLE001 - sorted below into "no kernel" and "unusable model"
             message = first_line(error)
             if "NOT_IMPLEMENTED" not in message and "Could not find an implementation" not in message:
                 raise InputError(f"onnxruntime cannot load the {role} model: {message}") from None
             notes.append(f"onnxruntime lacks a kernel the {role} model needs ({message}); "
                          f"both models ran under {ENGINE_REFERENCE}")
-            return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role]) for role in sources}
+            return ENGINE_REFERENCE, {role: _reference_runner(role, sources[role], edits[role]) for role in sources}
     return ENGINE_ORT, {role: _runner(role, ENGINE_ORT, session.run) for role, session in sessions.items()}
 
 
-def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack) -> ort.InferenceSession:
+def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack,
+                 edit: Callable[[ModelProto], None] | None) -> ort.InferenceSession:
+    """A session on ``source``; ``edit`` (coverage probes) is applied to a copy where the model is in memory:
+    a model staged to disk or given as a path runs as it is."""
     if isinstance(source, ModelStore):
-        return unwritten_session(source, unoptimized_options(), staged_files)
-    # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
-    return unoptimized_session(source.SerializeToString() if isinstance(source, ModelProto) else source)
-
-
-def _loaded(source: ModelSource) -> ModelProto:
-    """``source`` with every tensor in memory, as onnx.reference needs it."""
+        return unwritten_session(source, unoptimized_options(), staged_files, edit)
     if isinstance(source, ModelProto):
-        return source
-    if isinstance(source, ModelStore):
-        return loaded_unwritten(source)
-    # onnx.load on the path (not a file object) finds external data next to the model.
-    return onnx.load(os.fspath(source))
+        return unoptimized_session(_edited(source, edit).SerializeToString())
+    # A path goes to onnxruntime as is, so external data (models over 2 GB) resolves next to the file.
+    return unoptimized_session(source)
 
 
-def _reference_runner(role: str, source: ModelSource) -> Runner:
+def _edited(proto: ModelProto, edit: Callable[[ModelProto], None] | None) -> ModelProto:
+    if edit is None:
+        return proto
+    copy = ModelProto()
+    copy.CopyFrom(proto)
+    edit(copy)
+    return copy
+
+
+def _loaded(source: ModelSource, edit: Callable[[ModelProto], None] | None) -> ModelProto:
+    """``source`` with every tensor in memory, as onnx.reference needs it, ``edit`` applied."""
+    if isinstance(source, ModelProto):
+        return _edited(source, edit)
+    # A model read here is this function's own copy.
+    loaded = loaded_unwritten(source) if isinstance(source, ModelStore) else onnx.load(os.fspath(source))
+    if edit is not None:
+        edit(loaded)
+    return loaded
+
+
+def _reference_runner(role: str, source: ModelSource, edit: Callable[[ModelProto], None] | None) -> Runner:
     try:
-        evaluator = reference_evaluator(_loaded(source))
+        evaluator = reference_evaluator(_loaded(source, edit))
     except Exception as error:  # noqa: BLE001 - unsupported operator or unreadable data
         raise InputError(f"{ENGINE_REFERENCE} cannot load the {role} model: {first_line(error)}") from None
     return _runner(role, ENGINE_REFERENCE, evaluator.run)  # type: ignore[arg-type]  # a list, given names

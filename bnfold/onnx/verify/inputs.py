@@ -1,75 +1,23 @@
-"""The inputs both models run on: generated from a seed, or the caller's arrays and .npz files, validated
-against the original's interface."""
+"""The inputs both models run on: generated from a seed (at the sizes :mod:`~bnfold.onnx.verify.sizes`
+chooses), or the caller's arrays and files, validated against the original's interface."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from bnfold.core.compare import is_float
-from bnfold.errors import InputError, first_line
-from bnfold.onnx.store import limits
-from bnfold.onnx.verify.interface import TensorSpec, type_name
+from bnfold.errors import InputError
+from bnfold.onnx.verify.input_files import Sample, check_array_header, read_samples
+from bnfold.onnx.verify.interface import TensorSpec
 
 Feeds = Mapping[str, np.ndarray]
 InputsArg = Feeds | Sequence[Feeds | str | os.PathLike[str]] | str | os.PathLike[str] | None
 
 
-def generated_shapes(
-    specs: list[TensorSpec], input_shapes: Mapping[str, Sequence[int]], notes: list[str]
-) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for generated inputs: static dims as declared, dynamic dims from ``input_shapes``,
-    else 1 (noted). Inputs of a type no generator covers (strings, complex) are refused.
-
-    A symbolic dim given through one input's shape is reused for the same symbol elsewhere, so that
-    inputs sharing e.g. a batch dim ``N`` stay consistent.
-    """
-    by_name = {spec.name: spec for spec in specs}
-    unknown = sorted(set(input_shapes) - by_name.keys())
-    if unknown:
-        raise InputError(f"input_shapes names unknown input(s) {', '.join(unknown)}; "
-                         f"model inputs: {', '.join(by_name) or 'none'}")
-    for spec in specs:
-        if spec.dtype.kind not in "biu" and not is_float(spec.dtype):
-            raise InputError(f"cannot generate values for input '{spec.name}' of type "
-                             f"{type_name(spec.elem_type)}; pass inputs")
-    shapes: dict[str, tuple[int, ...]] = {}
-    symbols: dict[str, tuple[int, str]] = {}
-    for name, given in input_shapes.items():
-        shape = _checked_shape(by_name[name], given, "input_shapes gives")
-        shapes[name] = shape
-        for dim, size in zip(by_name[name].dims or (), shape, strict=False):
-            if isinstance(dim, str):
-                symbols.setdefault(dim, (size, name))
-    for spec in specs:
-        if spec.name in shapes:
-            continue
-        if spec.dims is None:
-            raise InputError(f"input '{spec.name}' has no declared shape; give it in input_shapes")
-        sizes = []
-        for axis, dim in enumerate(spec.dims):
-            if isinstance(dim, int):
-                sizes.append(dim)
-                continue
-            label = f"'{dim}'" if dim else str(axis)
-            size, source = symbols.get(dim, (1, "")) if dim else (1, "")
-            origin = f" (as given for input '{source}')" if source else ""
-            notes.append(f"dynamic dim {label} of input '{spec.name}' set to {size}{origin}")
-            sizes.append(size)
-        shapes[spec.name] = tuple(sizes)
-    for spec in specs:
-        size = math.prod(shapes[spec.name]) * spec.dtype.itemsize
-        if size > limits.GENERATED_INPUT_LIMIT:
-            raise InputError(f"input '{spec.name}' of shape {list(shapes[spec.name])} would need {size / 2**30:.3g} "
-                             f"GiB of random values; give a smaller shape in input_shapes, or pass inputs")
-    return shapes
-
-
-def _checked_shape(spec: TensorSpec, shape: Sequence[int], what: str) -> tuple[int, ...]:
+def checked_shape(spec: TensorSpec, shape: Sequence[int], what: str) -> tuple[int, ...]:
     """``shape`` as a tuple, if it fits the declared rank and static dims of ``spec``."""
     try:
         dims = tuple(int(size) for size in shape)
@@ -85,64 +33,64 @@ def _checked_shape(spec: TensorSpec, shape: Sequence[int], what: str) -> tuple[i
 
 
 def generate(
-    specs: list[TensorSpec], shapes: Mapping[str, tuple[int, ...]], iterations: int, seed: int
+    specs: list[TensorSpec], shapes: Mapping[str, tuple[int, ...]], iterations: int, seed: int, stream: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """A fresh draw per iteration: floats standard normal, integers in [0, 2) as they are often
-    indices, bools fair coin flips."""
-    rng = np.random.default_rng(seed)
+    """A fresh draw per iteration from ``seed`` (any integer, negative ones too) and ``stream`` (one per
+    size tried): floats standard normal, integers in [0, 2) as they are often indices, bools fair coin
+    flips. Each array is drawn in its own dtype (floats other than float32 and float64 through float32
+    chunks), never through a float64 array the size of the input or larger."""
+    rng = np.random.default_rng([seed % 2**64, stream])
     for _ in range(iterations):
         feeds = {}
         for spec in specs:
             shape = shapes[spec.name]
             if spec.dtype.kind == "b":
-                feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a scalar otherwise
+                feeds[spec.name] = rng.integers(0, 2, size=shape, dtype=np.uint8).view(np.bool_)
             elif spec.dtype.kind in "iu":
-                feeds[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+                feeds[spec.name] = rng.integers(0, 2, size=shape, dtype=spec.dtype)
             else:
-                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                feeds[spec.name] = _standard_normal(rng, shape, spec.dtype)
         yield feeds
 
 
-def user_feeds(inputs: InputsArg, specs: list[TensorSpec]) -> list[dict[str, np.ndarray]]:
-    """The caller's inputs as one validated mapping per iteration."""
+_DRAW_CHUNK = 1 << 20
+
+
+def _standard_normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if dtype in (np.float32, np.float64):
+        return rng.standard_normal(shape, dtype=dtype)
+    values = np.empty(shape, dtype)
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, _DRAW_CHUNK):
+        stop = min(start + _DRAW_CHUNK, flat.size)
+        flat[start:stop] = rng.standard_normal(stop - start, dtype=np.float32).astype(dtype)
+    return values
+
+
+def user_feeds(inputs: InputsArg, specs: list[TensorSpec], output_names: Sequence[str] = ()) -> list[Sample]:
+    """The caller's inputs as one validated sample per run: each item a mapping name -> array, or a path
+    (:func:`~bnfold.onnx.verify.input_files.read_samples`: .npz, .pb, test_data_set directories)."""
     if isinstance(inputs, (str, os.PathLike, Mapping)):
         items: Sequence[Any] = [inputs]
     elif isinstance(inputs, Sequence):
         items = inputs
     else:
-        raise InputError(f"inputs must be a .npz path, a mapping of arrays or a sequence of those, "
-                         f"got {type(inputs).__name__}")
+        raise InputError(f"inputs must be a path (.npz, .pb, test_data_set directory), a mapping of arrays "
+                         f"or a sequence of those, got {type(inputs).__name__}")
     if not items:
         raise InputError("inputs is an empty sequence; give at least one mapping of arrays")
-    feed_sets = []
+    samples = []
     for index, item in enumerate(items, start=1):
-        where = f"inputs for iteration {index}" if len(items) > 1 else "inputs"
         if isinstance(item, (str, os.PathLike)):
-            where = os.fspath(item)
-            item = _read_npz(item)
-        elif not isinstance(item, Mapping):
-            raise InputError(f"{where} must be a mapping name -> array, got {type(item).__name__}")
-        feed_sets.append(_validated(dict(item), specs, where))
-    return feed_sets
-
-
-def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    try:
-        with open(path, "rb") as handle:
-            is_zip = handle.read(2) == b"PK"  # every zip, the empty archive included
-    except OSError as error:
-        raise InputError(f"cannot read inputs {os.fspath(path)}: {error.strerror or error}") from None
-    if not is_zip:  # np.load would try it as a pickle, and refuse it with a message about pickles
-        raise InputError(f"{os.fspath(path)}: expected a .npz archive of named arrays (np.savez)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{os.fspath(path)}: expected a .npz archive of named arrays")
-            return {name: archive[name] for name in archive.files}
-    except InputError:
-        raise
-    except Exception as error:  # noqa: BLE001 - unreadable or not numpy data: the user's file to fix
-        raise InputError(f"cannot read inputs {os.fspath(path)}: {first_line(error)}") from None
+            samples.extend(read_samples(item, specs, list(output_names)))
+        elif isinstance(item, Mapping):
+            samples.append(Sample(dict(item), f"inputs for iteration {index}" if len(items) > 1 else "inputs"))
+        else:
+            raise InputError(f"inputs for iteration {index} must be a mapping name -> array or a path, "
+                             f"got {type(item).__name__}")
+    for sample in samples:
+        sample.feeds = _validated(sample.feeds, specs, sample.source)
+    return samples
 
 
 def _validated(feeds: dict[str, Any], specs: list[TensorSpec], where: str) -> dict[str, np.ndarray]:
@@ -157,13 +105,14 @@ def _validated(feeds: dict[str, Any], specs: list[TensorSpec], where: str) -> di
     validated = {}
     for name, spec in expected.items():
         array = np.asarray(feeds[name])
+        check_array_header(spec, array.shape, array.dtype, where)
+        if not array.dtype.isnative:  # a big-endian array (saved on another machine): the engines need native
+            array = array.astype(array.dtype.newbyteorder("="))
         # np.savez stores ml_dtypes arrays (bfloat16, float8) as raw bytes; read them back as such.
-        if array.dtype.kind == "V" and spec.dtype.kind == "V" and array.dtype.itemsize == spec.dtype.itemsize:
+        if array.dtype.kind == "V" and spec.dtype.kind == "V":
             array = array.view(spec.dtype)
-        if array.dtype != spec.dtype:
-            raise InputError(f"{where}: input '{name}' has dtype {array.dtype.name}, "
-                             f"the model expects {spec.type_name}")
-        _checked_shape(spec, array.shape, f"{where}: got")
+        if array.size == 0:
+            raise InputError(f"{where}: input '{name}' has no element (shape {list(array.shape)}); "
+                             f"a run on it would compare nothing")
         validated[name] = array
     return validated
-

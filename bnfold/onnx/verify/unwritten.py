@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import onnx
 import onnxruntime as ort
@@ -35,21 +36,24 @@ def opens_in_place(model: ModelStore) -> bool:
     return model.base_dir is None or ort_version() >= EXTERNAL_DATA_FOLDER_SINCE
 
 
-def unwritten_session(model: ModelStore, options: ort.SessionOptions,
-                      staged_files: contextlib.ExitStack) -> ort.InferenceSession:
-    """A session on ``model``: in place if it :func:`opens_in_place`, else on a staged copy that lives as long
-    as ``staged_files``."""
+def unwritten_session(model: ModelStore, options: ort.SessionOptions, staged_files: contextlib.ExitStack,
+                      edit: Callable[[ModelProto], None] | None = None) -> ort.InferenceSession:
+    """A session on ``model``: in place if it :func:`opens_in_place` (with ``edit`` applied to the copy of
+    its proto the session takes), else on a staged copy, unedited, that lives as long as ``staged_files``."""
     if opens_in_place(model):
-        return _in_place_session(model, options)
+        return _in_place_session(model, options, edit)
     # Every weight in the staged file's aligned data file, which onnxruntime maps instead of copying.
     path = staged_files.enter_context(model.staged(external_threshold=0))
     return unoptimized_session(path, options)
 
 
-def _in_place_session(model: ModelStore, options: ort.SessionOptions) -> ort.InferenceSession:
+def _in_place_session(model: ModelStore, options: ort.SessionOptions,
+                      edit: Callable[[ModelProto], None] | None) -> ort.InferenceSession:
     """A session on ``model`` that uses its held arrays in place, and reads its tensors on disk where they
     are."""
     proto, held = model.held_as_external(_IN_MEMORY_LOCATION)
+    if edit is not None:
+        edit(proto)
     if held:
         # onnxruntime computes with these arrays, not copies: they live in ``model``, which outlives the session.
         options.add_external_initializers(list(held), [ort.OrtValue.ortvalue_from_numpy(v) for v in held.values()])

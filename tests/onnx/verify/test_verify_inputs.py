@@ -50,15 +50,15 @@ def test_generated_integer_and_bool_inputs():
     assert verify_onnx(negate, negate).passed
 
 
-def test_dynamic_dims_default_to_one_with_a_note_or_come_from_input_shapes():
+def test_dynamic_dims_take_two_sizes_from_the_ladder_or_come_from_input_shapes():
     model = unary("Relu", shape=["N", 3, None])
     report = verify_onnx(model, model)
-    assert report.outputs[0].shape == [1, 3, 1]
-    assert "dynamic dim 'N' of input 'x' set to 1" in report.notes
-    assert "dynamic dim 2 of input 'x' set to 1" in report.notes
+    # N is the batch (1, then 2), axis 2 a spatial dim (224, then the next rung): both sizes are reported.
+    assert report.sizes == [{"x": [1, 3, 224]}, {"x": [2, 3, 256]}]
+    assert report.iterations == 4 and "x 1x3x224; x 2x3x256" in report.render()
 
     report = verify_onnx(model, model, input_shapes={"x": [4, 3, 5]})
-    assert report.outputs[0].shape == [4, 3, 5] and report.notes == []
+    assert report.outputs[0].shape == [4, 3, 5] and report.sizes == [{"x": [4, 3, 5]}] and report.iterations == 3
 
 
 def test_a_symbolic_dim_given_for_one_input_is_reused_for_the_others():
@@ -67,7 +67,7 @@ def test_a_symbolic_dim_given_for_one_input_is_reused_for_the_others():
                      [("y", TensorProto.FLOAT)])
     report = verify_onnx(add, add, input_shapes={"a": [3, 2]})
     assert report.passed and report.outputs[0].shape == [3, 2]
-    assert report.notes == ["dynamic dim 'N' of input 'b' set to 3 (as given for input 'a')"]
+    assert report.sizes == [{"a": [3, 2], "b": [3, 2]}]
 
 
 @pytest.mark.parametrize("input_shapes, message", [
@@ -96,7 +96,7 @@ def test_bfloat16_arrays_read_back_from_npz(tmp_path: Path):
 
 
 @pytest.mark.parametrize("arrays, message", [
-    ({}, "lack model input\\(s\\) x"),
+    ({}, "lacks? model input\\(s\\) x"),
     ({"x": np.ones((2, 3), np.float32), "z": np.ones(1)}, "z that are not model inputs"),
     ({"x": np.ones((2, 3), np.float64)}, "dtype float64, the model expects float32"),
     ({"x": np.ones((3, 2), np.float32)}, "shape \\[3, 2\\]"),
