@@ -113,7 +113,7 @@ def fold_onnx(
     report.seconds = {"load": loaded - started, "fold": time.perf_counter() - loaded}
     if verify:
         # onnxruntime and onnx.reference: only when verifying
-        from bnfold.onnx.verify.verify import VerifyReport, verify_onnx
+        from bnfold.onnx.verify.verify import check_unchanged, verify_onnx
 
         verified = time.perf_counter()
         if report.folded:
@@ -124,7 +124,7 @@ def fold_onnx(
                 folded_sites=[(record.scope, record.bn) for record in report.folded],
             )
         else:  # nothing folded: the model written is the input, so there is nothing to run or compare
-            report.verification = VerifyReport([], 0, "none", unchanged=True)
+            report.verification = check_unchanged(session.original)
         report.seconds["verify"] = time.perf_counter() - verified
     return FoldResult(OnnxFolded(folded.store), report)
 

@@ -38,7 +38,7 @@ def open_runners(
     """The engine and a runner per role of ``sources``; why onnx.reference was chosen goes to ``notes``.
     Files staged for onnxruntime live as long as ``staged_files``. The candidate runs with ``coverage``'s
     probes where its engine can be given an instrumented copy."""
-    edits: dict[str, Callable[[ModelProto], None] | None] = {"original": None, "candidate": coverage.instrument}
+    edits = {role: coverage.instrument if role == "candidate" else None for role in sources}
     bfloat16_tensor = next((
         value.name for proto in protos.values() for value in (*proto.graph.input, *proto.graph.output)
         if value.type.tensor_type.elem_type == TensorProto.BFLOAT16), None)

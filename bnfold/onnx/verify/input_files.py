@@ -122,13 +122,13 @@ def _npz_arrays(archive: zipfile.ZipFile, shown: str, specs: list[TensorSpec]) -
     """The arrays of ``archive`` the model takes, each read only once every header has been checked."""
     members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
     wanted = {spec.name: spec for spec in specs}
+    missing = [name for name in wanted if name not in members]
+    if missing:
+        raise InputError(f"the arrays in {shown} lack model input(s) {', '.join(missing)}")
     extra = sorted(set(members) - wanted.keys())
     if extra:
         raise InputError(f"{shown} has array(s) {', '.join(extra)} that are not model inputs "
                          f"({', '.join(wanted)})")
-    missing = [name for name in wanted if name not in members]
-    if missing:
-        raise InputError(f"{shown} lacks model input(s) {', '.join(missing)}")
     for name, info in members.items():
         with archive.open(info) as member:
             shape, dtype = _npy_header(member, f"{shown}: array '{name}'")
