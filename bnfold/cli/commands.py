@@ -91,8 +91,8 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
     report = result.report
     passed = report.verification is None or report.verification.passed
     written = result.write(target, **write_options) if passed else []
-    status = getattr(report.verification, "status", "failed")  # unverified: a folded site no input reached
-    note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification {status})"
+    verdict = getattr(report.verification, "status", "failed")  # unverified: a folded site no input reached
+    note = f"\nwrote {target}" if written else f"\nNOT written: {target} (verification {verdict})"
     emit(as_json, lambda: {"input": str(source), "output": str(target), "written": [str(p) for p in written],
                             **report.to_dict()}, lambda: report.render() + note)
     sys.exit(EXIT_OK if passed else EXIT_NOT_EQUIVALENT)
