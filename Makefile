@@ -6,10 +6,12 @@ SAMPLE := models/resnet_small.onnx
 
 .PHONY: demo test lint clean reliability
 
-# torch is pinned to the CPU build that lies on this machine's disk; the package itself accepts a range.
+# torch and torchvision are pinned to the CPU builds in this machine's wheel store (torchvision 0.29.1 imports only
+# beside torch 2.14.1); the package itself accepts a range. realmodels brings timm, torchvision and
+# segmentation_models_pytorch, whose model code tests/torch/real/ folds with random weights.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[dev,torch]'
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 -e '.[dev,torch,realmodels]'
 	touch $@
 
 demo: $(VENV)/.installed

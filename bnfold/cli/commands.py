@@ -142,13 +142,14 @@ def verify(original: str, candidate: str, trust_pickle: bool, inputs: tuple[str,
     torch_input = kinds.pop()
     refuse_options_for(torch_input)
     if torch_input:
-        from bnfold.torch.deps import require_torch
+        from bnfold.torch.deps import quiet_torch_warnings, require_torch
 
         require_torch()
         from bnfold.torch.files import compare_files
 
-        checked = compare_files(original, candidate, trust_pickle=trust_pickle, input_shapes=shapes, rtol=rtol,
-                                atol=atol)
+        with quiet_torch_warnings():
+            checked = compare_files(original, candidate, trust_pickle=trust_pickle, input_shapes=shapes, rtol=rtol,
+                                    atol=atol)
         emit(as_json, checked.to_dict, checked.render)
         sys.exit(EXIT_OK if checked.passed else EXIT_NOT_EQUIVALENT)
     from bnfold.onnx.verify.verify import verify_onnx

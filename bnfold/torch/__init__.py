@@ -10,7 +10,7 @@ from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from bnfold.core.result import FoldResult
-from bnfold.torch.deps import require_torch
+from bnfold.torch.deps import quiet_torch_warnings, require_torch
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +39,8 @@ def fold_module(
     require_torch()
     from bnfold.torch.fold.module import fold_module as fold
 
-    return fold(module, example_inputs, inplace=inplace, **options)
+    with quiet_torch_warnings():
+        return fold(module, example_inputs, inplace=inplace, **options)
 
 
 def fold_torch_file(
@@ -63,8 +64,9 @@ def fold_torch_file(
     require_torch()
     from bnfold.torch.files import fold_file
 
-    return fold_file(
-        input_path, trust_pickle=trust_pickle, input_shapes=input_shapes,
-        export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode, rtol=rtol, atol=atol,
-        progress=progress,
-    )
+    with quiet_torch_warnings():
+        return fold_file(
+            input_path, trust_pickle=trust_pickle, input_shapes=input_shapes,
+            export_onnx=export_onnx, verify=verify, allow_train_mode=allow_train_mode, rtol=rtol, atol=atol,
+            progress=progress,
+        )
