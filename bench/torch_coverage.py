@@ -31,7 +31,8 @@ def jit_removed(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor
     removed = before - _count_bn(optimized.graph)
     with torch.no_grad():
         output = optimized(x)
-    wrong = not torch.allclose(_first(output), reference, rtol=1e-4, atol=1e-4)
+    error = (_first(output) - reference).abs().max() / reference.abs().max().clamp_min(1e-12)
+    wrong = bool(error > 1e-4)
     return f"{removed}{'!' if wrong else ''}"
 
 
@@ -48,7 +49,10 @@ def _first(output: object) -> torch.Tensor:
 def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    rows = ["| model | BNs | bnfold folded | left (reasons) | jit removed | verified | fold s |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | BNs | bnfold folded | left (reasons) | jit removed | verified | fold s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in sys.argv[1:] or MODELS:
         model, x = build(name)
         with torch.no_grad():
@@ -65,7 +69,6 @@ def main() -> None:
             f"| {name} | {len(report.records)} | {len(report.folded)} | {left} | {jit_removed(model, x, reference)} "
             f"| {report.verification.passed} | {seconds:.2f} |"
         )
-        print(rows[-1], file=sys.stderr)
     print("\n".join(rows))
 
 

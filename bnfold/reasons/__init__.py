@@ -59,6 +59,8 @@ class Reason(str, Enum):
     NO_LINEAR_NEIGHBOUR = "no_linear_neighbour", "neither the node before it nor the one after is a layer it folds into"
     INPUT_FAN_OUT = "input_fan_out", "its input has other readers, which would see the folded values"
     OUTPUT_FAN_OUT = "output_fan_out", "its output has other readers than the layer it would fold into"
+    WORK_AFTER_BN = "work_after_bn", (
+        "its PyTorch module does more after the batch norm (an activation), so only a layer before it could take it")
     INPUT_GRAPH_OUTPUT = "input_graph_output", "its input is a graph output, which a fold would change"
     OUTPUT_GRAPH_OUTPUT = "output_graph_output", "its output is a graph output, which a fold would remove"
     MODULE_REUSED = "module_reused", "the PyTorch module (it or its layer) is called or referenced elsewhere too"

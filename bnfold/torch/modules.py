@@ -6,6 +6,9 @@ import itertools
 from collections import defaultdict
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.torch.capture.dataflow import BnFacts
 
 
 class ModuleIndex:
@@ -23,6 +26,12 @@ class ModuleIndex:
                 self.slots[id(child)].append((parent, child_name))
         self._names.setdefault(id(root), "")
         self._ids = itertools.count()
+        self.affine_norms: dict[int, BnFacts] = {}
+        """Modules other than batch norms that fold like one (e.g. ``FrozenBatchNorm2d``), with their facts."""
+
+    def is_norm(self, module: nn.Module) -> bool:
+        """A batch norm, or a module proven (or reported) to be a per-channel affine map like one."""
+        return isinstance(module, _BatchNorm) or id(module) in self.affine_norms
 
     def name_of(self, module: nn.Module) -> str:
         return self._names[id(module)]

@@ -56,6 +56,9 @@ class BnFacts:
     refusal: FoldRefused | None
     ranks: frozenset[int] | None
     """Input ranks the BN accepts, when its class pins them (``None``: any rank)."""
+    output_is_bn: bool = True
+    """The module returns the batch norm's output; ``False`` when more work follows (an activation), so
+    only the layer before it can take the fold."""
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Call:
     output_rank: int | None = None
     link: object | None = None
     """Calls sharing a ``link`` are one rewrite site (e.g. a TorchScript graph shared by instances)."""
+    flattened: bool = False
+    """A BN whose input is ``source``'s output with every axis but the last merged into one (levit's
+    ``bn(linear(x).flatten(0, 1))``): its channels are the source's last axis, and its input rank is 2."""
 
 
 @dataclass

@@ -25,14 +25,20 @@ _BROADCASTING = {operator.add, operator.mul, operator.sub, torch.add, torch.mul,
 
 
 class _LeafTracer(fx.Tracer):
-    """Keeps every BN and conv/linear (including subclasses defined outside torch.nn) as one call."""
+    """Keeps every BN, BN-like module and conv/linear (including subclasses defined outside torch.nn) as one
+    call."""
+
+    def __init__(self, index: ModuleIndex | None) -> None:
+        super().__init__()
+        self.index = index
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return is_batchnorm(module) or is_layer(module) or super().is_leaf_module(module, qualified_name)
+        norm = self.index.is_norm(module) if self.index is not None else is_batchnorm(module)
+        return norm or is_layer(module) or super().is_leaf_module(module, qualified_name)
 
 
-def trace(module: nn.Module) -> fx.Graph:
-    return _LeafTracer().trace(module)
+def trace(module: nn.Module, index: ModuleIndex | None = None) -> fx.Graph:
+    return _LeafTracer(index).trace(module)
 
 
 def fx_dataflow(
@@ -51,41 +57,94 @@ def fx_dataflow(
         if node.op == "call_module":
             module = root.get_submodule(node.target)
             name = index.name_of(module)
-            if is_batchnorm(module) or is_layer(module):
+            if index.is_norm(module) or is_layer(module):
                 call_ids[node] = index.next_call_id()
                 names[node] = name
-                kinds[node] = "bn" if is_batchnorm(module) else "layer"
+                kinds[node] = "bn" if index.is_norm(module) else "layer"
             else:
                 for inner in module.modules():
-                    if inner is not module and (is_batchnorm(inner) or is_layer(inner)):
+                    if inner is not module and (index.is_norm(inner) or is_layer(inner)):
                         referenced[index.name_of(inner)] = f"it is called inside {name}, outside the graph"
         elif node.op == "get_attr":
             owner = _owning_module(root, str(node.target))
-            if owner is not None and (is_batchnorm(owner) or is_layer(owner)):
+            if owner is not None and (index.is_norm(owner) or is_layer(owner)):
                 referenced[index.name_of(owner)] = f"forward() reads {_join(prefix, str(node.target))} directly"
     ranks: dict[fx.Node, int | None] = {}
-    calls = []
-    for node, call_id in call_ids.items():
-        source = _input_of(node)
-        observed = observed_ranks.get(names[node], [])
-        input_rank, output_rank = observed[0] if len(observed) == 1 else (None, None)
+    observed: dict[fx.Node, tuple[int | None, int | None]] = {}
+    for node in call_ids:
+        seen = observed_ranks.get(names[node], [])
+        input_rank, output_rank = seen[0] if len(seen) == 1 else (None, None)
         if input_rank is None:
-            input_rank = _static_rank(source, root, ranks)
+            input_rank = _static_rank(_input_of(node), root, ranks)
         if output_rank is None:
             output_rank = _static_rank(node, root, ranks)
+        observed[node] = (input_rank, output_rank)
+    # A BN reading a layer's output with its leading axes merged (and nothing else reading that flatten).
+    flattened = {
+        node: node.args[0] for node in call_ids
+        if kinds[node] == "bn" and _merges_leading_axes(_input_of(node), call_ids, observed)
+        and len(node.args[0].users) == 1  # type: ignore[union-attr]  # a flatten node, checked above
+    }
+    calls = []
+    for node, call_id in call_ids.items():
+        source = flattened[node].args[0] if node in flattened else _input_of(node)  # type: ignore[union-attr]
         calls.append(Call(
             id=call_id,
             module=names[node],
             kind=kinds[node],  # type: ignore[arg-type]
             source=call_ids.get(source) if isinstance(source, fx.Node) else None,
             consumers=[
-                call_ids[user] if user in call_ids and _only_as_input(user, node) else None
-                for user in node.users
+                _consumer(user, node, call_ids, flattened) for user in node.users if not _reads_shape_only(user, node)
             ],
-            input_rank=input_rank,
-            output_rank=output_rank,
+            input_rank=observed[node][0],
+            output_rank=observed[node][1],
+            flattened=node in flattened,
         ))
     return Dataflow(calls, referenced)
+
+
+def _consumer(user: fx.Node, value: fx.Node, call_ids: dict[fx.Node, int], flattened: dict) -> int | None:
+    """The call reading ``value`` as its data input, directly or as a BN through a flatten of its own."""
+    if user in call_ids:
+        return call_ids[user] if _only_as_input(user, value) else None
+    reader = next(iter(user.users), None)
+    if reader is not None and flattened.get(reader) is user:
+        return call_ids[reader]
+    return None
+
+
+def _merges_leading_axes(
+    value: object, call_ids: dict[fx.Node, int], observed: dict[fx.Node, tuple[int | None, int | None]]
+) -> bool:
+    """``value`` is ``layer_output.flatten(0, rank - 2)``: every axis but the last merged into one."""
+    if not isinstance(value, fx.Node) or not _is_flatten(value) or value.args[0] not in call_ids:
+        return False
+    layer = value.args[0]
+    start, end = _flatten_bounds(value)
+    rank = observed[layer][1]  # type: ignore[index]  # in call_ids, so observed
+    return start == 0 and (end == -2 or (rank is not None and rank >= 2 and end == rank - 2))
+
+
+def _is_flatten(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "flatten") or (
+        node.op == "call_function" and node.target is torch.flatten
+    )
+
+
+def _flatten_bounds(node: fx.Node) -> tuple[object, object]:
+    args = node.args[1:]
+    start = args[0] if args else node.kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+    return start, end
+
+
+def _reads_shape_only(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` reads only ``value``'s shape, which a fold keeps (``y.reshape_as(value)``, ``value.size()``)."""
+    if user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"):
+        return user.args[0] is not value and value not in user.args[2:] and value not in user.kwargs.values()
+    if user.op == "call_method" and user.target in ("size", "dim"):
+        return True
+    return user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "ndim")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -135,7 +194,7 @@ def _rank_rule(node: fx.Node, root: nn.Module, memo: dict[fx.Node, int | None]) 
         return None
     if node.op == "call_function":
         if node.target in (torch.flatten,):
-            return _flatten_rank(node.args[1:], node.kwargs)
+            return _flatten_rank(node)
         if node.target in _RANK_KEEPING_FUNCTIONS:
             return rank_of(node.args[0])
         if node.target in _BROADCASTING:
@@ -143,7 +202,7 @@ def _rank_rule(node: fx.Node, root: nn.Module, memo: dict[fx.Node, int | None]) 
         return None
     if node.op == "call_method":
         if node.target == "flatten":
-            return _flatten_rank(node.args[1:], node.kwargs)
+            return _flatten_rank(node)
         if node.target in ("view", "reshape"):
             sizes = node.args[1:]
             if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
@@ -154,9 +213,8 @@ def _rank_rule(node: fx.Node, root: nn.Module, memo: dict[fx.Node, int | None]) 
     return None
 
 
-def _flatten_rank(args: tuple, kwargs: dict) -> int | None:
-    start = args[0] if args else kwargs.get("start_dim", 0)
-    end = args[1] if len(args) > 1 else kwargs.get("end_dim", -1)
+def _flatten_rank(node: fx.Node) -> int | None:
+    start, end = _flatten_bounds(node)
     if isinstance(start, int) and start >= 0 and end == -1:
         return start + 1
     return None

@@ -14,7 +14,7 @@ from torch import nn
 from bnfold.errors import first_line
 from bnfold.torch.capture.dataflow import Dataflow
 from bnfold.torch.capture.fx import fx_dataflow, trace
-from bnfold.torch.fold.layers import is_batchnorm, is_layer
+from bnfold.torch.fold.layers import is_layer
 from bnfold.torch.modules import ModuleIndex
 from bnfold.torch.running import Observation
 
@@ -34,7 +34,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
 
     def visit(module: nn.Module, name: str) -> None:
         try:
-            regions.append((name, fx_dataflow(trace(module), module, name, index, ranks), "fx"))
+            regions.append((name, fx_dataflow(trace(module, index), module, name, index, ranks), "fx"))
             return
         except Exception as error:  # any tracing failure means: look deeper
             failures[name] = f"torch.fx: {type(error).__name__}: {first_line(error, 120)}"
@@ -48,7 +48,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
             except Exception as error:
                 failures[name] += f"; torch.export: {type(error).__name__}: {first_line(error, 120)}"
         for child in module.children():
-            if not (is_batchnorm(child) or is_layer(child)):
+            if not (index.is_norm(child) or is_layer(child)):
                 visit(child, index.name_of(child))
 
     visit(root, "")
@@ -65,7 +65,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
     flow.referenced.update(index.shared_parameters())
     uncaptured: dict[str, str] = {}
     for module in root.modules():
-        if is_batchnorm(module):
+        if index.is_norm(module):
             name = index.name_of(module)
             region = _enclosing(name, covered)
             if region is None:

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from bnfold.core.affine import ChannelAffine, FoldRefused, contract_shift, scale_weight
 from bnfold.reasons import Reason
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
+from bnfold.torch.fold.norms import affine_forward, batchnorm_forward_output_is_bn
 from bnfold.torch.fold.tensors import from_float64, optional_float64, to_float64
 
 _CONV_CLASSES: dict[type[nn.Module], tuple[str, int]] = {
@@ -42,9 +43,25 @@ def _hooks(module: nn.Module) -> bool:
 def bn_facts(module: _BatchNorm) -> BnFacts:
     ranks = _pinned_ranks(module)
     try:
-        return BnFacts(bn_affine(module), None, ranks)
+        affine = bn_affine(module)
+        whole = type(module).forward in _BN_FORWARDS or batchnorm_forward_output_is_bn(module)
+        return BnFacts(affine, None, ranks, whole)
     except FoldRefused as refusal:
         return BnFacts(None, refusal, ranks)
+
+
+def affine_facts(module: nn.Module) -> BnFacts:
+    """A module other than a batch norm, proven (or not) to be a per-channel affine map with constant state."""
+    try:
+        affine, ranks = affine_forward(module)
+        return BnFacts(affine, None, ranks)
+    except FoldRefused as refusal:
+        return BnFacts(None, refusal, None)
+
+
+def uses_own_forward(module: nn.Module) -> bool:
+    """A batch norm whose class runs a forward of its own (proven by :func:`bn_facts` before it folds)."""
+    return is_batchnorm(module) and type(module).forward not in _BN_FORWARDS
 
 
 def _pinned_ranks(module: _BatchNorm) -> frozenset[int] | None:
@@ -55,8 +72,6 @@ def _pinned_ranks(module: _BatchNorm) -> frozenset[int] | None:
 
 
 def bn_affine(module: _BatchNorm) -> ChannelAffine:
-    if type(module).forward not in _BN_FORWARDS:
-        raise FoldRefused(Reason.UNSUPPORTED_BN, f"{type(module).__name__} overrides forward()")
     if _hooks(module):
         raise FoldRefused(Reason.HOOKS, "it has forward hooks that would see its output")
     if module.training:
@@ -136,6 +151,19 @@ def fold_module_weights(
         to_float64(module.weight), optional_float64(module.bias), geometry, before, after  # type: ignore[arg-type]
     )
     return from_float64(weight, module.weight, "weight"), from_float64(bias, module.weight, "bias")  # type: ignore[arg-type]
+
+
+def neutralise_batchnorm(module: _BatchNorm) -> None:
+    """Make the batch-norm part of ``module``'s own forward the identity, exactly: ``(x - 0) / sqrt(1 + 0) * 1
+    + 0`` is ``x`` in every dtype. The module keeps its class and the rest of its work (an activation)."""
+    with torch.no_grad():
+        module.running_mean.zero_()  # type: ignore[union-attr]  # proven present: the fold used them
+        module.running_var.fill_(1)  # type: ignore[union-attr]
+        if module.weight is not None:
+            module.weight.fill_(1)
+        if module.bias is not None:
+            module.bias.zero_()
+    module.eps = 0.0
 
 
 def install_weights(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:

@@ -21,13 +21,17 @@ from bnfold.torch.capture.fx import trace
 from bnfold.torch.capture.strategy import Capture, capture
 from bnfold.torch.checks import compare, exact_math
 from bnfold.torch.fold.layers import (
+    affine_facts,
     bn_facts,
     fold_module_weights,
     install_weights,
     is_batchnorm,
     is_layer,
     layer_geometry,
+    neutralise_batchnorm,
+    uses_own_forward,
 )
+from bnfold.torch.fold.norms import is_affine_candidate, looks_like_batchnorm
 from bnfold.torch.fold.plan import Plan, plan_folds
 from bnfold.torch.modules import ModuleIndex
 from bnfold.torch.result import TorchFolded, save_module
@@ -72,6 +76,7 @@ def fold_module(
         work.eval()
     with exact_math():
         index = ModuleIndex(work)
+        _find_affine_norms(work, index)
         observation = None
         if inputs is not None:
             say("running the original model")
@@ -79,11 +84,11 @@ def fold_module(
         say("capturing the dataflow")
         captured = capture(work, index, observation)
         seconds["capture"] = time.perf_counter() - started
-        before = _totals(work)
+        before = _totals(work, index)
         plan = _plan(work, index, captured)
-        _apply(work, index, plan)
+        neutralised = _apply(work, index, plan)
         report = FoldReport(records=plan.records, seconds=seconds)
-        after = _totals(work)
+        after = _totals(work, index, neutralised)
         report.totals = Totals.between(before, after)
         checks: list[VerifyReport] = []
         if verify and observation is not None:
@@ -111,6 +116,17 @@ def _copy(module: nn.Module) -> nn.Module:
         ) from error
 
 
+def _find_affine_norms(work: nn.Module, index: ModuleIndex) -> None:
+    """Modules that fold like a batch norm without being one: proven per-channel affine maps, and modules with
+    batch-norm statistics whose forward is not (reported, so that none goes unmentioned)."""
+    for module in work.modules():
+        if is_batchnorm(module) or is_layer(module) or not is_affine_candidate(module):
+            continue
+        facts = affine_facts(module)
+        if facts.refusal is None or looks_like_batchnorm(module):
+            index.affine_norms[id(module)] = facts
+
+
 def _traceable(module: nn.Module) -> bool:
     try:
         trace(module)
@@ -124,8 +140,8 @@ def _plan(work: nn.Module, index: ModuleIndex, captured: Capture) -> Plan:
     layers: dict[str, LayerGeometry | FoldRefused] = {}
     for module in work.modules():
         name = index.name_of(module)
-        if is_batchnorm(module):
-            facts = bn_facts(module)
+        if index.is_norm(module):
+            facts = bn_facts(module) if is_batchnorm(module) else index.affine_norms[id(module)]
             if name in captured.uncaptured and facts.refusal is None:
                 facts = BnFacts(None, FoldRefused(Reason.CAPTURE_FAILED, captured.uncaptured[name]), facts.ranks)
             bns[name] = facts
@@ -138,16 +154,25 @@ def _plan(work: nn.Module, index: ModuleIndex, captured: Capture) -> Plan:
     return plan_folds(captured.flow, bns, layers, fold_weights)
 
 
-def _apply(work: nn.Module, index: ModuleIndex, plan: Plan) -> None:
+def _apply(work: nn.Module, index: ModuleIndex, plan: Plan) -> set[int]:
+    """Install the folded weights and take the folded batch norms out; returns the modules kept (with their
+    own work after the batch norm) whose batch-norm part is now the identity."""
     for fold in plan.folds.values():
         install_weights(index.module(fold.layer), *fold.params)
+    neutralised = set()
     for name in plan.removed:
-        index.replace(index.module(name), nn.Identity())
+        module = index.module(name)
+        if uses_own_forward(module):
+            neutralise_batchnorm(module)  # type: ignore[arg-type]  # uses_own_forward: a batch norm
+            neutralised.add(id(module))
+        else:
+            index.replace(module, nn.Identity())
+    return neutralised
 
 
-def _totals(module: nn.Module) -> tuple[int, int, int]:
+def _totals(module: nn.Module, index: ModuleIndex, neutralised: set[int] = frozenset()) -> tuple[int, int, int]:  # type: ignore[assignment]
     modules = list(module.modules())
-    bns = sum(1 for m in modules if is_batchnorm(m))
+    bns = sum(1 for m in modules if index.is_norm(m) and id(m) not in neutralised)
     params = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
     return bns, len(modules), params
 

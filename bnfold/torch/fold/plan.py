@@ -115,11 +115,18 @@ class _Planner:
             return FoldRefused(
                 Reason.INPUT_FAN_OUT, f"its input (output of {source.module}) has {len(source.consumers)} users"
             )
-        if source.kind == "bn":
+        if source.kind == "bn" and not call.flattened:
             decided = self.direction.get(source.id)
             if decided is None or decided[0] != "after":
                 return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, f"it follows {source.module}, which is not folded")
             return decided[1]
+        if call.flattened:
+            geometry = self.layers.get(source.module)
+            if not isinstance(geometry, LayerGeometry) or geometry.kind != "linear":
+                return FoldRefused(
+                    Reason.RESHAPE_MIXES_CHANNELS, f"its input flattens {source.module}, whose channels are not last"
+                )
+            return self._layer_ready(source, call, geometry.batched_rank, "output")
         return self._layer_ready(source, call, source.output_rank, "output")
 
     def _backward(self, call: Call) -> int | FoldRefused:
@@ -127,6 +134,10 @@ class _Planner:
             if len(call.consumers) > 1:
                 return FoldRefused(Reason.OUTPUT_FAN_OUT, f"its output has {len(call.consumers)} users")
             return FoldRefused(Reason.NO_LINEAR_NEIGHBOUR, "no conv or linear layer next to it")
+        if not self.bns[call.module].output_is_bn:
+            return FoldRefused(
+                Reason.WORK_AFTER_BN, f"{call.module} returns more than its batch norm's output (e.g. an activation)"
+            )
         target = self.calls[call.consumers[0]]
         if target.kind == "bn":
             decided = self.direction.get(target.id)
@@ -148,6 +159,10 @@ class _Planner:
             return FoldRefused(Reason.MODULE_REUSED, self.flow.referenced[layer.module])
         expected = geometry.batched_rank
         pinned = self.bns[bn.module].ranks
+        if pinned is not None and expected not in pinned:
+            return FoldRefused(
+                Reason.CHANNEL_AXIS, f"{bn.module} takes rank {sorted(pinned)}, {layer.module} gives rank {expected}"
+            )
         if rank is not None and rank != expected:
             return FoldRefused(
                 Reason.CHANNEL_AXIS,

@@ -29,14 +29,11 @@ JIT_REMOVED = {
     "torchvision/mobilenet_v3_small": 34,
     "torchvision/resnet18_fpn_frozen_bn": 0,
 }
-# What bnfold folds today, where it is not yet all the jit anchor folds (raised as the folds land).
+# Where bnfold folds more than the anchor: levit's Linear -> flatten -> BatchNorm1d pairs (48, beside the 2
+# plain ones) and every FrozenBatchNorm2d after a conv, which TorchScript sees as plain Mul/Add.
 FOLDS_AT_LEAST = {
-    "timm/efficientnet_b0": 0,
-    "timm/mobilenetv3_small_100": 0,
-    "timm/regnety_002": 0,
-    "timm/densenet121": 0,
-    "timm/cs3darknet_s": 0,
-    "timm/repvgg_a0": 0,
+    "timm/levit_128s": 50,
+    "torchvision/resnet18_fpn_frozen_bn": 20,
 }
 
 
@@ -60,5 +57,5 @@ def test_real_model_folds_and_verifies(name: str) -> None:
     assert all(torch.equal(before[key], after[key]) for key in before), "the original model was modified"
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
-    floor = FOLDS_AT_LEAST.get(name, JIT_REMOVED[name])
+    floor = max(FOLDS_AT_LEAST.get(name, 0), JIT_REMOVED[name])
     assert len(report.folded) >= floor, report.render()
