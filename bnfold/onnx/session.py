@@ -15,7 +15,7 @@ from bnfold.errors import BnfoldError, InputError, InternalError, first_line
 from bnfold.onnx.fold.driver import fold_model, model_totals
 from bnfold.onnx.fold.patterns import ALL_PATTERNS
 from bnfold.onnx.fold.traversal import lists_initializers
-from bnfold.onnx.graph.types import ValueType, infer_types
+from bnfold.onnx.graph.types import ModelTypes, infer_types
 from bnfold.onnx.guard import Folded, FoldedModelCheck, Guard, Rejections, repair
 from bnfold.onnx.store import limits
 from bnfold.onnx.store.io import tensor_bytes
@@ -86,7 +86,7 @@ class FoldSession:
         # The model just read serves the first attempt; the guard's refolds read it again.
         self._unfolded: ModelStore | None = editable(model)
         self.before = model_totals(self._unfolded.proto)
-        self._types: dict[str, ValueType] = {}
+        self._types = ModelTypes({}, {})
 
     def fold(self) -> Folded:
         """The folded model, checked: any fold that would make it invalid left, with reason ``guard_rejected``.
@@ -96,7 +96,7 @@ class FoldSession:
         with blaming(self.original):
             # Every attempt folds the same model: one inference serves them and the check.
             self._types = infer_types(unfolded.proto)
-        check = FoldedModelCheck(unfolded.proto, self._types, self._reread)
+        check = FoldedModelCheck(unfolded.proto, self._types.flat(), self._reread)
         folded = self._attempt({})
         problem = check(folded.store)
         if problem is None:

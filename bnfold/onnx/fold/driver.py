@@ -4,7 +4,7 @@ affine node) in turn, asks the patterns to plan a rewrite there, has the first e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import onnx
 from onnx import ModelProto, NodeProto
@@ -19,7 +19,7 @@ from bnfold.onnx.fold.patterns.base import AFFINE_CHAIN, Pattern, Rewrite, Site
 from bnfold.onnx.fold.patterns.runs import is_batchnorm, is_link
 from bnfold.onnx.fold.traversal import GraphFold, graphs_to_fold
 from bnfold.onnx.graph.index import GraphIndex, subgraphs
-from bnfold.onnx.graph.types import ValueType
+from bnfold.onnx.graph.types import ModelTypes
 from bnfold.onnx.guard import Guard
 from bnfold.onnx.store.external import payload_bytes
 from bnfold.onnx.store.model_store import ModelStore
@@ -35,7 +35,7 @@ def fold_model(
     *,
     allow_overridable: bool = False,
     progress: Progress | None = None,
-    types: Mapping[str, ValueType],
+    types: ModelTypes,
 ) -> list[BnRecord]:
     """Fold ``store``'s model in place with ``guard``'s patterns: its main graph, every subgraph and every
     model-local function (see :mod:`bnfold.onnx.fold.traversal`). One record per batch norm; those of

@@ -12,10 +12,10 @@ would fold more than the first. Records list each graph's batch norms before tho
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto
+from onnx import FunctionProto, ModelProto, NodeProto
 
 from bnfold.core.affine import FoldRefused
 from bnfold.core.report import BnRecord
@@ -28,7 +28,7 @@ from bnfold.onnx.graph.functions import (
     write_back,
 )
 from bnfold.onnx.graph.index import GraphIndex, NameAllocator, opset_version
-from bnfold.onnx.graph.types import ValueType
+from bnfold.onnx.graph.types import ModelTypes, ScopeKey, nested_graphs
 from bnfold.onnx.store.model_store import ModelStore
 from bnfold.reasons import Reason
 
@@ -45,19 +45,17 @@ class GraphFold:
     records: list[BnRecord] = field(default_factory=list)
 
 
-def graphs_to_fold(
-    store: ModelStore, *, allow_overridable: bool, types: Mapping[str, ValueType],
-) -> Iterator[GraphFold]:
+def graphs_to_fold(store: ModelStore, *, allow_overridable: bool, types: ModelTypes) -> Iterator[GraphFold]:
     """Every graph of ``store``'s model, each when it is its turn to fold; a graph is committed to the model
     once the next one is asked for (the last one, when the iteration ends). ``types`` are
-    ``types.infer_types(model)``."""
+    ``types.infer_types(model)``; each graph folds with the types of its own scope."""
     model = store.proto
-    types = dict(types)  # a copy: the fold records renames in it, and the caller may fold the model again
     order = itertools.count()
-    index = GraphIndex(model.graph, types, NameAllocator([model.graph]), opset=opset_version(model),
+    # A copy: the fold records renames in it, and the caller may fold the model again.
+    index = GraphIndex(model.graph, dict(types.main), NameAllocator([model.graph]), opset=opset_version(model),
                        allow_overridable=allow_overridable, store=store, main_graph=True,
                        listed_initializers=lists_initializers(model))
-    yield from _tree(index, order)
+    yield from _tree(index, order, types, ())
     index.commit()
     for function in model.functions:
         yield from _function(store, function, types, order)
@@ -71,49 +69,44 @@ def lists_initializers(model: ModelProto) -> bool:
 _FIRST_IR_WITH_UNLISTED_INITIALIZERS = 4
 
 
-def _named_subgraphs(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
-    for attribute in node.attribute:
-        if attribute.type == AttributeProto.GRAPH:
-            yield attribute.name, attribute.g
-        elif attribute.type == AttributeProto.GRAPHS:
-            for position, graph in enumerate(attribute.graphs):
-                yield f"{attribute.name}[{position}]", graph
-
-
-def _tree(index: GraphIndex, order: Iterator[int], left_because: FoldRefused | None = None) -> Iterator[GraphFold]:
-    """The subgraphs of ``index``'s nodes (committing each), then ``index`` itself (left uncommitted)."""
+def _tree(index: GraphIndex, order: Iterator[int], types: ModelTypes, key: ScopeKey,
+          left_because: FoldRefused | None = None) -> Iterator[GraphFold]:
+    """The subgraphs of ``index``'s nodes (committing each), then ``index`` itself (left uncommitted).
+    ``key`` is where ``index``'s graph is in ``types``."""
     own = next(order)  # numbered on the way down: a graph reports before its subgraphs
-    for node in list(index.nodes):
-        named = list(_named_subgraphs(node))
-        for attribute, graph in named:
-            prefix = f"{index.scope}/" if index.scope else ""
-            inner = GraphIndex(graph, index.types, index.names, opset=index.opset,
-                               allow_overridable=index.allow_overridable, outer=index, store=index.store,
-                               listed_initializers=index.listed_initializers,
-                               scope=f"{prefix}{index.node_label(node)}/{attribute}")
-            yield from _tree(inner, order, left_because)
-            inner.commit()
-        if named:
-            index.refresh_reads(node)
+    holders: list[NodeProto] = []
+    for node, inner_key, graph in list(nested_graphs(index.graph, key)):
+        prefix = f"{index.scope}/" if index.scope else ""
+        inner = GraphIndex(graph, types.scope(inner_key, index.types), index.names, opset=index.opset,
+                           allow_overridable=index.allow_overridable, outer=index, store=index.store,
+                           listed_initializers=index.listed_initializers,
+                           scope=f"{prefix}{index.node_label(node)}/{inner_key[-1]}")
+        yield from _tree(inner, order, types, inner_key, left_because)
+        inner.commit()
+        if not any(holder is node for holder in holders):
+            holders.append(node)
+    for node in holders:
+        index.refresh_reads(node)
     yield GraphFold(index, own, left_because)
 
 
-def _function(
-    store: ModelStore, function: FunctionProto, types: dict[str, ValueType], order: Iterator[int],
-) -> Iterator[GraphFold]:
+def _function(store: ModelStore, function: FunctionProto, types: ModelTypes, order: Iterator[int]
+              ) -> Iterator[GraphFold]:
     model = store.proto
     graph = body_graph(function)
     references = attribute_references(function)
-    index = GraphIndex(graph, {} if references else function_types(model, function, types), NameAllocator([graph]),
+    # The body's own types, from the types its callers give it, each call site read in its own scope.
+    body_types = ModelTypes({}, {}) if references else function_types(model, function, types)
+    index = GraphIndex(graph, dict(body_types.main), NameAllocator([graph]),
                        opset=function_opset(model, function), scope=function_scope(function), store=store)
     if references:
-        yield from _tree(index, order, FoldRefused(
+        yield from _tree(index, order, body_types, (), FoldRefused(
             Reason.FUNCTION_ATTRIBUTE_REFERENCE,
             f"its function takes attribute(s) {', '.join(references)} from each caller, so the values a fold "
             f"would depend on are not known"))
         return
     folds = []
-    for fold in _tree(index, order):
+    for fold in _tree(index, order, body_types, ()):
         yield fold
         folds.append(fold)
     index.commit()

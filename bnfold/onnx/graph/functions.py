@@ -2,20 +2,21 @@
 
 A function body has no initializers: its constants are ``Constant`` nodes. It is folded as a temporary
 graph, and written back with every tensor a fold created as a ``Constant`` node at the top of the body.
-Value types inside come from the call sites: shape inference runs on the body with the input types all
-calls share (a dim on which calls differ is dynamic, a rank on which they differ unknown), and folds that
-need a rank or shape they cannot get refuse.
+Value types inside come from the call sites, each read in its own scope (a call inside an ``If`` branch
+sees that branch's types): shape inference runs on the body with the input types all calls share (a dim on
+which calls differ is dynamic, a rank on which they differ unknown), and folds that need a rank or shape
+they cannot get refuse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import onnx
 from onnx import FunctionProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
 
 from bnfold.onnx.graph.index import opset_version, subgraphs
-from bnfold.onnx.graph.types import ValueType, infer_types
+from bnfold.onnx.graph.types import ModelTypes, ScopeKey, ValueType, infer_types, nested_graphs
 
 
 def function_scope(function: FunctionProto) -> str:
@@ -68,10 +69,22 @@ def _is_call(node: NodeProto, function: FunctionProto) -> bool:
     return (node.domain, node.op_type, node.overload) == (function.domain, function.name, function.overload)
 
 
-def _call_sites(model: ModelProto, function: FunctionProto) -> Iterator[NodeProto]:
-    yield from (node for node in _all_nodes(model.graph.node) if _is_call(node, function))
+def _scoped_nodes(graph: GraphProto, key: ScopeKey, types: ModelTypes, visible: Mapping[str, ValueType]
+                  ) -> Iterator[tuple[NodeProto, Mapping[str, ValueType]]]:
+    """Every node of ``graph`` and its subgraphs, each with the types its scope sees."""
+    yield from ((node, visible) for node in graph.node)
+    for _holder, inner_key, subgraph in nested_graphs(graph, key):
+        yield from _scoped_nodes(subgraph, inner_key, types, types.scope(inner_key, visible))
+
+
+def _call_sites(model: ModelProto, function: FunctionProto, types: ModelTypes
+                ) -> Iterator[tuple[NodeProto, Mapping[str, ValueType]]]:
+    """Every call of ``function``, with the types of the scope it is in (none known in another function)."""
+    for node, visible in _scoped_nodes(model.graph, (), types, types.main):
+        if _is_call(node, function):
+            yield node, visible
     for caller in model.functions:
-        yield from (node for node in _all_nodes(caller.node) if _is_call(node, function))
+        yield from ((node, {}) for node in _all_nodes(caller.node) if _is_call(node, function))
 
 
 def _common_type(types: list[ValueType | None]) -> ValueType | None:
@@ -87,16 +100,18 @@ def _common_type(types: list[ValueType | None]) -> ValueType | None:
     return ValueType(known[0].elem_type, dims)
 
 
-def function_types(model: ModelProto, function: FunctionProto, types: dict[str, ValueType]) -> dict[str, ValueType]:
-    """Types of the values in ``function``, inferred from the input types all its call sites share (``types``
-    covers the main graph and its subgraphs; a call from another function has unknown types)."""
-    calls = list(_call_sites(model, function))
-    if not calls or any(len(call.input) != len(function.input) for call in calls):
-        return {}
-    signature = [_common_type([types.get(call.input[position]) for call in calls])
+def function_types(model: ModelProto, function: FunctionProto, types: ModelTypes) -> ModelTypes:
+    """Types of the values in ``function``, inferred from the input types all its call sites share, each
+    call's read in its own scope (``types`` are the model's; a call from another function has unknown
+    types, and so then has the body)."""
+    unknown = ModelTypes({}, {})
+    calls = list(_call_sites(model, function, types))
+    if not calls or any(len(call.input) != len(function.input) for call, _visible in calls):
+        return unknown
+    signature = [_common_type([visible.get(call.input[position]) for call, visible in calls])
                  for position in range(len(function.input))]
     if any(t is None for t in signature):
-        return {}
+        return unknown
     graph = body_graph(function)
     del graph.input[:]
     graph.input.extend(

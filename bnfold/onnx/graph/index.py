@@ -15,7 +15,7 @@ the outer sweep drops it once :meth:`GraphIndex.refresh_reads` shows nothing rea
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 
 import numpy as np
 import onnx
@@ -80,7 +80,7 @@ class GraphIndex:
     def __init__(
         self,
         graph: GraphProto,
-        types: dict[str, ValueType],
+        types: MutableMapping[str, ValueType],
         names: NameAllocator,
         *,
         opset: int,

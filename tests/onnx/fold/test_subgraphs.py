@@ -248,8 +248,8 @@ def test_subgraph_values_have_inferred_types():
 
 def test_types_reach_into_loop_bodies_nested_branches_and_scan_bodies():
     types = infer_types(loop_model())
-    assert types["body_conv_out"].shape == (1, 4, 4, 4)
-    assert types["nested_conv_out"].shape == (1, 4, 4, 4), "an If inside the Loop body"
+    assert types.flat()["body_conv_out"].shape == (1, 4, 4, 4)
+    assert types.flat()["nested_conv_out"].shape == (1, 4, 4, 4), "an If inside the Loop body"
     g = GraphBuilder()
     weight = g.node("Constant", [], value=numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32)))
     start = mark(g)
@@ -258,7 +258,7 @@ def test_types_reach_into_loop_bodies_nested_branches_and_scan_bodies():
     g.nodes.append(helper.make_node(
         "Scan", [g.input("sequence", [5, 1, 3, 6, 6])], ["stacked"], num_scan_inputs=1,
         body=body("scan_body", nodes, inits, [out], [helper.make_tensor_value_info("step", FLOAT, [1, 3, 6, 6])])))
-    assert infer_types(g.model(["stacked"]))[out].shape == (1, 4, 4, 4), "with a large Constant weight outside"
+    assert infer_types(g.model(["stacked"])).flat()[out].shape == (1, 4, 4, 4), "with a large Constant weight outside"
 
 
 def test_bn_left_in_a_subgraph_is_explained_with_its_scope_by_inspect(tmp_path):
