@@ -60,11 +60,13 @@ JSON_SCHEMA = 2
 class FoldReport:
     """The records of one fold, its totals, and (once verified) the verification's verdict; ``seconds``
     has the time each stage took, ``notes`` what the user should know about how the model was read or
-    what the fold did to it (one line each)."""
+    what the fold did to it (one line each). ``node_unit`` names what the totals' node counts count: graph
+    nodes, or the modules of an ``nn.Module``."""
 
     def __init__(self, records: list[BnRecord] | None = None, totals: Totals | None = None,
                  verification: Renderable | None = None, seconds: dict[str, float] | None = None,
-                 notes: list[str] | None = None) -> None:
+                 notes: list[str] | None = None, node_unit: str = "nodes") -> None:
+        self.node_unit = node_unit
         self.records = [] if records is None else records
         self.totals = totals
         self.verification = verification
@@ -124,7 +126,7 @@ class FoldReport:
             t = self.totals
             lines.append("")
             lines.append(
-                f"batch norms {t.bn_before} -> {t.bn_after}   nodes {t.nodes_before} -> {t.nodes_after}   "
+                f"batch norms {t.bn_before} -> {t.bn_after}   {self.node_unit} {t.nodes_before} -> {t.nodes_after}   "
                 f"parameters {_bytes(t.param_bytes_before)} -> {_bytes(t.param_bytes_after)}"
             )
         lines.extend(f"note: {note}" for note in self.notes)

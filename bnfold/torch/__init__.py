@@ -29,8 +29,11 @@ def fold_module(
 ) -> FoldResult:
     """Fold the batch norms of ``module`` into neighbouring conv/linear layers, exactly.
 
-    Returns a model of the same class with folded BNs replaced by ``nn.Identity`` and layer
-    weights/biases updated; with ``inplace=False`` the original is left untouched. Options:
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs (a list is taken
+    as positional inputs, and the report notes it). Returns a model of the same class with layer
+    weights/biases updated and folded BNs replaced by ``nn.Identity`` — or, where a BN's module does more
+    than the batch norm (timm's ``BatchNormAct2d``), kept with its batch-norm part made the identity, so
+    its activation still runs; with ``inplace=False`` the original is left untouched. Options:
     ``allow_train_mode`` (fold a train-mode model as its eval-mode behaviour), ``input_shapes``
     (generate example inputs), ``verify`` (compare outputs, default True when inputs exist),
     ``export_onnx`` (path: export the folded model and check it under onnxruntime), ``rtol``/``atol``

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.torch import fold_module  # noqa: E402
-from tests.support.torch_cases import fold_and_measure, max_error, outcome, randomize  # noqa: E402
+from tests.support.torch_cases import by_name, fold_and_measure, max_error, outcome, randomize  # noqa: E402
 
 FP32_EXACT = 1e-5
 
@@ -236,6 +236,34 @@ def test_data_dependent_control_flow_folds_traceable_regions(with_inputs: bool) 
     assert "capture of the model failed" in {r.bn: r for r in result.report.records}["bn"].message
     assert max_error(model, result.model, x) < FP32_EXACT
     assert max_error(model, result.model, -x) < FP32_EXACT
+
+
+class ReachesIntoARegion(nn.Module):
+    """A branch the example input does not take runs ``head.0`` without the batch norm after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)) for _ in range(2)])
+
+    def forward(self, x):
+        if x.mean() > 100:
+            return self.head[0](x)
+        x = self.head(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_region_reached_into_by_uncaptured_code_is_left() -> None:
+    """The reference run never sees the other branch; the uncaptured forward's source says it may run
+    ``head[0]`` alone, so ``head`` is not folded, while blocks called whole still fold."""
+    model = randomize(ReachesIntoARegion())
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert outcome(result) == {"head.1": "module_reused", "blocks.0.1": "conv-bn", "blocks.1.1": "conv-bn"}
+    assert "may use head other than by calling it" in by_name(result)["head.1"].message
+    assert max_error(model, result.model, x + 1000) < FP32_EXACT
 
 
 class ItemLoop(nn.Module):

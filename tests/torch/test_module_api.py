@@ -217,3 +217,17 @@ def test_export_onnx_checks_under_onnxruntime(tmp_path) -> None:
 def test_not_a_module_is_an_input_error() -> None:
     with pytest.raises(InputError):
         fold_module("model.pt")
+
+
+def test_report_counts_modules_and_notes_a_list_of_inputs_taken_as_arguments() -> None:
+    model = randomize(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    as_tuple = fold_module(model, (x,)).report
+    assert "modules 3 -> 3" in as_tuple.render()
+    assert as_tuple.notes == []
+    as_list = fold_module(model, [x]).report
+    assert as_list.verification.passed
+    assert as_list.notes == [
+        "example_inputs is a list: its items were passed as positional arguments "
+        "(pass a tuple to say so, or (items,) to pass the list as one argument)"
+    ]

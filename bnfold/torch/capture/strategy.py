@@ -14,6 +14,7 @@ from torch import nn
 from bnfold.errors import first_line
 from bnfold.torch.capture.dataflow import Dataflow
 from bnfold.torch.capture.fx import fx_dataflow, trace
+from bnfold.torch.capture.reach import reaches
 from bnfold.torch.fold.layers import is_layer
 from bnfold.torch.modules import ModuleIndex
 from bnfold.torch.running import Observation
@@ -62,6 +63,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
         flow.referenced.update(index.aliased())
         if observation is not None:
             flow.referenced.update(_called_outside(regions, observation))
+        flow.referenced.update(_reached_from_opaque_code(regions, failures, index))
     flow.referenced.update(index.shared_parameters())
     uncaptured: dict[str, str] = {}
     for module in root.modules():
@@ -84,6 +86,26 @@ def _called_outside(regions: list[tuple[str, Dataflow, str]], observation: Obser
         for module, count in sites.items():
             if observation.calls.get(module, 0) != count * runs:
                 found[module] = f"it runs {observation.calls.get(module, 0)} times, not only inside {name}"
+    return found
+
+
+def _reached_from_opaque_code(
+    regions: list[tuple[str, Dataflow, str]], failures: dict[str, str], index: ModuleIndex
+) -> dict[str, str]:
+    """Modules of a region whose uncaptured ancestors' code may use them other than by calling the region."""
+    found: dict[str, str] = {}
+    cache: dict[int, set[str]] = {}
+    for name, region, _ in regions:
+        parts = name.split(".")
+        for cut in range(len(parts)):
+            ancestor = ".".join(parts[:cut])
+            if ancestor in failures and reaches(index.module(ancestor), parts[cut], cache):
+                for call in region.calls:
+                    found[call.module] = (
+                        f"the uncaptured forward of {ancestor or 'the model'} may use {'.'.join(parts[:cut + 1])} "
+                        "other than by calling it"
+                    )
+                break
     return found
 
 

@@ -87,7 +87,12 @@ def fold_module(
         before = _totals(work, index)
         plan = _plan(work, index, captured)
         neutralised = _apply(work, index, plan)
-        report = FoldReport(records=plan.records, seconds=seconds)
+        report = FoldReport(records=plan.records, seconds=seconds, node_unit="modules")
+        if isinstance(example_inputs, list):
+            report.notes.append(
+                "example_inputs is a list: its items were passed as positional arguments "
+                "(pass a tuple to say so, or (items,) to pass the list as one argument)"
+            )
         after = _totals(work, index, neutralised)
         report.totals = Totals.between(before, after)
         checks: list[VerifyReport] = []
