@@ -71,7 +71,7 @@ class Coverage:
         """The sites no run reached (or that could not be tracked), as ``scope/label``."""
         if not self.needed:
             return []
-        return [f"{scope}/{label}" if scope else label for scope, label in self.sites
+        return ["/".join(part for part in (scope, label) if part) for scope, label in self.sites
                 if not self._reached(scope, set())]
 
     def _reached(self, scope: str, seen: set[str]) -> bool:
@@ -85,6 +85,31 @@ class Coverage:
         if scope in self._callers:
             return any(self._reached(caller, seen) for caller in self._callers[scope])
         return False
+
+
+def changed_subgraphs(original: ModelProto, candidate: ModelProto) -> list[Site]:
+    """Where the caller names no folded site (``bnfold verify`` of two files): every If branch, Loop or Scan
+    body and function of ``candidate`` that is not, byte for byte, the original's at the same scope, as a
+    site with an empty label. A branch changed inside makes its enclosing ones differ too: each is listed,
+    and each must run."""
+    before = dict(_scoped_graphs(original))
+    return [(scope, "") for scope, graph in _scoped_graphs(candidate)
+            if scope and before.get(scope) != graph]
+
+
+def _scoped_graphs(model: ModelProto) -> Iterator[tuple[str, bytes]]:
+    def visit(graph: GraphProto, scope: str) -> Iterator[tuple[str, bytes]]:
+        yield scope, graph.SerializeToString(deterministic=True)
+        prefix = f"{scope}/" if scope else ""
+        for node in graph.node:
+            for attribute, subgraph in _named_subgraphs(node):
+                yield from visit(subgraph, f"{prefix}{_label(node)}/{attribute}")
+
+    yield from visit(model.graph, "")
+    for function in model.functions:
+        body = GraphProto()
+        body.node.extend(function.node)
+        yield from visit(body, function_scope(function))
 
 
 def _label(node: object) -> str:

@@ -38,7 +38,7 @@ def open_runners(
     """The engine and a runner per role of ``sources``; why onnx.reference was chosen goes to ``notes``.
     Files staged for onnxruntime live as long as ``staged_files``. The candidate runs with ``coverage``'s
     probes where its engine can be given an instrumented copy."""
-    edits = {role: coverage.instrument if role == "candidate" else None for role in sources}
+    edits = {role: coverage.instrument if role == "candidate" and coverage.needed else None for role in sources}
     bfloat16_tensor = next((
         value.name for proto in protos.values() for value in (*proto.graph.input, *proto.graph.output)
         if value.type.tensor_type.elem_type == TensorProto.BFLOAT16), None)
@@ -62,8 +62,11 @@ def open_runners(
 
 def _ort_session(source: ModelSource, staged_files: contextlib.ExitStack,
                  edit: Callable[[ModelProto], None] | None) -> ort.InferenceSession:
-    """A session on ``source``; ``edit`` (coverage probes) is applied to a copy where the model is in memory:
-    a model staged to disk or given as a path runs as it is."""
+    """A session on ``source``; ``edit`` (coverage probes) is applied to a copy of its proto (a path is read
+    as the fold reads it, large tensors left in the file); a model too large to open in place is staged to
+    disk and runs as it is."""
+    if edit is not None and not isinstance(source, ModelProto):
+        source = source if isinstance(source, ModelStore) else ModelStore.read(source)
     if isinstance(source, ModelStore):
         return unwritten_session(source, unoptimized_options(), staged_files, edit)
     if isinstance(source, ModelProto):

@@ -20,7 +20,7 @@ from onnx import ModelProto
 from bnfold.core.compare import OutputAccumulator, VerifyReport, check_tolerances
 from bnfold.errors import InputError
 from bnfold.onnx.store.model_store import ModelStore
-from bnfold.onnx.verify.coverage import Coverage, Site
+from bnfold.onnx.verify.coverage import Coverage, Site, changed_subgraphs
 from bnfold.onnx.verify.engines import Runner, open_runners
 from bnfold.onnx.verify.input_files import Sample
 from bnfold.onnx.verify.inputs import InputsArg, generate, user_feeds
@@ -42,7 +42,7 @@ def verify_onnx(
     rtol: float | None = None,
     atol: float | None = None,
     progress: Progress | None = None,
-    folded_sites: Collection[Site] = (),
+    folded_sites: Collection[Site] | None = None,
 ) -> VerifyReport:
     """Run ``original`` and ``candidate`` on the same inputs and compare every output by bnfold's one rule
     (docs/verification.md).
@@ -55,7 +55,8 @@ def verify_onnx(
     there are compared too), a mapping name -> array, or a sequence of those (one sample each).
     ``input_shapes`` fixes dynamic dims of generated inputs. ``rtol``/``atol`` override the dtype defaults;
     ``atol`` is then absolute. ``folded_sites`` (scope, label) are the candidate's changed sites: one that no
-    run reaches makes the verdict ``unverified``. ``progress(stage, done, total)`` is called per run.
+    run reaches makes the verdict ``unverified``; None: every subgraph and function that differs from the
+    original's. ``progress(stage, done, total)`` is called per run.
     Raises :class:`InputError` for unusable models, mismatched interfaces or bad inputs.
     """
     check_tolerances(rtol, atol)
@@ -73,6 +74,8 @@ def verify_onnx(
         if input_shapes:
             raise InputError("input_shapes applies to generated inputs only; the given inputs have their shapes")
         samples = user_feeds(inputs, specs, output_names)
+    if folded_sites is None:
+        folded_sites = changed_subgraphs(protos["original"], protos["candidate"])
     coverage = Coverage(protos["candidate"], folded_sites)
     run = _Runs(output_names, rtol, atol, notes, progress)
     with contextlib.ExitStack() as staged_files:

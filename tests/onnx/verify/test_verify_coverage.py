@@ -130,3 +130,20 @@ def test_sites_in_the_main_graph_need_no_probe_and_a_model_without_folds_is_not_
     unchanged = bnfold.fold_onnx(reshape).report.verification
     assert unchanged.status == "unchanged" and unchanged.passed and unchanged.iterations == 0
     assert unchanged.render().startswith("UNCHANGED: the folded model is the original")
+
+
+def test_verify_of_two_files_checks_that_every_changed_subgraph_ran(tmp_path, capsys):
+    """``bnfold verify`` knows no fold records: every If branch that differs from the original's must run."""
+    from bnfold.cli import run_command
+
+    original, folded = tmp_path / "original.onnx", tmp_path / "folded.onnx"
+    onnx.save(branchy_model(), original)
+    onnx.save(bnfold.fold_onnx(branchy_model()).model, folded)
+    assert run_command(["verify", str(original), str(folded)]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("UNVERIFIED: 1 folded site(s) never ran on these inputs (gate/then_branch)")
+    large, small = tmp_path / "large.npz", tmp_path / "small.npz"
+    np.savez(large, **LARGE)
+    np.savez(small, **SMALL)
+    assert run_command(["verify", str(original), str(folded), "--inputs", str(large), "--inputs", str(small)]) == 0
+    assert run_command(["verify", str(original), str(original)]) == 0  # nothing differs: nothing must be reached
