@@ -2,9 +2,10 @@
 
 Every output is compared run by run, in float64, against the ORIGINAL model's output: integers and bools
 exactly; NaN and infinities at the same positions (infinities with the same sign); every other element ``i``
-passes iff ``|cand[i] - ref[i]| <= atol + rtol * |ref[i]|``, with ``atol = atol_factor * scale`` unless the
-caller gives an absolute ``atol``. ``scale`` is a robust magnitude of that run's reference (see
-:func:`robust_scale`), so that a few large values cannot widen the tolerance for all the others. An output
+passes iff ``|cand[i] - ref[i]| <= atol[i] + rtol * |ref[i]|``, with ``atol[i] = atol_factor * scale[i]``
+unless the caller gives an absolute ``atol``. ``scale[i]`` is the largest finite ``|ref|`` of element ``i``'s
+channel in that run (see :func:`channel_scales`), so that large values in one channel cannot widen the
+tolerance of the others. An output
 that has no element in any run proves nothing: it is ``empty``, and the verdict is not a pass. The rule, its
 calibration and its limits are in docs/verification.md; this module needs numpy only, so the ONNX and PyTorch
 fronts hand it arrays, one run at a time (:class:`OutputAccumulator`), and keep none of them.
@@ -13,7 +14,7 @@ fronts hand it arrays, one run at a time (:class:`OutputAccumulator`), and keep 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -30,11 +31,9 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "bfloat16": (5e-2, 1.5e-1),
 }
 
-#: The scale is this quantile of the nonzero finite |ref|: at most a tenth of the elements (and always one of
-#: two or more) may be larger than the others without changing it.
-SCALE_QUANTILE = 0.9
-#: The quantile is taken over at most this many evenly spaced elements, so no output is ever copied whole.
-SCALE_SAMPLE = 1 << 16
+#: A channel (axis 1 of an output of rank 3 or more) has a scale of its own if it has at least this many
+#: elements in a run; fewer (a [1, 1000, 1, 1] classifier output) cannot tell a channel's magnitude.
+CHANNEL_MIN_ELEMENTS = 16
 
 Status = Literal["passed", "failed", "unverified", "unchanged"]
 
@@ -57,8 +56,9 @@ def check_tolerances(rtol: float | None, atol: float | None) -> None:
 @dataclass
 class OutputComparison:
     """How one output of the candidate compares with the original's, over all runs. ``atol`` is the
-    strictest absolute tolerance applied (the runs' scales may differ), ``required_atol`` the smallest that
-    would have passed at that run's scale; ``empty``: no run gave an element, so nothing was compared."""
+    strictest absolute tolerance applied (channels' and runs' scales may differ), ``required_atol`` the
+    smallest that would have passed expressed at that strictest scale; ``empty``: no run gave an element, so
+    nothing was compared."""
 
     name: str
     dtype: str
@@ -259,20 +259,28 @@ class OutputAccumulator:
         self._merge(statistics)
 
     def _add_float(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        rtol, atol = self.rtol, self.atol
-        if rtol is None or atol is None:
+        rtol, per_channel, channel_length = self.rtol, np.array([self.atol]), 1
+        if rtol is None or self.atol is None:
             default_rtol, atol_factor = default_tolerances(reference.dtype)
             rtol = default_rtol if rtol is None else rtol
-            atol = atol_factor * robust_scale(reference) if atol is None else atol
-        statistics = _Statistics(rtol=rtol, atol=atol)
+            if self.atol is None:
+                scales, channel_length = channel_scales(reference)
+                per_channel = atol_factor * scales
+        atols = _element_atols(per_channel, channel_length)
+        statistics = _Statistics(rtol=rtol, atol=float(per_channel.min()))
+        start = 0
         for ref, cand in zip(_float64_chunks(reference), _float64_chunks(candidate), strict=True):
+            element_atol = atols(start, start + ref.size)
+            start += ref.size
             both_finite = np.isfinite(ref) & np.isfinite(cand)
             if both_finite.all():
-                statistics.add(ref, cand)
+                statistics.add(ref, cand, element_atol)
                 continue
             same_special = (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
             self.mismatched += int(np.count_nonzero(~both_finite & ~same_special))
-            statistics.add(ref[both_finite], cand[both_finite])
+            if isinstance(element_atol, np.ndarray):
+                element_atol = element_atol[both_finite]
+            statistics.add(ref[both_finite], cand[both_finite], element_atol)
         self.mismatched += statistics.beyond
         self._merge(statistics)
 
@@ -298,20 +306,33 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
 
 
-def robust_scale(reference: np.ndarray) -> float:
-    """The magnitude the default atol is relative to: the ``SCALE_QUANTILE`` quantile (rounded down to an
-    element) of the nonzero finite ``|reference|``, over at most ``SCALE_SAMPLE`` evenly spaced elements; 1 if
-    there is none. Exact zeros (ReLU outputs, padding) do not pull it down, and fewer than a tenth of the
-    elements -- one of two or more -- cannot pull it up."""
-    flat = reference.reshape(-1)
-    step = max(1, -(-flat.size // SCALE_SAMPLE))
+def channel_scales(reference: np.ndarray) -> tuple[np.ndarray, int]:
+    """The magnitudes the default atol is relative to, and how many consecutive elements (in C order) share
+    each: per channel -- the largest finite ``|ref|`` over batch and positions of each index of axis 1 -- for
+    an output of rank 3 or more whose channels hold ``CHANNEL_MIN_ELEMENTS`` or more elements each; else one,
+    the whole output's largest finite ``|ref|``. A scale of 0 (a channel of zeros) becomes 1."""
+    if reference.ndim >= 3 and reference.size and reference.size // reference.shape[1] >= CHANNEL_MIN_ELEMENTS:
+        channels = reference.shape[1]
+        by_channel = reference.reshape(reference.shape[0], channels, -1)
+        scales = np.array([_largest_finite(by_channel[:, channel]) for channel in range(channels)])
+        return np.where(scales > 0, scales, 1.0), by_channel.shape[2]
+    largest = _largest_finite(reference)
+    return np.array([largest or 1.0]), max(reference.size, 1)
+
+
+def _largest_finite(values: np.ndarray) -> float:
+    largest = 0.0
     with np.errstate(all="ignore"):
-        sample = np.abs(flat[::step].astype(np.float64))
-    sample = sample[np.isfinite(sample) & (sample > 0)]
-    if sample.size == 0:
-        return 1.0
-    rank = math.floor(SCALE_QUANTILE * (sample.size - 1))
-    return float(np.partition(sample, rank)[rank])
+        for chunk in _float64_chunks(values):
+            largest = max(largest, float(np.max(np.abs(chunk[np.isfinite(chunk)]), initial=0.0)))
+    return largest
+
+
+def _element_atols(per_channel: np.ndarray, channel_length: int) -> Callable[[int, int], np.ndarray | float]:
+    """Element ``i`` (in C order) lies in channel ``(i // channel_length) % len(per_channel)``."""
+    if per_channel.size == 1:
+        return lambda start, stop: float(per_channel[0])
+    return lambda start, stop: per_channel[(np.arange(start, stop) // channel_length) % per_channel.size]
 
 
 # Elements compared at a time: their float64 copies stay in the CPU's cache, and no output, however large, is
@@ -341,26 +362,32 @@ class _Statistics:
     required_rtol: float = 0.0
     beyond: int = 0
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+    def add(self, reference: np.ndarray, candidate: np.ndarray, atol: np.ndarray | float | None = None) -> None:
+        """Pairs judged at ``atol`` (per element, or one for all; default ``self.atol``, which is the smallest
+        of them: ``required_atol`` is expressed at it)."""
         if reference.size == 0:
             return
+        atol = self.atol if atol is None else atol
         error = np.abs(candidate - reference)
         magnitude = np.abs(reference)
         allowed_by_rtol = self.rtol * magnitude
         with np.errstate(all="ignore"):  # a subnormal |ref| overflows; 0 / 0 is NaN
             # Relative to |ref|, but never to less than atol: near zero the error is judged against atol,
             # and a relative figure there (0.15, or infinite at an exact zero) would say nothing.
-            relative = np.fmax.reduce(error / np.maximum(magnitude, self.atol), initial=0.0)
+            relative = np.fmax.reduce(error / np.maximum(magnitude, atol), initial=0.0)
             # fmax passes over NaN, which is 0 / 0 here: a zero excess at a zero reference needs no rtol; the
             # initial 0 stands for those and for errors within atol (excess <= 0).
-            needed_rtol = np.fmax.reduce((error - self.atol) / magnitude, initial=0.0)
+            needed_rtol = np.fmax.reduce((error - atol) / magnitude, initial=0.0)
+            excess = error - allowed_by_rtol
+            if isinstance(atol, np.ndarray):
+                excess = np.where(atol > 0, excess * (self.atol / atol), excess)
         self.max_abs = max(self.max_abs, float(error.max()))
         self.max_rel = max(self.max_rel, float(relative))
         self.sum_abs += float(error.sum())
         self.count += error.size
-        self.required_atol = max(self.required_atol, float((error - allowed_by_rtol).max()))
+        self.required_atol = max(self.required_atol, float(excess.max()))
         self.required_rtol = max(self.required_rtol, float(needed_rtol))
-        self.beyond += int(np.count_nonzero(error > self.atol + allowed_by_rtol))
+        self.beyond += int(np.count_nonzero(error > atol + allowed_by_rtol))
 
     def merge(self, other: _Statistics) -> None:
         """Fold another run's figures into these; ``required_atol`` is kept relative to the strictest atol,

@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bnfold.core.compare import (
+    CHANNEL_MIN_ELEMENTS,
     DEFAULT_TOLERANCES,
     VerificationSet,
     VerifyReport,
+    channel_scales,
     check_tolerances,
     compare_output,
     default_tolerances,
-    robust_scale,
 )
 from bnfold.errors import InputError
 
@@ -125,32 +126,52 @@ def test_another_dtype_or_shape_fails_whole_with_a_note():
         assert not output.passed and output.mismatched == output.total == 6 and notes
 
 
-def test_default_atol_is_the_dtype_factor_times_a_robust_magnitude():
+def test_default_atol_is_the_dtype_factor_times_the_largest_finite_magnitude():
     reference = np.array([np.nan, -8.0, 2.0, 0.0, np.inf, 3.0], np.float32)
     output = compared(reference, reference.copy())
-    # The nonzero finite magnitudes are 8, 2, 3: the largest is left out, the next one is the scale.
-    assert (output.rtol, output.atol) == (1e-4, 1e-4 * 3.0)
-    assert robust_scale(np.array([0.0, 0.0, 5.0])) == 5.0, "exact zeros (ReLU, padding) do not pull it down"
+    assert (output.rtol, output.atol) == (1e-4, 1e-4 * 8.0)
     assert compared(np.zeros(3, np.float16), np.zeros(3, np.float16)).atol == DEFAULT_TOLERANCES["float16"][1]
 
 
+def test_each_channel_of_a_feature_map_has_its_own_scale():
+    scales = np.array([1.0, 1000.0, 0.0, 5.0])
+    reference = (np.ones((2, 4, 4, 4)) * scales[None, :, None, None]).astype(np.float32)
+    assert channel_scales(reference)[0].tolist() == [1.0, 1000.0, 1.0, 5.0]  # a channel of zeros: 1
+    assert channel_scales(reference)[1] == 16
+    wrong = reference.copy()
+    wrong[1, 0, 3, 3] += np.float32(0.01)  # 100x channel 0's tolerance, 1e-5 of channel 1's values
+    output = compared(reference, wrong)
+    assert not output.passed and output.mismatched == 1 and output.atol == pytest.approx(1e-4)
+    assert output.required_atol == pytest.approx(0.01 - 1e-4, rel=1e-3)
+    # Channels of fewer than CHANNEL_MIN_ELEMENTS elements (a [1, 1000, 1, 1] classifier output) share one.
+    logits = np.linspace(-5, 5, 1000, dtype=np.float32).reshape(1, 1000, 1, 1)
+    assert channel_scales(logits)[0].tolist() == [5.0]
+
+
 @st.composite
-def dominated(draw: st.DrawFn) -> tuple[np.ndarray, int]:
-    """An output of typical magnitude ~1 in which fewer than a tenth of the elements are huge, and the
-    position of one typical element."""
-    size = draw(st.integers(2, 400))
-    typical = draw(hnp.arrays(np.float64, size, elements=st.floats(0.5, 2.0) | st.floats(-2.0, -0.5)))
-    huge = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=max(1, (size - 1) // 10), unique=True))
-    typical[huge] = draw(st.floats(1e3, 1e12)) * np.sign(typical[huge])  # clipped to float16's range below
-    victim = draw(st.sampled_from([i for i in range(size) if i not in huge]))
+def dominated(draw: st.DrawFn) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A feature map [N, C, positions] of typical magnitude ~1 in which some channels hold huge values
+    anywhere, and the position of one element in a channel without any."""
+    batch, channels = draw(st.integers(1, 2)), draw(st.integers(2, 6))
+    positions = draw(st.integers(max(1, -(-CHANNEL_MIN_ELEMENTS // batch)), 40))
+    typical = draw(hnp.arrays(np.float64, (batch, channels, positions),
+                              elements=st.floats(0.5, 2.0) | st.floats(-2.0, -0.5)))
+    victim_channel = draw(st.integers(0, channels - 1))
+    for channel in draw(st.sets(st.integers(0, channels - 1).filter(lambda c: c != victim_channel), min_size=1)):
+        flat = typical[:, channel].reshape(-1)
+        huge = draw(st.lists(st.integers(0, flat.size - 1), min_size=1, max_size=flat.size, unique=True))
+        flat[huge] = draw(st.floats(1e3, 1e12)) * np.sign(flat[huge])  # clipped to float16's range below
+        typical[:, channel] = flat.reshape(batch, positions)
+    victim = (draw(st.integers(0, batch - 1)), victim_channel, draw(st.integers(0, positions - 1)))
     return typical, victim
 
 
 @settings(max_examples=150, deadline=None)
 @given(dominated(), st.sampled_from(FLOAT_DTYPES), st.floats(5, 100))
-def test_a_few_large_values_cannot_hide_an_error_elsewhere(case, dtype, k):
+def test_large_values_in_other_channels_cannot_hide_an_error(case, dtype, k):
     """A planted error of k times the default tolerance of the typical elements (so k * factor * typical,
-    far below the largest values' scale) fails however large and wherever the huge elements are."""
+    far below the large values' scale) fails however large, however many and wherever in other channels the
+    large values are."""
     values, victim = case
     reference = np.clip(values, -6e4, 6e4).astype(dtype) if dtype is np.float16 else values.astype(dtype)
     rtol, factor = DEFAULT_TOLERANCES[np.dtype(dtype).name]
@@ -196,7 +217,7 @@ def test_a_passing_report_has_finite_relative_errors_and_warns_about_nothing():
 def test_bfloat16_has_its_own_defaults():
     reference = np.array([1.0, -2.0], ml_dtypes.bfloat16)
     output = compared(reference, reference.copy())
-    assert output.passed and (output.rtol, output.atol) == (5e-2, 1.5e-1 * 1.0)
+    assert output.passed and (output.rtol, output.atol) == (5e-2, 1.5e-1 * 2.0)
     assert default_tolerances("bfloat16") == DEFAULT_TOLERANCES["bfloat16"]
     with pytest.raises(InputError, match="no default tolerance"):
         default_tolerances(np.complex64)
