@@ -82,13 +82,14 @@ def test_output_equal_to_input_is_refused_without_the_flag(model_path):
     ("args", "message"),
     [
         (["fold", "missing.onnx", "-o", "out.onnx"], "no such file"),
-        (["inspect", "."], "directory"),
+        (["inspect", "empty"], "no .onnx model in this directory"),
         (["fold", "MODEL", "--only", "conv-bm"], "unknown pattern"),
         (["verify", "MODEL", "missing.onnx"], "no such file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model_path, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, [str(model_path) if a == "MODEL" else a for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output

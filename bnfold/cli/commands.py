@@ -27,6 +27,7 @@ from bnfold.cli.common import (
     verify_options,
     warn_guarded,
 )
+from bnfold.cli.many import batch_options, is_batch, run_many
 from bnfold.core.atomic import check_destination, same_file
 from bnfold.core.result import FoldResult
 from bnfold.errors import InputError
@@ -42,8 +43,11 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", type=click.Path(), help="Output file (default: <input>.folded.<ext>).")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Many models: write each output here under its input's name (created if missing).")
+@batch_options
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare original and folded under onnxruntime (optimizations off); not written if they differ.")
 @click.option("--only", multiple=True, help=f"Fold only these patterns. {patterns_help}")
@@ -59,14 +63,24 @@ def main() -> None:
 @click.option("--export-onnx", type=click.Path(dir_okay=False), help="PyTorch: also export the folded model to ONNX.")
 @train_mode_option
 @verify_options
-def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], skip: tuple[str, ...],
+def fold(models: tuple[str, ...], output: str | None, output_dir: str | None, jobs: int, summary_md: str | None,
+         verify: bool, only: tuple[str, ...], skip: tuple[str, ...],
          standalone: str | None, allow_overridable: bool, overwrite_input: bool, external_data: str | None,
          external_threshold: int,
          trust_pickle: bool, export_onnx: str | None, allow_train_mode: bool, inputs: tuple[str, ...],
          input_shapes: tuple[str, ...], iterations: int, seed: int, rtol: float | None, atol: float | None,
          as_json: bool) -> None:
-    """Fold MODEL's batch norms and write the result to --output."""
-    source = Path(model)
+    """Fold each model's batch norms and write the result to --output (one model) or --output-dir.
+
+    MODELS are files, directories (searched for *.onnx) or glob patterns. Over several models, each runs in a
+    process of its own (-j at once), one failing does not stop the others, and the exit code is the largest
+    of theirs."""
+    if output is not None and (len(models) > 1 or output_dir is not None):
+        raise click.UsageError("-o names one output; for several models use --output-dir")
+    if is_batch(models, several_outputs=output_dir is not None, single_output=output is not None):
+        run_many("fold", models, output=output, output_dir=output_dir, jobs=jobs, summary_md=summary_md,
+                 as_json=as_json)
+    source = Path(models[0])
     target = Path(output) if output else source.with_name(f"{source.stem}.folded{source.suffix or '.onnx'}")
     shapes = parse_shapes(input_shapes)
     torch_input = is_torch_file(source)
@@ -99,7 +113,10 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--check", is_flag=True,
+              help="Exit 1 if a model still holds a batch norm bnfold would fold (a lint for exported models).")
+@batch_options
 @click.option("--only", multiple=True, help=f"Consider only these patterns. {patterns_help}")
 @click.option("--skip", multiple=True, help="Do not consider these patterns.")
 @standalone_option
@@ -107,9 +124,17 @@ def fold(model: str, output: str | None, verify: bool, only: tuple[str, ...], sk
 @trust_pickle_option
 @train_mode_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(model: str, only: tuple[str, ...], skip: tuple[str, ...], standalone: str | None,
-            allow_overridable: bool, trust_pickle: bool, allow_train_mode: bool, as_json: bool) -> None:
-    """Show what would fold in MODEL and why each other batch norm stays. Writes nothing."""
+def inspect(models: tuple[str, ...], check: bool, jobs: int, summary_md: str | None, only: tuple[str, ...],
+            skip: tuple[str, ...], standalone: str | None, allow_overridable: bool, trust_pickle: bool,
+            allow_train_mode: bool, as_json: bool) -> None:
+    """Show what would fold in each model and why each other batch norm stays. Writes nothing.
+
+    With --check, print one row per model and exit 1 if any still holds a batch norm bnfold would fold, 0 if
+    none does (2 on bad input), as a pre-commit hook or CI step would use it."""
+    if check or is_batch(models, several_outputs=False, single_output=False):
+        run_many("inspect", models, output=None, output_dir=None, jobs=jobs, summary_md=summary_md, as_json=as_json,
+                 check=check)
+    model = models[0]
     torch_input = is_torch_file(Path(model))
     refuse_options_for(torch_input)
     if torch_input:
