@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from bnfold.errors import first_line
-from bnfold.torch.capture.dataflow import Dataflow
+from bnfold.torch.capture.dataflow import Call, Dataflow
 from bnfold.torch.capture.fx import fx_dataflow, trace
-from bnfold.torch.capture.reach import reaches
+from bnfold.torch.capture.reach import OwnSource, reaches
 from bnfold.torch.fold.layers import is_layer
 from bnfold.torch.modules import ModuleIndex
 from bnfold.torch.running import Observation
@@ -51,6 +51,7 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
         for child in module.children():
             if not (index.is_norm(child) or is_layer(child)):
                 visit(child, index.name_of(child))
+        regions.extend(_source_pairs(module, index, ranks))
 
     visit(root, "")
     flow = Dataflow([], {})
@@ -66,14 +67,47 @@ def capture(root: nn.Module, index: ModuleIndex, observation: Observation | None
         flow.referenced.update(_reached_from_opaque_code(regions, failures, index))
     flow.referenced.update(index.shared_parameters())
     uncaptured: dict[str, str] = {}
+    in_regions = {call.module for call in flow.calls}
     for module in root.modules():
         if index.is_norm(module):
             name = index.name_of(module)
             region = _enclosing(name, covered)
-            if region is None:
+            if region is None and name not in in_regions:
                 uncaptured[name] = _failure_above(name, failures)
     strategy = regions[0][2] if whole else f"{len(regions)} regions"
     return Capture(flow, strategy, uncaptured)
+
+
+def _source_pairs(
+    module: nn.Module, index: ModuleIndex, ranks: dict[str, list[tuple[int | None, int | None]]]
+) -> list[tuple[str, Dataflow, str]]:
+    """A region per layer/BN pair of ``module``'s children whose dataflow its own source proves (see
+    :mod:`bnfold.torch.capture.reach`), each named after its first child."""
+    found = []
+    for first_name, second_name in OwnSource(module).pairs():
+        first, second = module._modules[first_name], module._modules[second_name]
+        if first is None or second is None:
+            continue
+        if is_layer(first) and index.is_norm(second):
+            layer, rank = first, 1  # the BN reads the layer's output
+        elif index.is_norm(first) and is_layer(second):
+            layer, rank = second, 0  # the layer reads the BN's output
+        else:
+            continue
+        seen = ranks.get(index.name_of(layer), [])
+        shared_rank = seen[0][rank] if len(seen) == 1 else None
+        ids = (index.next_call_id(), index.next_call_id())
+        kinds = ["layer" if is_layer(m) else "bn" for m in (first, second)]
+        calls = [
+            Call(ids[0], index.name_of(first), kinds[0], None, [ids[1]], output_rank=shared_rank),  # type: ignore[arg-type]
+            Call(ids[1], index.name_of(second), kinds[1], ids[0], [None], input_rank=shared_rank),  # type: ignore[arg-type]
+        ]
+        if is_layer(first):
+            calls[0].input_rank = seen[0][0] if len(seen) == 1 else None
+        else:
+            calls[1].output_rank = seen[0][1] if len(seen) == 1 else None
+        found.append((index.name_of(first), Dataflow(calls, {}), "source"))
+    return found
 
 
 def _called_outside(regions: list[tuple[str, Dataflow, str]], observation: Observation) -> dict[str, str]:
