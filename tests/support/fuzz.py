@@ -291,21 +291,23 @@ def render(results: dict[str, Any]) -> str:
         "## Random graphs",
         "",
         "Hypothesis draws chains and DAGs of Conv, ConvTranspose, Gemm, MatMul, BatchNormalization, Relu, "
-        "Add/Mul/Sub/Div (by constants of every broadcast shape, either operand order, or of two values), "
-        "Reshape and Flatten, with random groups, strides, dilations, pads, auto_pad, output_padding, transA/B, "
-        "alpha, beta, C shapes; ranks 2-5; float32, float16, float64 (and float32 statistics in float16/float64 "
-        "models); shared weights, fan-out, graph outputs in the middle, and `If` branches reading outer "
-        "weights. About one batch norm in seven is made unsafe (NaN or infinite statistics, negative variance, "
-        "var + epsilon = 0, training mode, a parameter fed as a graph input or overridable). Some cases enable "
-        "`standalone=\"mul-add\"` or `\"conv\"` or skip a pattern. Every example must: not crash, give a model "
-        "`onnx.checker` accepts, compute the same outputs as the original under onnxruntime with optimizations "
-        "off (onnx.reference where onnxruntime has no kernel; NaN/inf at the same places, finite values within "
-        "bnfold's dtype tolerances), leave every unsafe batch norm in place and recorded as left, and be "
-        "idempotent (a second fold folds nothing and changes no byte). Rounding the folded weights once is "
-        "part of any exact fold, and an ill-conditioned graph (a constant divided by a value near zero) can "
-        "amplify it past those tolerances; such a case, and every float16 case (whose tolerances would let a "
-        "scale a few percent off through), is also judged exactly: the model widened to float64 is folded, and "
-        "must compute what the widened original computes, to 1e-7.",
+        "Add/Mul/Sub/Div (by constants of every broadcast shape, either operand order, or of two values), Reshape "
+        "and Flatten, with random groups, strides, dilations, pads, auto_pad, output_padding, transA/B, alpha, "
+        "beta, C shapes; ranks 2-5; float32, float16, float64 (and float32 statistics in float16/float64 models); "
+        "shared weights, fan-out, graph outputs in the middle, `If` branches reading outer weights, `If` branches "
+        "that reuse value names at other ranks, model-local functions called at one or two ranks (their bodies "
+        "reusing main-graph names), and `If` conditions fed as inputs, computed from data or from a shape. About "
+        "one batch norm in seven is made unsafe (NaN or infinite statistics, negative variance, var + epsilon = 0, "
+        "training mode, a parameter fed as a graph input or overridable). Some cases enable `standalone=\"mul-add\"` "
+        "or `\"conv\"` or skip a pattern. Every example must: not crash, give a model `onnx.checker` accepts, "
+        "compute the same outputs as the original under onnxruntime with optimizations off (onnx.reference where "
+        "onnxruntime has no kernel; NaN/inf at the same places, finite values within bnfold's dtype tolerances), "
+        "leave every unsafe batch norm in place and recorded as left, and be idempotent (a second fold folds "
+        "nothing and changes no byte). Rounding the folded weights once is part of any exact fold, and an "
+        "ill-conditioned graph (a constant divided by a value near zero) can amplify it past those tolerances; "
+        "such a case, and every float16 case (whose tolerances would let a scale a few percent off through), is "
+        "also judged exactly: the model widened to float64 is folded, and must compute what the widened original "
+        "computes, to 1e-7.",
         "",
         "| figure | value |",
         "|---|---|",

@@ -4,7 +4,9 @@
 Gemm, MatMul, BatchNormalization, Relu, Add/Mul/Sub/Div (by constants or of two values), Reshape and Flatten,
 with random attributes (groups, strides, dilations, pads, auto_pad, output_padding, transA/transB, alpha,
 beta), ranks 2 to 5, float32/float16/float64, shared weights, fan-out, graph outputs in the middle, and
-``If`` subgraphs that read outer values. Some batch norms are made unsafe on purpose (NaN or infinite
+``If`` subgraphs that read outer values, ``If`` branches that reuse value names at other ranks, model-local
+functions called at one or two ranks (their bodies reusing main-graph names), and ``If`` conditions fed as
+inputs, computed from data or from a shape. Some batch norms are made unsafe on purpose (NaN or infinite
 statistics, variance <= 0, var + epsilon = 0, training mode, a parameter fed as a graph input or
 overridable); the case lists them in ``must_stay``.
 
@@ -95,6 +97,7 @@ class _Graph:
             self.ops: list[str] = []
             self.shared_weights: dict[tuple[Any, ...], str] = {}
             self.precision = dtype
+            self.functions: list[onnx.FunctionProto] = []
 
     # -- drawing ----------------------------------------------------------------------------------
     def integer(self, low: int, high: int) -> int:
@@ -364,15 +367,98 @@ class _Graph:
             shape = value.shape
             outputs.append(value)
             branches.append(inner.subgraph(value))
-        cond = self.root.condition()
+        cond = self.root.condition(v)
         assert shape is not None
         return self.node("If", [cond], shape, then_branch=branches[0], else_branch=branches[1])
 
-    def condition(self) -> str:
-        if "cond" not in self.feed_specs:
-            self.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, ()))
-            self.feed_specs["cond"] = (np.dtype(bool), (), "condition")
-        return "cond"
+    def scoped_branch(self, v: Value) -> Value | None:
+        """``If`` whose branches name their values alike at different ranks: each computes
+        ``BN(MatMul(a, W))`` into the same names ``a`` and ``p``, one on ``v`` as it is, the other on ``v``
+        reshaped to another rank (and back). A fold resting on the other branch's type changes the numbers."""
+        if self is not self.root or v.rank < 2:
+            return None
+        a, p, width = self.fresh("a"), self.fresh("p"), v.shape[-1]
+        other = (math.prod(v.shape[:-1]), width) if v.rank > 2 else (1, *v.shape)
+        branches = []
+        for shape in self.choice([(v.shape, other), (other, v.shape)]):
+            inner = _Graph(self.draw, self.rng, self.dtype, self.opset, root=self.root)
+            inner.reshaped(v.name, v.shape, shape, a)
+            weight = inner.const(self.rng.normal(scale=1 / math.sqrt(width), size=(width, width)), "w")
+            inner.nodes.append(helper.make_node("MatMul", [a, weight], [p], name=self.fresh("matmul")))
+            self.root.ops.append("MatMul")
+            value = inner.batchnorm(Value(p, shape)) or Value(p, shape)
+            out = self.fresh("back")
+            inner.reshaped(value.name, shape, v.shape, out)
+            branches.append(inner.subgraph(Value(out, v.shape)))
+        self.uses.update([v.name])
+        return self.node("If", [self.condition(v)], v.shape, then_branch=branches[0], else_branch=branches[1])
+
+    def reshaped(self, source: str, shape: tuple[int, ...], target: tuple[int, ...], name: str) -> None:
+        """``name`` = ``source`` (of ``shape``) as ``target``: an Identity where they agree, else a Reshape."""
+        if shape == target:
+            self.nodes.append(helper.make_node("Identity", [source], [name]))
+            return
+        self.nodes.append(helper.make_node("Reshape", [source, self.int64s(target)], [name]))
+
+    def call(self, v: Value) -> Value | None:
+        """A model-local function ``BN(MatMul(x, W))``, its body naming a value as the main graph does, called
+        on a 2-D ``v`` and sometimes also on a 3-D ``(N, K, K)`` expansion of it: there the batch norm scales
+        axis 1 while the MatMul's columns are axis 2, so the calls disagree on the rank and the body must stay."""
+        if self is not self.root or v.rank != 2 or self.opset < 15:
+            return None
+        width, rng = v.shape[-1], self.rng
+        product = self.values[0].name  # the main graph's input has this name too, at its own rank
+        tensors = {"w": rng.normal(scale=1 / math.sqrt(width), size=(width, width)),
+                   "gamma": rng.uniform(0.5, 1.5, width) * rng.choice([-1.0, 1.0], width),
+                   "beta": rng.normal(0, 0.5, width), "mean": rng.normal(0, 0.5, width),
+                   "var": rng.uniform(0.5, 2.0, width)}
+        body = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value.astype(self.dtype), name))
+                for name, value in tensors.items()]
+        body += [helper.make_node("MatMul", ["x", "w"], [product]),
+                 helper.make_node("BatchNormalization", [product, "gamma", "beta", "mean", "var"], ["y"])]
+        name = f"Block{len(self.functions)}"
+        self.functions.append(helper.make_function(FUNCTION_DOMAIN, name, ["x"], ["y"], body,
+                                                   [helper.make_opsetid("", self.opset)]))
+        sources = [v]
+        if self.chance(50):
+            rows = v.shape[0]
+            column = self.node("Reshape", [v.name, self.int64s((rows, 1, width))], (rows, 1, width))
+            sources.append(self.node("Expand", [column.name, self.int64s((rows, width, width))], (rows, width, width)))
+        result = None
+        for source in sources:
+            result = self.node(name, [source.name], source.shape, domain=FUNCTION_DOMAIN)
+        return result
+
+    def int64s(self, values: tuple[int, ...]) -> str:
+        return self.const(np.array(values, np.int64), "shape", np.dtype(np.int64))
+
+    def condition(self, v: Value | None = None) -> str:
+        """An ``If`` condition: the boolean input ``cond``, whether ``v``'s mean is positive (data: the
+        iterations' random inputs take both branches), or whether ``v``'s first dim exceeds 1 (a shape)."""
+        root = self.root
+        kind = "input" if v is None else self.choice(["input", "data", "shape"])
+        if kind == "input":
+            if "cond" not in root.feed_specs:
+                root.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, ()))
+                root.feed_specs["cond"] = (np.dtype(bool), (), "condition")
+            return "cond"
+        assert v is not None
+        cond, measured = root.fresh("cond"), root.fresh("measured")
+        if kind == "data":  # mean > mean - mean: no float constant, so a model widened to float64 still runs
+            as_float, zero = root.fresh("as_float"), root.fresh("zero")
+            root.nodes += [helper.make_node("Cast", [v.name], [as_float], to=TensorProto.FLOAT),
+                           helper.make_node("ReduceMean", [as_float], [measured], keepdims=0),
+                           helper.make_node("Sub", [measured, measured], [zero]),
+                           helper.make_node("Greater", [measured, zero], [cond])]
+        else:
+            shape = root.fresh("shape")
+            root.nodes += [helper.make_node("Shape", [v.name], [shape]),
+                           helper.make_node("Gather", [shape, root.const(np.int64(0), "first", np.dtype(np.int64))],
+                                            [measured], axis=0),
+                           helper.make_node("Greater", [measured, root.const(np.int64(1), "one", np.dtype(np.int64))],
+                                            [cond])]
+        root.uses.update([v.name])
+        return cond
 
     def subgraph(self, output: Value) -> GraphProto:
         info = helper.make_tensor_value_info(output.name, helper.np_dtype_to_tensor_dtype(self.dtype), output.shape)
@@ -388,7 +474,8 @@ def _broadcasts(shape: tuple[int, ...], constant: tuple[int, ...]) -> bool:
 
 
 _OPS = {"conv": 5, "conv_transpose": 2, "gemm": 3, "matmul": 3, "batchnorm": 8, "relu": 2, "affine": 4,
-        "binary": 2, "reshape": 2, "flatten": 1, "branch": 1}
+        "binary": 2, "reshape": 2, "flatten": 1, "branch": 1, "scoped_branch": 2, "call": 2}
+FUNCTION_DOMAIN = "fuzz"
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -424,7 +511,9 @@ def fuzz_cases(draw: Any, max_ops: int = 10) -> FuzzCase:
         helper.make_graph(graph.nodes, "fuzz", graph.inputs,
                           [helper.make_tensor_value_info(v.name, elem, v.shape) for v in outputs],
                           graph.initializers),
-        opset_imports=[helper.make_opsetid("", opset)])
+        opset_imports=[helper.make_opsetid("", opset)]
+        + ([helper.make_opsetid(FUNCTION_DOMAIN, 1)] if graph.functions else []),
+        functions=graph.functions)
     model.ir_version = 10
     feeds = [_feeds(graph.feed_specs, np.random.default_rng(iteration), iteration) for iteration in range(2)]
     options: dict[str, Any] = {}
@@ -510,6 +599,8 @@ def _exact_in_float64(case: FuzzCase) -> bool | None:
     twin = ModelProto()
     twin.CopyFrom(case.model)
     _widen(twin.graph)
+    for function in twin.functions:
+        _widen_constants(function.node)
     feeds = [{name: value.astype(np.float64) if value.dtype.kind == "f" else value for name, value in f.items()}
              for f in case.feeds]
     try:
@@ -541,10 +632,19 @@ def _widen(graph: GraphProto) -> None:
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.tensor_type.elem_type in _NARROW_FLOATS:
             value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    _widen_constants(graph.node)
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
                 _widen(attribute.g)
+
+
+def _widen_constants(nodes: Any) -> None:
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in _NARROW_FLOATS:
+                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float64),
+                                                             attribute.t.name))
 
 
 def _batchnorms(graph: GraphProto) -> set[str]:

@@ -54,6 +54,9 @@ class NameAllocator:
 
     def __init__(self, graphs: Iterable[GraphProto]) -> None:
         self._taken: set[str] = set()
+        # The next suffix to try per base: a weight shared by thousands of layers is cloned under one base,
+        # and trying every taken suffix again for each clone made that quadratic.
+        self._next_suffix: dict[str, int] = {}
         for graph in graphs:
             self._add_graph(graph)
 
@@ -68,10 +71,12 @@ class NameAllocator:
                 self._add_graph(subgraph)
 
     def fresh(self, base: str) -> str:
-        name, suffix = base, 1
+        """``base``, else ``base_1``, ``base_2``, … : the first not taken (names are never given back)."""
+        name, suffix = base, self._next_suffix.get(base, 1)
         while name in self._taken:
             name = f"{base}_{suffix}"
             suffix += 1
+        self._next_suffix[base] = suffix
         self._taken.add(name)
         return name
 
@@ -107,7 +112,11 @@ class GraphIndex:
         self.listed_initializers = listed_initializers
         self.graph_inputs = {i.name for i in graph.input} - (self.initializers.keys() if listed_initializers else set())
         self.graph_outputs = {o.name for o in graph.output}
-        self.nodes: list[NodeProto] = list(graph.node)
+        self._nodes: list[NodeProto] = list(graph.node)
+        # Nodes inserted right after a node (latest first), kept out of ``graph.node`` until commit: finding
+        # the anchor's position for each insert made thousands of inserts quadratic.
+        self._following: dict[int, list[NodeProto]] = {}
+        self._inserted = False
         self.producers: dict[str, NodeProto] = {}
         self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
         for node in self.nodes:
@@ -123,6 +132,19 @@ class GraphIndex:
         self.batchnorm_affines: dict[int, ChannelAffine] = {}
 
     # -- queries ---------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[NodeProto]:
+        """The graph's nodes in order, inserted ones included (removed ones too, until commit)."""
+        if self._following:
+            ordered: list[NodeProto] = []
+            pending = list(reversed(self._nodes))
+            while pending:
+                node = pending.pop()
+                ordered.append(node)
+                pending.extend(reversed(self._following.pop(id(node), [])))
+            self._nodes = ordered
+        return self._nodes
+
     def _reads(self, node: NodeProto) -> list[str]:
         reads = [i for i in node.input if i]
         for subgraph in subgraphs(node):
@@ -235,14 +257,12 @@ class GraphIndex:
         self.placed.add(id(node))
 
     def insert_after(self, anchor: NodeProto, node: NodeProto) -> NodeProto:
-        """Add ``node`` right after ``anchor`` (keeps topological order); returns the node as stored."""
-        position = next(i for i, n in enumerate(self.nodes) if n is anchor) + 1
-        self.graph.node.insert(position, node)
-        stored = self.graph.node[position]
-        self.nodes.insert(position, stored)
-        self._register(stored)
-        self.placed.add(id(stored))
-        return stored
+        """Add ``node`` right after ``anchor`` (keeps topological order); it joins ``graph.node`` at commit."""
+        self._following.setdefault(id(anchor), []).insert(0, node)
+        self._inserted = True
+        self._register(node)
+        self.placed.add(id(node))
+        return node
 
     def refresh_reads(self, node: NodeProto) -> None:
         """Re-register what ``node`` reads after a fold inside one of its subgraphs; outer values the
@@ -259,11 +279,13 @@ class GraphIndex:
     def commit(self) -> None:
         """Drop what the rewrites left unread, then write nodes and initializers back to the graph."""
         self._sweep_dead_values()
-        if self._removed:
-            for position in reversed(range(len(self.nodes))):
-                if id(self.nodes[position]) in self._removed:
+        if self._inserted:
+            self._rebuild_nodes()
+        elif self._removed:
+            for position in reversed(range(len(self._nodes))):
+                if id(self._nodes[position]) in self._removed:
                     del self.graph.node[position]
-            self.nodes = [n for n in self.nodes if id(n) not in self._removed]
+            self._nodes = [n for n in self._nodes if id(n) not in self._removed]
             self._removed.clear()
         dead_initializers = [
             name for name in self.initializers
@@ -289,6 +311,21 @@ class GraphIndex:
         self._arrays.clear()
         self.constants.forget_all()
 
+    def _rebuild_nodes(self) -> None:
+        """Write the nodes back in one pass, inserted ones in place and removed ones dropped; the index then
+        refers to the graph's own copies."""
+        kept = [node for node in self.nodes if id(node) not in self._removed]
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+        self._nodes = list(self.graph.node)
+        self._removed.clear()
+        self._inserted = False
+        self.placed.clear()
+        self.producers.clear()
+        self.consumers.clear()
+        for node in self._nodes:
+            self._register(node)
+
     def _list_initializers(self) -> None:
         """Keep an IR-3 graph valid: the main graph lists exactly its initializers (with their current type and
         shape) besides its inputs; a subgraph, whose inputs are its caller's to give, gets each new tensor as
@@ -304,7 +341,7 @@ class GraphIndex:
                 self.initializers = {t.name: t for t in self.graph.initializer}
                 for position, constant in enumerate(constants):
                     self.graph.node.insert(position, constant)
-                self.nodes[:0] = list(self.graph.node[:len(constants)])
+                self._nodes[:0] = list(self.graph.node[:len(constants)])
             return
         wanted = [
             onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.graph.initializer

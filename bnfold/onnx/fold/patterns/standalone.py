@@ -9,7 +9,9 @@ for what nothing else folds:
 - ``conv``: one depthwise ``Conv`` with a 1x...x1 kernel where the tensor has spatial axes and the dtype is
   float32 or float16 (the Conv kernels runtimes have); otherwise ``Mul`` and ``Add``. Under onnxruntime's
   default ``ORT_ENABLE_ALL`` the Conv stays in the blocked NCHWc layout a BatchNormalization gets, where a
-  Mul and an Add fall out of it (measured in ``bench``: ``mul-add`` is then slower than the BN it replaced).
+  Mul and an Add fall out of it: it is faster than ``mul-add``, but not than the BN left in place (a
+  DenseNet-121 with 62 such BNs: 138 ms, against 186 ms for ``mul-add`` and 146 ms for the BNs, at 1
+  thread; 300 / 370 / 286 ms at 2; the README has the setting).
 """
 
 from __future__ import annotations
