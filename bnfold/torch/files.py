@@ -9,24 +9,24 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from bnfold.core.compare import VerificationSet, VerifyReport
+from bnfold.core.compare import VerifyReport
 from bnfold.core.report import FoldReport
 from bnfold.core.result import FoldResult
-from bnfold.errors import InputError, OutputError, first_line
+from bnfold.errors import InputError, first_line
 from bnfold.torch.checks import compare, exact_math
-from bnfold.torch.result import TorchFolded, save_bytes, save_module
+from bnfold.torch.forms import Options, Shapes, fold_program, fold_script, program_inputs, skipped_notice
+from bnfold.torch.result import TorchFolded, save_module
 from bnfold.torch.running import Inputs, random_inputs
 from bnfold.torch.trust import require_safe
 
 Format = Literal["pt2", "torchscript", "pickle"]
-Shapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
 
 
 def detect_format(path: Path) -> Format:
@@ -64,19 +64,28 @@ def fold_file(
     progress: Callable[[str], None] | None = None,
 ) -> FoldResult:
     source = Path(input_path)
-    say = progress or (lambda _message: None)
+    options = Options(
+        input_shapes, None if export_onnx is None else Path(export_onnx), verify, allow_train_mode,
+        {"rtol": rtol, "atol": atol}, progress or (lambda _message: None),
+    )
     if not source.is_file():
         raise InputError(f"{source} does not exist or is not a file")
     kind = detect_format(source)
-    say(f"{source.name}: {kind}")
-    fold = _FOLDERS[kind]
+    options.say(f"{source.name}: {kind}")
     data = _checked_bytes(source, kind, trust_pickle)
     with exact_math():
-        folded, report = fold(
-            source, data=data, trust_pickle=trust_pickle, input_shapes=input_shapes,
-            export_onnx=None if export_onnx is None else Path(export_onnx), verify=verify,
-            allow_train_mode=allow_train_mode, tolerance={"rtol": rtol, "atol": atol}, say=say,
-        )
+        if kind == "pt2":
+            program = _load(lambda: torch.export.load(io.BytesIO(data)), source, "a torch.export program")  # type: ignore[arg-type]
+            folded, report = fold_program(program, program_inputs(program, input_shapes), options, source=source)
+        elif kind == "torchscript":
+            original, work = (
+                _load(lambda: torch.jit.load(io.BytesIO(data), map_location="cpu"), source, "TorchScript")  # type: ignore[arg-type]
+                for _ in range(2)
+            )
+            inputs = random_inputs(original, input_shapes) if input_shapes is not None else None
+            folded, report = fold_script(original, work, inputs, options, source=source)
+        else:
+            folded, report = _fold_pickle(source, trust_pickle, options)
     return FoldResult(folded, report)
 
 
@@ -93,75 +102,18 @@ def _checked_bytes(source: Path, kind: Format, trust: bool) -> bytes | None:
     return data
 
 
-def _fold_pt2(
-    source: Path, *, data: bytes, input_shapes, export_onnx, verify, tolerance, say, **_: Any
-) -> tuple[TorchFolded, FoldReport]:
-    from bnfold.torch.fold.exported import fold_exported
-
-    program = _load(lambda: torch.export.load(io.BytesIO(data)), source, "a torch.export program")
-    inputs = _program_inputs(program, input_shapes)
-    reference = program.module()(*inputs.args, **inputs.kwargs) if inputs is not None else None
-    say("folding the exported program")
-    report = fold_exported(program)
-    saved = _serialized(lambda buffer: torch.export.save(program, buffer))
-    checks = []
-    if verify and reference is not None:
-        reloaded = torch.export.load(io.BytesIO(saved))
-        folded_outputs = reloaded.module()(*inputs.args, **inputs.kwargs)  # type: ignore[union-attr]
-        checks.append(compare(reference, folded_outputs, "pytorch (saved file)", **tolerance))
-    if export_onnx is not None and inputs is not None:
-        from bnfold.torch.export import export_and_check
-
-        checks.append(export_and_check(program, inputs, reference, export_onnx, **tolerance))
-    _attach(report, checks)
-    return TorchFolded(program, save_bytes(saved), source), report
-
-
-def _fold_torchscript(
-    source: Path, *, data: bytes, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say, **_: Any
-) -> tuple[TorchFolded, FoldReport]:
-    from bnfold.torch.fold.scripted import fold_scripted
-
-    original = _load(lambda: torch.jit.load(io.BytesIO(data), map_location="cpu"), source, "TorchScript")
-    work = torch.jit.load(io.BytesIO(data), map_location="cpu")
-    if work.training:
-        if not allow_train_mode:
-            raise InputError(_TRAIN_MODE)
-        work.eval()
-        original.eval()
-    inputs = random_inputs(original, input_shapes) if input_shapes is not None else None
-    reference = original(*inputs.args, **inputs.kwargs) if inputs is not None else None
-    say("folding the TorchScript module")
-    report = fold_scripted(work)
-    saved = _serialized(lambda buffer: torch.jit.save(work, buffer))
-    reloaded = torch.jit.load(io.BytesIO(saved), map_location="cpu")
-    checks = []
-    if verify and inputs is not None:
-        checks.append(compare(reference, reloaded(*inputs.args, **inputs.kwargs), "pytorch (saved file)", **tolerance))
-    if export_onnx is not None and inputs is not None:
-        from bnfold.torch.export import export_and_check
-
-        checks.append(export_and_check(reloaded, inputs, reference, export_onnx, **tolerance))
-    _attach(report, checks)
-    return TorchFolded(reloaded, save_bytes(saved), source), report
-
-
-def _fold_pickle(
-    source: Path, *, data: None, trust_pickle, input_shapes, export_onnx, verify, allow_train_mode, tolerance, say,
-) -> tuple[TorchFolded, FoldReport]:
+def _fold_pickle(source: Path, trust_pickle: bool, options: Options) -> tuple[TorchFolded, FoldReport]:
     from bnfold.torch.fold.module import fold_module
 
     model = _load_pickle(source, trust_pickle)
     result = fold_module(
-        model, None, inplace=True, allow_train_mode=allow_train_mode, input_shapes=input_shapes,
-        verify=verify, export_onnx=None if export_onnx is None else str(export_onnx), progress=say, **tolerance,
+        model, None, inplace=True, allow_train_mode=options.allow_train_mode, input_shapes=options.input_shapes,
+        verify=options.verify, export_onnx=None if options.export_onnx is None else str(options.export_onnx),
+        progress=options.say, **options.tolerance,
     )
+    if options.verify and result.report.verification is None:
+        result.report.notes.append(skipped_notice("a pickled module holds no example inputs"))
     return TorchFolded(result.model, save_module(result.model), source), result.report
-
-
-_FOLDERS: dict[Format, Callable[..., tuple[TorchFolded, FoldReport]]] = {
-    "pt2": _fold_pt2, "torchscript": _fold_torchscript, "pickle": _fold_pickle,
-}
 
 
 def _load_pickle(source: Path, trust_pickle: bool) -> nn.Module:
@@ -179,45 +131,11 @@ def _load_pickle(source: Path, trust_pickle: bool) -> nn.Module:
     return model
 
 
-_TRAIN_MODE = (
-    "the model is in training mode; save it after model.eval(), or pass allow_train_mode=True "
-    "to fold its eval-mode behaviour"
-)
-
-
-def _program_inputs(program: Any, shapes: Shapes | None) -> Inputs | None:
-    if shapes is not None:
-        holder = nn.Module()
-        floats = [t for t in program.state_dict.values() if t.is_floating_point()]
-        if floats:
-            holder.register_buffer("reference", floats[0].detach())
-        return random_inputs(holder, shapes)
-    stored = getattr(program, "example_inputs", None)
-    if stored is None:
-        return None
-    args, kwargs = stored
-    return Inputs(tuple(args), dict(kwargs))
-
-
-def _attach(report: FoldReport, checks: list[VerifyReport]) -> None:
-    if checks:
-        report.verification = checks[0] if len(checks) == 1 else VerificationSet(checks)
-
-
 def _load(load: Callable[[], Any], source: Path, what: str) -> Any:
     try:
         return load()
     except Exception as error:
         raise InputError(f"cannot load {source.name} as {what}: {first_line(error, 160)}") from error
-
-
-def _serialized(save: Callable[[io.BytesIO], None]) -> bytes:
-    buffer = io.BytesIO()
-    try:
-        save(buffer)
-    except Exception as error:
-        raise OutputError(f"cannot write the folded model: {type(error).__name__}: {error}") from error
-    return buffer.getvalue()
 
 
 def compare_files(
@@ -257,7 +175,7 @@ def _runnable(source: Path, trust_pickle: bool, input_shapes: Shapes | None) -> 
     data = _checked_bytes(source, kind, trust_pickle)
     if kind == "pt2":
         program = _load(lambda: torch.export.load(io.BytesIO(data)), source, "a torch.export program")  # type: ignore[arg-type]
-        return program.module(), _program_inputs(program, input_shapes)
+        return program.module(), program_inputs(program, input_shapes)
     if kind == "torchscript":
         model = _load(lambda: torch.jit.load(io.BytesIO(data), map_location="cpu"), source, "TorchScript")  # type: ignore[arg-type]
     else:

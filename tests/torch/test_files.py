@@ -218,12 +218,12 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
 
 
 def test_failed_verification_is_a_verdict_and_nothing_is_written_until_asked(tmp_path: Path, monkeypatch) -> None:
-    import bnfold.torch.files
+    import bnfold.torch.forms
 
     def wrong(reference, candidate, target, **_tolerance):
         return VerifyReport([], 1, target, problem="forced to fail")
 
-    monkeypatch.setattr(bnfold.torch.files, "compare", wrong)
+    monkeypatch.setattr(bnfold.torch.forms, "compare", wrong)
     source = tmp_path / "model.ts"
     torch.jit.save(torch.jit.script(randomize(TwoBlocks())), str(source))
     result = fold_torch_file(source, input_shapes=[(1, 4, 5, 5)])
