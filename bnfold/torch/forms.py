@@ -9,6 +9,7 @@ the report says that verification was skipped and how to enable it.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,21 +65,41 @@ def fold_program(program: Any, inputs: Inputs | None, options: Options, *, refer
     """Fold ``program`` in place; ``reference_model`` (else ``program`` before folding) gives the reference."""
     from bnfold.torch.fold.exported import fold_exported
 
+    clock = _Clock()
     reference = None
     if inputs is not None:
         runner = reference_model if reference_model is not None else program.module()
         reference = _run(runner, inputs)
+    clock.lap("reference run")
     options.say("folding the exported program")
     report = fold_exported(program)
+    clock.lap("fold")
     saved = _serialized(lambda buffer: torch.export.save(program, buffer))
+    clock.lap("save")
     reloaded = torch.export.load(io.BytesIO(saved))
+    clock.lap("load the saved program")
     checks = []
     if options.verify and inputs is not None:
         checks.append(compare(reference, _run(reloaded.module(), inputs), "pytorch (saved file)",
                               **options.tolerance))
+    clock.lap("verify")
     _export(reloaded, inputs, reference, options, checks)
     _attach(report, checks, options, "the program stores no example inputs")
+    report.seconds.update(clock.seconds)
     return TorchFolded(reloaded, save_bytes(saved), source), report
+
+
+class _Clock:
+    """Seconds per stage, for the report (and the benchmark's picture of where the time goes)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self.last
+        self.last = now
 
 
 def fold_script(original: Any, work: Any, inputs: Inputs | None, options: Options,

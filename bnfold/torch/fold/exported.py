@@ -106,12 +106,11 @@ class _ProgramFolder:
         for layer, fold in plan.folds.items():
             site = self.layer_sites[layer]
             weight, bias = fold.params
-            with torch.no_grad():
-                self.tensor(site.weight).copy_(weight)  # type: ignore[union-attr]
-                if site.bias is not None:
-                    self.tensor(site.bias).copy_(bias)  # type: ignore[union-attr]
-                else:
-                    self._add_bias(site, f"{layer}.bias", bias)
+            self._replace(site.weight, weight)
+            if site.bias is not None:
+                self._replace(site.bias, bias)
+            else:
+                self._add_bias(site, f"{layer}.bias", bias)
         removed = set(plan.removed)
         for call in self.flow.calls:
             bn_site = self.sites[call.id]
@@ -125,6 +124,17 @@ class _ProgramFolder:
         self._drop_unused_state(removed)
         graph.lint()
         self.program.graph_module.recompile()
+
+    def _replace(self, node: fx.Node, value: torch.Tensor) -> None:
+        """Put a new tensor where the program keeps ``node``'s: writing into the loaded one instead would touch
+        every page of the archive's mapping (about a third of the fold's time on resnet18)."""
+        name = self.fqn[node.name]
+        old = self.program.state_dict.get(name)
+        if old is None:
+            self.program.constants[name] = value
+        else:
+            self.program.state_dict[name] = nn.Parameter(value, old.requires_grad) if isinstance(
+                old, nn.Parameter) else value
 
     def _drop_unused_state(self, modules: set[str]) -> None:
         """Remove the inputs (and state) of BNs that are gone, so the saved program shrinks."""
