@@ -189,3 +189,23 @@ def test_inspect_and_verify_take_every_file_form(tmp_path: Path, form: str) -> N
     if form != "export":  # TorchScript stores no inputs: one line says how to give them
         unverifiable = CliRunner().invoke(main, ["verify", str(source), str(folded)])
         assert unverifiable.exit_code == 2 and "--input-shape" in unverifiable.output
+
+
+def test_torch_use_never_imports_onnx(tmp_path: Path) -> None:
+    """A PyTorch user's fold through the API (module, TorchScript, .pt2) loads neither onnx nor onnxruntime."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(_model(), (X,)), str(source))
+    script = (
+        "import sys, torch, bnfold\n"
+        "from torch import nn\n"
+        "model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()\n"
+        "x = torch.randn(1, 3, 8, 8)\n"
+        "bnfold.fold_module(model, x); bnfold.fold_module(torch.jit.trace(model, x), x)\n"
+        f"bnfold.fold_torch_file({str(source)!r})\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime')))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
