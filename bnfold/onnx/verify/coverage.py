@@ -74,6 +74,17 @@ class Coverage:
         return ["/".join(part for part in (scope, label) if part) for scope, label in self.sites
                 if not self._reached(scope, set())]
 
+    def untracked_note(self) -> str | None:
+        """Why some sites listed as not run may have run, for the report's notes; None if all were tracked."""
+        if not self.needed:
+            return None
+        if not self._instrumented and any(scope and scope not in self._callers for scope, _ in self.sites):
+            return ("the folded model runs from a staged copy, which carries no probes: sites in subgraphs are "
+                    "listed as not run")
+        if any(scope.startswith("function:") and "/" in scope for scope, _ in self.sites):
+            return "sites in subgraphs of functions are not probed: they are listed as not run"
+        return None
+
     def _reached(self, scope: str, seen: set[str]) -> bool:
         if scope in self.ran:
             return True

@@ -86,6 +86,9 @@ def verify_onnx(
                 run.compare(sample.feeds, sample.expected)
         else:
             _run_generated(run, plans, specs, iterations, seed)
+    untracked = coverage.untracked_note()
+    if untracked is not None and coverage.unexercised():
+        notes.append(untracked)
     report = VerifyReport([accumulator.result() for accumulator in run.outputs.values()], run.done, run.engine,
                           run.seconds, notes, unexercised=coverage.unexercised(),
                           sizes=[describe(shapes, specs) for shapes in run.sizes if describe(shapes, specs)])

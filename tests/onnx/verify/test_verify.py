@@ -218,3 +218,19 @@ def test_progress_is_reported_per_iteration():
     verify_onnx(unary("Relu"), unary("Relu"), iterations=2, progress=lambda *call: calls.append(call))
     assert calls == [("run", 1, 2), ("run", 2, 2)]
 
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE])
+def test_overflow_infinities_nan_and_subnormals_raise_no_numpy_warning(elem_type):
+    """Nothing numpy would warn about (0/0, inf - inf, overflow in a cast or a product) reaches the user."""
+    import warnings
+
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    values = np.array([0.0, -0.0, 1e-42, 6e4, -6e4, np.inf, np.nan, 3.0], dtype=dtype)
+    one_over = make_model([helper.make_node("Reciprocal", ["x"], ["y"])], [("x", elem_type, [8])], [("y", elem_type)])
+    squared = make_model([helper.make_node("Mul", ["x", "x"], ["y"])], [("x", elem_type, [8])], [("y", elem_type)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for original, candidate in ((one_over, one_over), (one_over, squared), (squared, one_over)):
+            verify_onnx(original, candidate, inputs={"x": values}).to_dict()
+            verify_onnx(original, candidate, iterations=2).render()

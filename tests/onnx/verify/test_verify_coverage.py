@@ -147,3 +147,36 @@ def test_verify_of_two_files_checks_that_every_changed_subgraph_ran(tmp_path, ca
     np.savez(small, **SMALL)
     assert run_command(["verify", str(original), str(folded), "--inputs", str(large), "--inputs", str(small)]) == 0
     assert run_command(["verify", str(original), str(original)]) == 0  # nothing differs: nothing must be reached
+
+
+def test_a_fold_inside_a_function_runs_when_a_call_runs():
+    """A model-local function's body is shared by its calls: its sites ran where a call ran; a branch
+    inside the body cannot be probed, and the report says so instead of passing."""
+    constants = [helper.make_node("Constant", [], [tensor.name], value=tensor) for tensor in _weights()]
+
+    def function(name: str, nodes: list[onnx.NodeProto]) -> onnx.FunctionProto:
+        return helper.make_function("local", name, ["x"], ["y"], [*constants, *nodes],
+                                    [helper.make_opsetid("", 17)])
+
+    flat = function("Flat", _conv_bn("f", "x", "y"))
+    gated = function("Gated", [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Constant", [], ["threshold"], value_float=1000.0),
+        helper.make_node("Greater", ["total", "threshold"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], name="inner",
+                         then_branch=_branch("then", _conv_bn("g", "x", "g_y"), "g_y"),
+                         else_branch=_branch("else", [helper.make_node("Conv", ["x", "w"], ["e_y"],
+                                                                       pads=[1, 1, 1, 1])], "e_y"))])
+    for body, expected in ((flat, []), (gated, ["function:local.Gated/inner/then_branch/g_bn"])):
+        graph = helper.make_graph([helper.make_node(body.name, ["x"], ["y"], domain="local")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, OUT)])
+        model = helper.make_model(graph, functions=[body], opset_imports=[
+            helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+        result = bnfold.fold_onnx(model, inputs=[LARGE, SMALL])
+        assert len(result.report.folded) == 1
+        verification = result.report.verification
+        assert verification.unexercised == expected
+        assert verification.passed is (not expected)
+        if expected:
+            assert "sites in subgraphs of functions are not probed" in " ".join(verification.notes)
