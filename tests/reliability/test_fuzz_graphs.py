@@ -7,14 +7,16 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import fold_onnx
 from bnfold.errors import InputError
 from bnfold.onnx.fold.patterns.forward import ConvBn
 from bnfold.onnx.store import limits
+from bnfold.onnx.verify.coverage import Coverage
 from tests.support.bad_inputs import conv_bn
 from tests.support.graph_fuzz import FuzzCase, check, fuzz_cases, generator_problem
 
@@ -56,6 +58,35 @@ def test_the_oracle_catches_a_fold_that_is_off_by_one_percent(monkeypatch, dtype
     case = FuzzCase(model, [{"x": rng.standard_normal((1, 3, 8, 8)).astype(dtype)}], {}, ["Conv"],
                     precision=np.dtype(dtype))
     assert [p for p in check(case).problems if p.startswith("not equivalent")]
+
+
+def test_the_oracle_catches_a_verification_blind_to_untaken_branches(monkeypatch):
+    """The coverage property is not vacuous: a verification that claims every folded site ran fails it on a
+    graph, shaped as the fuzzer makes them, with a fold in each If branch and an input taking one."""
+    rng = np.random.default_rng(0)
+    constants = {name: rng.uniform(0.5, 1.5, 4).astype(np.float32) for name in ("gamma", "beta", "mean", "var")}
+    constants["w"] = rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32)
+
+    def branch(prefix: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], [f"{prefix}_c"]),
+             helper.make_node("BatchNormalization", [f"{prefix}_c", "gamma", "beta", "mean", "var"], [f"{prefix}_y"],
+                              name=f"{prefix}_bn")], prefix, [],
+            [helper.make_tensor_value_info(f"{prefix}_y", TensorProto.FLOAT, (1, 4, 2, 2))])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))], "fuzz",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 3, 2, 2)),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, ())],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 4, 2, 2))],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((1, 3, 2, 2)).astype(np.float32), "cond": np.array(flag)}
+             for flag in (True, False)]
+    case = FuzzCase(model, feeds, {}, ["If", "Conv"])
+    assert check(case).problems == []
+    monkeypatch.setattr(Coverage, "unexercised", lambda self: [])
+    assert [p for p in check(case).problems if p.startswith("coverage")]
 
 
 @settings(max_examples=200, deadline=None,

@@ -700,6 +700,7 @@ def check(case: FuzzCase) -> Verdict:
             problems.append(f"not equivalent: {mismatches[0]}")
         elif exact is False:
             problems.append("not equivalent: the fold of the float64 twin computes something else")
+    problems += _coverage_problems(case, result)
     remaining = _batchnorms(result.model.graph)
     left = {r.bn for r in result.report.records if r.status == "left"}
     problems += [f"{r.bn} left with reason {r.reason!r}, not a Reason" for r in result.report.records
@@ -715,6 +716,26 @@ def check(case: FuzzCase) -> Verdict:
     if again.report.folded or again.model.SerializeToString() != result.model.SerializeToString():
         problems.append(f"not idempotent: a second fold folded {len(again.report.folded)} more")
     return verdict
+
+
+def _coverage_problems(case: FuzzCase, result: Any) -> list[str]:
+    """Verification on the case's first input (one branch of each If taken, the other not) must name
+    exactly the folded sites in If branches that input did not take (``cond`` says which it took)."""
+    sites = [(record.scope, record.bn) for record in result.report.folded]
+    if not any(scope for scope, _ in sites) or "cond" not in case.feeds[0]:
+        return []
+    from bnfold.onnx.verify.verify import verify_onnx
+
+    feeds = case.feeds[:1]
+    taken = {"then_branch": bool(feeds[0]["cond"]), "else_branch": not bool(feeds[0]["cond"])}
+    expected = sorted(f"{scope}/{bn}" for scope, bn in sites if scope and not taken[scope.rsplit("/", 1)[-1]])
+    try:
+        report = verify_onnx(case.model, result.model, inputs=feeds, folded_sites=sites, rtol=1.0, atol=1e30)
+    except Exception as error:  # noqa: BLE001 - reported as the broken property
+        return [f"verification raised {type(error).__name__}: {_first_line(error)}"]
+    if sorted(report.unexercised) != expected:
+        return [f"coverage: sites reported not run {sorted(report.unexercised)}, expected {expected}"]
+    return []
 
 
 def generator_problem(case: FuzzCase) -> tuple[str, str] | None:
