@@ -17,7 +17,7 @@ from bnfold import fold_onnx
 from bnfold.cli import main
 from bnfold.core.runtime import unoptimized_session
 from bnfold.reasons import Reason
-from tests.support.graphs import GraphBuilder, assert_equivalent, count_ops
+from tests.support.graphs import GraphBuilder, assert_equivalent, count_ops, run
 
 ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 LIGHT = ONNX_TEST_DATA / "light"
@@ -194,3 +194,35 @@ def test_json_counts_batch_norms_and_elementwise_nodes_apart(tmp_path):
     assert {record["op_type"] for record in payload["elementwise"]} == {"Mul", "Add"}
     report = fold_onnx(path, verify=False).report
     assert repr(report).startswith("FoldReport(1 batch norms folded, 0 left, 8 Mul/Add/Sub/Div nodes folded")
+
+
+def test_an_ir3_model_folding_inside_an_if_branch_stays_valid():
+    """A branch's new weights cannot be listed as its inputs (an If branch takes none): they become Constant
+    nodes, and the outer weights it no longer reads leave the main graph's listing with their initializers."""
+    g = GraphBuilder(seed=4, opset=9)
+    x = g.input("x", [1, 3, 6, 6])
+    cond = g.input("cond", [], onnx.TensorProto.BOOL)
+    branches = {}
+    for name in ("then", "else"):
+        start = len(g.nodes)
+        y = g.bn(g.node("Conv", [x, g.weight([4, 3, 3, 3])], name=f"{name}_conv"), 4, name=f"{name}_bn")
+        nodes = g.nodes[start:]
+        del g.nodes[start:]
+        branches[name] = helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(y, 1, [1, 4, 4, 4])])
+    g.nodes.append(helper.make_node("If", [cond], ["out"], then_branch=branches["then"],
+                                    else_branch=branches["else"]))
+    listed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializers]
+    graph = helper.make_graph(g.nodes, "ir3_if", g.inputs + listed,
+                              [helper.make_tensor_value_info("out", 1, [1, 4, 4, 4])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model, full_check=True)
+    result = fold_onnx(model)
+    assert [record.status for record in result.report.records] == ["folded", "folded"]
+    assert result.report.verification.passed
+    folded = result.model
+    onnx.checker.check_model(folded, full_check=True)
+    assert not folded.graph.initializer and [v.name for v in folded.graph.input] == ["x", "cond"]
+    for flag in (True, False):
+        feeds = {"x": np.random.default_rng(1).normal(size=(1, 3, 6, 6)).astype(np.float32), "cond": np.array(flag)}
+        np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
