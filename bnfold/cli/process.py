@@ -9,7 +9,8 @@ import sys
 from typing import NoReturn
 
 from bnfold.cli.commands import main
-from bnfold.cli.common import EXIT_OK
+from bnfold.cli.common import EXIT_BAD_INPUT, EXIT_OK
+from bnfold.core.faults import exit_on_bus_error
 
 
 def run(args: list[str] | None = None) -> NoReturn:
@@ -25,6 +26,7 @@ def run_command(args: list[str] | None = None) -> object:
     (``gc.freeze``): the fold's collections no longer walk onnx's, numpy's and protobuf's objects again and
     again. Not for in-process callers of :func:`main`, whose objects outlive the command."""
     gc.freeze()
+    exit_on_bus_error(EXIT_BAD_INPUT)  # an input truncated under bnfold's memory map: one line, exit 2
     try:
         main(args=args, prog_name="bnfold")
     except SystemExit as exit_:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from bnfold.core.faults import NAMED_TEMPORARIES
 from bnfold.core.interrupts import deferred_interrupts
 from bnfold.errors import OutputError
 
@@ -121,9 +122,11 @@ class AtomicFiles:
             except FileExistsError:
                 pass
             name = f"{_PREFIX}{os.urandom(6).hex()}{_SUFFIX}"
+            NAMED_TEMPORARIES.add(os.fspath(self.directory / name))
             os.link(source, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=True)
             staged.name = self.directory / name
         os.replace(staged.name, staged.destination)
+        NAMED_TEMPORARIES.discard(os.fspath(staged.name))
         staged.name = None
 
     def discard(self) -> None:
@@ -141,14 +144,23 @@ def _remove(staged: _Staged) -> None:
     with contextlib.suppress(OSError):
         staged.handle.close()
     if staged.name is not None:
-        with contextlib.suppress(OSError):
-            staged.name.unlink()
+        _forget(staged.name)
 
 
 def _named_temporary(directory: Path, suffix: str) -> tuple[int, Path]:
+    """A new temporary file (call with signals deferred), registered for removal should the process die of
+    SIGBUS (:mod:`bnfold.core.faults`) until :func:`_forget` removes it."""
     fd, name = tempfile.mkstemp(prefix=_PREFIX, suffix=suffix if len(suffix) <= 16 else _SUFFIX, dir=directory)
+    NAMED_TEMPORARIES.add(name)
     os.fchmod(fd, 0o666 & ~_umask())  # as an ordinary new file, not mkstemp's 0600
     return fd, Path(name)
+
+
+def _forget(name: Path) -> None:
+    """``name`` removed (if it is still there) and no longer registered."""
+    with contextlib.suppress(OSError):
+        name.unlink()
+    NAMED_TEMPORARIES.discard(os.fspath(name))
 
 
 def _umask() -> int:
@@ -179,7 +191,7 @@ def atomic_destination(destination: Path) -> Iterator[Path]:
         raise OutputError(f"cannot write {destination}: {error.strerror or error}") from None
     finally:
         with deferred_interrupts():
-            temporary.unlink(missing_ok=True)
+            _forget(temporary)
     fsync_directory(destination.parent)
 
 

@@ -25,7 +25,17 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# Holds the first stop signal that raised Interrupted: the process is on its way out, and a second stop
+# signal must not cut its cleanup short. A plain set, changed in one step: not SIG_IGN (changing a handler
+# inside a handler runs the next pending one), nor a threading.Event (a second handler run while the first
+# holds the Event's lock would wait for it forever).
+_stopping: set[int] = set()
+
+
 def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    if _stopping:
+        return
+    _stopping.add(signum)
     raise Interrupted(signum)
 
 
@@ -43,10 +53,16 @@ def _restore(previous: dict[int, Any]) -> None:
 @contextlib.contextmanager
 def interrupt_on_stop_signals() -> Iterator[None]:
     """Inside the block, SIGTERM raises :class:`Interrupted` just as SIGINT does, so ``finally`` clauses
-    run (by default SIGTERM kills the process on the spot and leaves temporary files behind)."""
+    run (by default SIGTERM kills the process on the spot and leaves temporary files behind). Once one has,
+    further stop signals are ignored, also after the block: the caller is ending the process, and its
+    cleanup and its one line must not be cut short by a second signal (an impatient Ctrl-C, a SIGTERM)."""
+    _stopping.clear()
     previous = _swap_handlers(_raise_interrupted)
     try:
         yield
+    except KeyboardInterrupt:
+        previous = None  # keep the handler, which now ignores stop signals
+        raise
     finally:
         if previous is not None:
             _restore(previous)
@@ -63,6 +79,22 @@ def deferred_interrupts() -> Iterator[None]:
         yield
     finally:
         if previous is not None:
-            _restore(previous)
-            if received:
-                signal.raise_signal(received[0])
+            _restore_then_deliver(previous, received)
+
+
+def _restore_then_deliver(previous: dict[int, Any], received: list[int]) -> None:
+    """Put the handlers back, then deliver the first signal received meanwhile to its handler. Stop signals
+    are blocked while the handlers go back: one arriving in between would run a handler already restored
+    and leave the others (and the signal that came first) behind."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handler: Any = None
+    try:
+        _restore(previous)
+        if received:
+            handler = signal.getsignal(received[0])
+            if callable(handler):
+                handler(received[0], None)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if received and not callable(handler):
+        signal.raise_signal(received[0])  # SIG_DFL: what the signal does by default (SIG_IGN: nothing)

@@ -362,6 +362,44 @@ def _output_is_input(directory: Path) -> Setup:
     return Setup(["fold", str(path), "-o", str(path)], None)
 
 
+def _output_replaces_input_data(directory: Path) -> Setup:
+    """The output's external data file is the one the input keeps its weights in."""
+    path = _with_external_weight(directory)
+    out = directory / "out.onnx"
+
+    def api() -> Any:
+        from bnfold import fold_onnx
+
+        return fold_onnx(path, verify=False).write(out, external_data="weights.bin", external_threshold=0)
+    return Setup(["fold", str(path), "-o", str(out), "--external-data", "weights.bin", "--external-threshold",
+                  "0"], api)
+
+
+def _output_fifo(directory: Path) -> Setup:
+    path = _good(directory)
+    out = directory / "out.onnx"
+    os.mkfifo(out)
+    return Setup(["fold", str(path), "-o", str(out)], _write(path, out))
+
+
+def _negative_seed(directory: Path) -> Setup:
+    path = _good(directory)
+    return Setup(["fold", str(path), "-o", str(directory / "out.onnx"), "--seed", "-1"], None)
+
+
+LONGEST_NAME = "o" * 250 + ".onnx"  # 255 bytes: the most a Linux file system takes
+
+
+def _longest_output_name(directory: Path) -> Setup:
+    path = _good(directory)
+    return Setup(["fold", str(path), "-o", str(directory / LONGEST_NAME)], _write(path, directory / LONGEST_NAME))
+
+
+def _windows_like_name(directory: Path) -> Setup:
+    path = _good(directory, "C:model.onnx")
+    return Setup(["fold", str(path), "-o", str(directory / "C:out.onnx")], _write(path, directory / "C:out.onnx"))
+
+
 def _unreadable(directory: Path) -> Setup:
     path = _good(directory)
     path.chmod(0)
@@ -620,6 +658,15 @@ CASES: tuple[BadInput, ...] = (
     BadInput("output-is-input", "output", "-o names the input", _output_is_input, says="refusing to overwrite"),
     BadInput("output-is-dir", "output", "-o names a directory", _output_is_dir, says="is a directory",
              error=OutputError),
+    BadInput("output-replaces-input-data", "output", "--external-data names the input's own external data file",
+             _output_replaces_input_data, says="a file of the input model", error=OutputError),
+    BadInput("output-fifo", "output", "-o names a FIFO (a rename would replace it with a regular file)",
+             _output_fifo, says="special file", error=OutputError),
+    BadInput("output-longest-name", "output", "-o names a file of 255 bytes, the longest the file system takes",
+             _longest_output_name, exit_code=EXIT_OK, says="wrote", error=None, writes=(LONGEST_NAME,)),
+    BadInput("output-windows-name", "output", "file names that look like Windows paths (C:model.onnx)",
+             _windows_like_name, exit_code=EXIT_OK, says="wrote", error=None, writes=("C:out.onnx",)),
+    BadInput("seed-negative", "verify", "--seed -1", _negative_seed, says="--seed", error=None),
     BadInput("disk-full", "output", "the disk fills up during the write (64 KiB tmpfs, previous output kept)",
              _disk_full, says="No space left", error=OutputError, needs=("tmpfs",)),
     # verify

@@ -277,6 +277,12 @@ def render(results: dict[str, Any]) -> str:
         "`tests/reliability/test_faults.py` sends SIGINT and SIGTERM to `bnfold fold` on a 25 MiB model, both "
         "the moment the write begins and at random times: the destination is always the old "
         "file or the complete new one, no temporary remains, and the command exits 128+signal with one line.",
+        "- **Kills, second signals, vanishing inputs.** `tests/reliability/test_kills_and_truncation.py`: "
+        "SIGKILL when the write begins and at random times leaves no temporary file and the destination old "
+        "or complete; SIGINT/SIGTERM followed 0-20 ms later by another stop signal ends with one line and "
+        "exit 130/143 (later stop signals are ignored while the first one's cleanup runs); an input truncated "
+        "while it is read (SIGBUS through its memory map) ends with one line and exit 2, nothing written "
+        "(`core/faults.py`: a C-level handler, since Python cannot turn SIGBUS into an exception).",
         "- **Disk full.** Simulated by a writer that stores half and fails with ENOSPC, by an fsync that "
         "fails, and (as root) by a 64 KiB tmpfs: `OutputError`, exit 2, the previous output intact.",
         "- **Per-pattern guard.** A folded model that fails `onnx.checker` (full check) or that onnxruntime "
