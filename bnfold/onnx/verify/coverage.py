@@ -181,13 +181,16 @@ def _through_loop(graph: GraphProto, node: object, body: GraphProto, inner: list
                   fresh: Callable[[], str]) -> list[tuple[str, str]]:
     """Each probe becomes a scan output of the Loop (one value per iteration, none without one), reduced to
     a scalar in ``graph``: the largest of its values and 0."""
-    zero = _constant(graph, 0, fresh, shape=[1])
+    zero, flat = _constant(graph, 0, fresh, shape=[1]), _constant(graph, -1, fresh, shape=[1])
     outputs = []
     for probe_scope, value in inner:
         body.output.append(helper.make_tensor_value_info(value, TensorProto.INT64, []))
-        per_iteration, joined, reduced = fresh(), fresh(), fresh()
+        per_iteration, flattened, joined, reduced = fresh(), fresh(), fresh(), fresh()
         node.output.append(per_iteration)  # type: ignore[attr-defined]
-        graph.node.append(helper.make_node("Concat", [per_iteration, zero], [joined], axis=0))
+        # Flattened first: onnx.reference stacks scalar scan outputs as [iterations, 1], onnxruntime as
+        # [iterations].
+        graph.node.append(helper.make_node("Reshape", [per_iteration, flat], [flattened]))
+        graph.node.append(helper.make_node("Concat", [flattened, zero], [joined], axis=0))
         graph.node.append(helper.make_node("ReduceMax", [joined], [reduced], keepdims=0))
         outputs.append((probe_scope, reduced))
     return outputs

@@ -21,20 +21,22 @@ def _conv_bn(prefix: str, source: str, output: str) -> list[onnx.NodeProto]:
                              name=f"{prefix}_bn")]
 
 
-def _branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, OUT)])
+def _branch(name: str, nodes: list[onnx.NodeProto], output: str, elem: int = TensorProto.FLOAT) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, elem, OUT)])
 
 
-def _weights(seed: int = 0) -> list[onnx.TensorProto]:
+def _weights(seed: int = 0, dtype: type = np.float32) -> list[onnx.TensorProto]:
     rng = np.random.default_rng(seed)
     arrays = {"w": rng.normal(0, 0.5, (4, 3, 3, 3)), **random_bn_statistics(rng, 4)}
-    return [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()]
+    return [numpy_helper.from_array(value.astype(dtype), name) for name, value in arrays.items()]
 
 
-def branchy_model(nested: bool = False) -> onnx.ModelProto:
+def branchy_model(nested: bool = False, dtype: type = np.float32) -> onnx.ModelProto:
     """``If(sum(x) > 1000)``: the then branch (never taken by standard normal inputs) holds a Conv -> BN, the
     else branch another. With ``nested``, the then branch holds the Conv -> BN inside a Loop of one
-    iteration inside a second If on the same condition."""
+    iteration inside a second If on the same condition. A float64 model runs under onnx.reference (onnxruntime
+    has no float64 Conv)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     then_nodes = _conv_bn("then", "x", "then_y")
     if nested:
         body = helper.make_graph(
@@ -42,23 +44,23 @@ def branchy_model(nested: bool = False) -> onnx.ModelProto:
             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
              helper.make_tensor_value_info("keep", TensorProto.BOOL, [])],
             [helper.make_tensor_value_info("keep_out", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("loop_y", TensorProto.FLOAT, OUT)])
+             helper.make_tensor_value_info("loop_y", elem, OUT)])
         inner_then = _branch("inner_then", [
             helper.make_node("Loop", ["one", "cond"], ["stacked"], body=body, name="loop"),
-            helper.make_node("Squeeze", ["stacked", "zero_axis"], ["inner_y"])], "inner_y")
+            helper.make_node("Squeeze", ["stacked", "zero_axis"], ["inner_y"])], "inner_y", elem)
         inner_else = _branch("inner_else", [helper.make_node("Conv", ["x", "w"], ["inner_y"], pads=[1, 1, 1, 1])],
-                             "inner_y")
+                             "inner_y", elem)
         then_nodes = [helper.make_node("If", ["cond"], ["then_y"], then_branch=inner_then, else_branch=inner_else,
                                        name="inner_if")]
     graph = helper.make_graph(
         [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
          helper.make_node("Greater", ["total", "threshold"], ["cond"]),
          helper.make_node("If", ["cond"], ["y"], name="gate",
-                          then_branch=_branch("then", then_nodes, "then_y"),
-                          else_branch=_branch("else", _conv_bn("else", "x", "else_y"), "else_y"))],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, OUT)],
-        [*_weights(), numpy_helper.from_array(np.array(1000.0, np.float32), "threshold"),
+                          then_branch=_branch("then", then_nodes, "then_y", elem),
+                          else_branch=_branch("else", _conv_bn("else", "x", "else_y"), "else_y", elem))],
+        "g", [helper.make_tensor_value_info("x", elem, SHAPE)],
+        [helper.make_tensor_value_info("y", elem, OUT)],
+        [*_weights(dtype=dtype), numpy_helper.from_array(np.array(1000.0, dtype), "threshold"),
          numpy_helper.from_array(np.array(1, np.int64), "one"),
          numpy_helper.from_array(np.array([0], np.int64), "zero_axis")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -80,12 +82,15 @@ def test_a_fold_in_a_branch_no_input_takes_is_unverified_not_passed(nested):
     assert verification.render().splitlines()[-1].startswith("UNVERIFIED: 1 folded site(s) never ran")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["onnxruntime", "onnx.reference"])
 @pytest.mark.parametrize("nested", [False, True], ids=["if", "if-loop-if"])
-def test_inputs_that_reach_every_folded_site_verify_it(nested):
-    model = branchy_model(nested)
-    only_then = bnfold.fold_onnx(model, inputs=[LARGE]).report.verification
+def test_inputs_that_reach_every_folded_site_verify_it(nested, dtype):
+    model = branchy_model(nested, dtype)
+    large, small = ({name: value.astype(dtype) for name, value in feeds.items()} for feeds in (LARGE, SMALL))
+    only_then = bnfold.fold_onnx(model, inputs=[large]).report.verification
+    assert only_then.engine == ("onnxruntime" if dtype is np.float32 else "onnx.reference")
     assert only_then.status == "unverified" and only_then.unexercised == ["gate/else_branch/else_bn"]
-    both = bnfold.fold_onnx(model, inputs=[LARGE, SMALL]).report.verification
+    both = bnfold.fold_onnx(model, inputs=[large, small]).report.verification
     assert both.status == "passed" and both.passed and both.unexercised == [] and both.iterations == 2
 
 
