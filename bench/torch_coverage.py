@@ -1,10 +1,11 @@
 """How many batch norms bnfold folds on real timm/torchvision model code, against torch.jit.freeze.
 
-Run: ``python -m bench.torch_coverage`` (prints a Markdown table). Each model is built with random weights and
-random batch-norm statistics (nothing is downloaded) and folded by ``bnfold.fold_module`` on one 64x64 input.
-The anchor is ``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))``: the batch norms
-it removes are the ``aten::batch_norm`` ops of the frozen, unoptimized graph that are gone after optimization,
-counted only when its output still matches the model's.
+Run: ``python -m bench.torch_coverage [--all | MODEL...]`` (prints a Markdown table; docs/torch-coverage.md holds
+the last one). Each model is built with random weights and random batch-norm statistics (nothing is downloaded)
+and folded by ``bnfold.fold_module`` on one 64x64 input. The anchor is
+``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))``: the batch norms it removes are
+the ``aten::batch_norm`` ops of the frozen, unoptimized graph that are gone after optimization; ``!`` marks an
+anchor whose output is more than 1e-4 (relative to the output's largest value) off the model's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import warnings
 import torch
 
 from bnfold.torch import fold_module
-from tests.support.real_models import MODELS, build
+from tests.support.real_models import MODELS, MORE_MODELS, build
 
 
 def jit_removed(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor) -> str:
@@ -53,7 +54,10 @@ def main() -> None:
         "| model | BNs | bnfold folded | left (reasons) | jit removed | verified | fold s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in sys.argv[1:] or MODELS:
+    names = sys.argv[1:] or list(MODELS)
+    if names == ["--all"]:
+        names = list(MODELS) + list(MORE_MODELS)
+    for name in names:
         model, x = build(name)
         with torch.no_grad():
             reference = _first(model(x))

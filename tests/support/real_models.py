@@ -55,6 +55,38 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def _smp(architecture: str, encoder: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, architecture)(encoder_name=encoder, encoder_weights=None, classes=2)
+
+    return make
+
+
+# More architectures for the benchmark's table (python -m bench.torch_coverage --all); the tests fold MODELS.
+MORE_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "timm/mixnet_s": _timm("mixnet_s"),
+    "timm/dpn68": _timm("dpn68"),
+    "timm/ese_vovnet19b_dw": _timm("ese_vovnet19b_dw"),
+    "timm/fbnetc_100": _timm("fbnetc_100"),
+    "timm/lcnet_050": _timm("lcnet_050"),
+    "timm/mobileone_s0": _timm("mobileone_s0"),
+    "timm/fastvit_t8": _timm("fastvit_t8"),
+    "timm/cspresnet50": _timm("cspresnet50"),
+    "timm/resnet18d": _timm("resnet18d"),
+    "timm/ghostnet_100": _timm("ghostnet_100"),
+    "torchvision/densenet121": _torchvision("densenet121"),
+    "torchvision/efficientnet_b0": _torchvision("efficientnet_b0"),
+    "torchvision/regnet_y_400mf": _torchvision("regnet_y_400mf"),
+    "torchvision/shufflenet_v2_x0_5": _torchvision("shufflenet_v2_x0_5"),
+    "torchvision/mnasnet0_5": _torchvision("mnasnet0_5"),
+    "smp/unet_resnet18": _smp("Unet", "resnet18"),
+    "smp/fpn_mobilenet_v2": _smp("FPN", "mobilenet_v2"),
+    "smp/deeplabv3_resnet18": _smp("DeepLabV3", "resnet18"),
+}
+
+
 def randomize_norms(model: nn.Module, seed: int = 0) -> None:
     """Random statistics and affine parameters for every batch norm, trainable or frozen."""
     generator = torch.Generator().manual_seed(seed)
@@ -75,7 +107,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> None:
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """The model in eval mode with random weights and BN state, and one example input."""
     torch.manual_seed(seed)
-    model = MODELS[name]()
+    model = (MODELS | MORE_MODELS)[name]()
     randomize_norms(model, seed)
     model.eval()
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed + 1))
