@@ -145,6 +145,26 @@ def test_batchnorm_with_identity_activation_folds_into_the_layer_after_it_too():
     assert [r.pattern for r in result.report.folded] == ["bn-conv"]
 
 
+class FlagNorm(nn.BatchNorm2d):
+    """Its forward depends on a flag: two instances that differ only in it compute different things."""
+
+    def __init__(self, channels: int, use_act: bool) -> None:
+        super().__init__(channels)
+        self.use_act = use_act
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return self.act(x) if self.use_act else x
+
+
+def test_each_instance_is_proven_with_its_own_attributes():
+    model = nn.Sequential(FlagNorm(4, True), nn.Conv2d(4, 4, 1), nn.ReLU(), FlagNorm(4, False), nn.Conv2d(4, 4, 1))
+    result = _fold(model, torch.randn(2, 4, 6, 6))
+    assert _reasons(result) == Counter({"work_after_bn": 1})
+    assert [(r.bn, r.pattern) for r in result.report.folded] == [("3", "bn-conv")]
+
+
 @pytest.mark.parametrize(("norm", "reason"), [(ResidualNorm, "unsupported_bn"), (OtherEpsNorm, "unsupported_bn")])
 def test_batchnorm_whose_forward_is_more_than_a_batch_norm_is_left(norm, reason):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), norm(8))

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from bnfold.core.affine import ChannelAffine, FoldRefused, contract_shift, scale_weight
 from bnfold.reasons import Reason
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
-from bnfold.torch.fold.norms import affine_forward, batchnorm_forward_output_is_bn
+from bnfold.torch.fold.norms import Proofs, affine_forward, proven_output_is_bn
 from bnfold.torch.fold.tensors import from_float64, optional_float64, to_float64
 
 _CONV_CLASSES: dict[type[nn.Module], tuple[str, int]] = {
@@ -40,11 +40,12 @@ def _hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def bn_facts(module: _BatchNorm) -> BnFacts:
+def bn_facts(module: _BatchNorm, proofs: Proofs | None = None) -> BnFacts:
+    """What ``module`` computes; ``proofs`` shares the proofs of own forwards between the BNs of one model."""
     ranks = _pinned_ranks(module)
     try:
         affine = bn_affine(module)
-        whole = type(module).forward in _BN_FORWARDS or batchnorm_forward_output_is_bn(module)
+        whole = type(module).forward in _BN_FORWARDS or proven_output_is_bn(module, {} if proofs is None else proofs)
         return BnFacts(affine, None, ranks, whole)
     except FoldRefused as refusal:
         return BnFacts(None, refusal, ranks)

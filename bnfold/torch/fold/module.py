@@ -31,7 +31,7 @@ from bnfold.torch.fold.layers import (
     neutralise_batchnorm,
     uses_own_forward,
 )
-from bnfold.torch.fold.norms import is_affine_candidate, looks_like_batchnorm
+from bnfold.torch.fold.norms import Proofs, is_affine_candidate, looks_like_batchnorm
 from bnfold.torch.fold.plan import Plan, plan_folds
 from bnfold.torch.modules import ModuleIndex
 from bnfold.torch.result import TorchFolded, save_module
@@ -143,10 +143,11 @@ def _traceable(module: nn.Module) -> bool:
 def _plan(work: nn.Module, index: ModuleIndex, captured: Capture) -> Plan:
     bns: dict[str, BnFacts] = {}
     layers: dict[str, LayerGeometry | FoldRefused] = {}
+    proofs: Proofs = {}
     for module in work.modules():
         name = index.name_of(module)
         if index.is_norm(module):
-            facts = bn_facts(module) if is_batchnorm(module) else index.affine_norms[id(module)]
+            facts = bn_facts(module, proofs) if is_batchnorm(module) else index.affine_norms[id(module)]
             if name in captured.uncaptured and facts.refusal is None:
                 facts = BnFacts(None, FoldRefused(Reason.CAPTURE_FAILED, captured.uncaptured[name]), facts.ranks)
             bns[name] = facts

@@ -68,6 +68,48 @@ def _shape_only(user: fx.Node, value: fx.Node) -> bool:
     return user.op == "call_method" and user.target in _SHAPE_METHODS and value not in user.args[1:]
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_PLAIN = (bool, int, float, str, type(None))
+Proofs = dict[tuple, "bool | FoldRefused"]
+"""Proofs of :func:`batchnorm_forward_output_is_bn` already made in one fold, by :func:`proof_key`."""
+
+
+def proof_key(module: nn.Module) -> tuple | None:
+    """Everything the trace of ``module.forward`` depends on, when that is all it holds: its class and forward,
+    its plain attribute values (flags, eps), which tensors it has, and its children's classes (leaves of the
+    trace); ``None`` when it holds anything else, so its proof is made afresh."""
+    values = []
+    for name, value in vars(module).items():
+        if name in _MODULE_INTERNALS and name != "training":
+            continue
+        if not isinstance(value, _PLAIN):
+            return None
+        values.append((name, value))
+    children = []
+    for name, child in module._modules.items():
+        if child is None or child._modules or not type(child).__module__.startswith("torch.nn."):
+            return None
+        children.append((name, type(child), child.training))
+    tensors = [(name, t is None) for name, t in [*module._parameters.items(), *module._buffers.items()]]
+    return type(module), type(module).forward, tuple(values), tuple(children), tuple(tensors)
+
+
+def proven_output_is_bn(module: nn.Module, proofs: Proofs) -> bool:
+    """:func:`batchnorm_forward_output_is_bn`, traced once per kind of module in a fold."""
+    key = proof_key(module)
+    if key is None:
+        return batchnorm_forward_output_is_bn(module)
+    if key not in proofs:
+        try:
+            proofs[key] = batchnorm_forward_output_is_bn(module)
+        except FoldRefused as refusal:
+            proofs[key] = refusal
+    proof = proofs[key]
+    if isinstance(proof, FoldRefused):
+        raise FoldRefused(proof.code, proof.message)
+    return proof
+
+
 def batchnorm_forward_output_is_bn(module: nn.Module) -> bool:
     """Prove ``module.forward`` starts with its own eval-mode batch norm of its input; tell whether its output
     is that batch norm's output (else more work follows). Raises :class:`FoldRefused` when it cannot be proven."""
