@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.latency import CONTENDED_CORES, format_gain
+from bench.reparam import section as reparam_section
 from bench.tools import FOLDERS, TOOLS
 
 GOAL_FLOOR_RATIO = 1.3
@@ -50,8 +51,8 @@ def write(out: Path, report_path: Path) -> None:
     goals = _Goals(results)
     lines = [*_header(results, goals), *_headline(results, goals), *_goal_details(goals),
              *_scale(results, plots, relative), *_tools(results),
-             *_verify(results), *_latency(results, plots, relative), *_precision(results), *_profile(results),
-             *_method(results)]
+             *_verify(results), *_latency(results, plots, relative), *reparam_section(out, relative),
+             *_precision(results), *_profile(results), *_method(results)]
     report_path.write_text("\n".join(lines).rstrip() + "\n")
 
 

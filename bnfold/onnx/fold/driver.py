@@ -101,14 +101,19 @@ def fold_graph(
     # would ever trade one node for another.
     # Merges of linear layers (structural re-parameterization) alternate with the sweeps: a merge can leave a
     # run to fold into its result, and a fold can make the branches of the next Add merge.
+    # Only the last merge pass's refusals hold for the graph as it ends up.
+    refused: list[BnRecord] = []
     for _ in range(_MAX_SWEEPS):
-        records.add(merge_graph(index, guard, enabled))
+        merged = merge_graph(index, guard, enabled)
+        records.add([record for record in merged if record.status == "folded"])
+        refused = [record for record in merged if record.status == "left"]
         if not records.folded_since_last_sweep():
             break
         index.placed.clear()
         for node in [n for n in index.nodes if is_link(n, index, chains)]:
             if not index.is_removed(node) and id(node) not in index.placed:
                 records.add(fold_node(node, index, guard, active, enabled))
+    records.add(refused)
     return records.in_order
 
 
