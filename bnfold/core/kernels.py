@@ -156,6 +156,16 @@ def merge_parallel(kernels: Sequence[ConvKernel]) -> ConvKernel:
     return ConvKernel(weight, bias, first.strides, tuple(dilations), tuple(begins + ends), groups)
 
 
+def require_cheaper(kernels: Sequence[ConvKernel], merged: ConvKernel) -> None:
+    """Refuse (``merge_costlier``) a merge whose one layer multiplies more than its branches together, counting
+    each Add joining them as one operation a channel."""
+    parts = sum(k.macs for k in kernels) + (len(kernels) - 1) * merged.out_channels
+    if merged.macs > parts:
+        shape = "x".join(str(k) for k in merged.kernel_shape)
+        raise FoldRefused(Reason.MERGE_COSTLIER, f"one {shape} Conv with {merged.groups} group(s) costs "
+                                                 f"{merged.macs} multiply-adds a position, the branches {parts}")
+
+
 def compose_serial(first: ConvKernel, second: ConvKernel) -> ConvKernel:
     """One kernel computing ``second(first(x))`` where one of them is pointwise; ``FoldRefused`` where the
     composition is not one convolution: a bias of the first reaching the zero padding of the second."""

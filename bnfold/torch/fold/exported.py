@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import InputKind, TensorArgument
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.core.report import FoldReport
 from bnfold.reasons import Reason
 from bnfold.torch.capture.aten import AtenBn, AtenLayer, Site, aten, aten_dataflow
 from bnfold.torch.capture.dataflow import BnFacts, LayerGeometry
+from bnfold.torch.fold.branches import BranchMerger, add_parameter
 from bnfold.torch.fold.layers import fold_arrays
 from bnfold.torch.fold.plan import Plan, plan_folds
 from bnfold.torch.fold.tensors import from_float64, optional_float64, to_float64
@@ -22,8 +22,19 @@ from bnfold.torch.result import run_folder
 
 
 def fold_exported(program: ExportedProgram) -> FoldReport:
-    """Fold ``program``'s BNs into its conv/linear ops, updating its state dict and graph in place."""
-    return run_folder(_ProgramFolder(program))
+    """Fold ``program``'s BNs into its conv/linear ops, then merge the parallel linear branches that leaves
+    (:mod:`bnfold.torch.fold.branches`), updating its state dict and graph in place."""
+    folder = _ProgramFolder(program)
+    report = run_folder(folder)
+    merges = BranchMerger(program, folder.tensor, folder.bn_name).run()
+    if not merges:
+        return report
+    absorbed = {r.bn: r for r in merges if r.op_type == "BatchNormalization"}
+    records = [absorbed.pop(r.bn, r) if r.status == "left" else r for r in report.records]
+    bns, nodes, params = folder.totals()
+    totals = report.totals._replace(bn_after=bns, nodes_after=nodes, param_bytes_after=params)  # type: ignore[union-attr]
+    others = [r for r in merges if r.op_type != "BatchNormalization"]
+    return FoldReport(records=records + list(absorbed.values()) + others, totals=totals)
 
 
 class _ProgramFolder:
@@ -44,6 +55,10 @@ class _ProgramFolder:
         name = self.fqn[node.name]
         value = self.program.state_dict.get(name)
         return value if value is not None else self.program.constants.get(name)
+
+    def bn_name(self, site: AtenBn) -> str | None:
+        """The module name a batch norm's record carries."""
+        return self._owner(site)
 
     def _owner(self, site: Site) -> str | None:
         key, suffix = (site.mean, ".running_mean") if isinstance(site, AtenBn) else (site.weight, ".weight")
@@ -160,18 +175,7 @@ class _ProgramFolder:
 
     def _add_bias(self, site: AtenLayer, target: str, bias: torch.Tensor) -> None:
         """A new parameter input for a layer that had no bias, wired into its op."""
-        graph = self.program.graph
-        specs = self.program.graph_signature.input_specs
-        position = max((i for i, s in enumerate(specs) if s.kind == InputKind.PARAMETER), default=-1) + 1
-        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        name = "p_" + target.replace(".", "_") + "_bnfold"
-        anchor = placeholders[position] if position < len(placeholders) else None
-        context = graph.inserting_before(anchor) if anchor is not None else graph.inserting_after(placeholders[-1])
-        with context:
-            node = graph.placeholder(name)
-        node.meta["val"] = _fake_like(site.weight, bias)
-        specs.insert(position, InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target, None))
-        self.program.state_dict[target] = nn.Parameter(bias, requires_grad=False)
+        node = add_parameter(self.program, target, bias, site.weight, suffix="_bnfold")
         self.fqn[node.name] = target
         layer = site.node
         if layer.target == aten.mm.default:
@@ -191,12 +195,3 @@ class _ProgramFolder:
         params = sum(t.numel() * t.element_size() for t in self.program.state_dict.values())
         return bns, len(graph.nodes), params
 
-
-def _fake_like(weight_node: fx.Node, bias: torch.Tensor) -> Any:
-    """A meta value for the new bias, made by the same fake mode as the weight's."""
-    fake_weight = weight_node.meta.get("val")
-    mode = getattr(fake_weight, "fake_mode", None)
-    if mode is None:
-        return bias
-    with mode:
-        return torch.empty(bias.shape, dtype=bias.dtype, device=fake_weight.device)  # type: ignore[union-attr]

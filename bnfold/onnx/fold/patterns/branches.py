@@ -18,7 +18,7 @@ import numpy as np
 from onnx import NodeProto
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
-from bnfold.core.kernels import ConvKernel, merge_parallel
+from bnfold.core.kernels import ConvKernel, merge_parallel, require_cheaper
 from bnfold.onnx.fold.patterns.base import Site
 from bnfold.onnx.fold.patterns.merges import (
     Merge,
@@ -113,11 +113,7 @@ class ParallelBranches:
         dtype = self._dtype(node, heads, index)
         kernels = [self._kernel(b, heads, index).scaled(sign) for b, sign in zip(branches, signs, strict=True)]
         merged = merge_parallel(kernels)
-        parts = sum(k.macs for k in kernels) + (len(kernels) - 1) * merged.out_channels
-        if merged.macs > parts:
-            raise FoldRefused(Reason.MERGE_COSTLIER,
-                              f"one {kernel_label(merged)} Conv with {merged.groups} group(s) costs {merged.macs} "
-                              f"multiply-adds a position, the branches {parts}")
+        require_cheaper(kernels, merged)
         described = ", ".join(self._describe(b, index) for b in branches)
         return Merge(
             self.name, node, source, "Conv", conv_attributes(merged),
