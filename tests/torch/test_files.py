@@ -73,8 +73,10 @@ def test_pt2_reused_conv_is_left(tmp_path: Path) -> None:
     source, target = tmp_path / "model.pt2", tmp_path / "folded.pt2"
     torch.export.save(torch.export.export(model, (x,)), str(source))
     report = fold_and_write(source, target)
-    assert set(_records(report).values()) == {"module_reused"}
-    assert _error(model(x), torch.export.load(str(target)).module()(x)) == 0.0
+    # Neither batch norm folds into the conv both branches call (module_reused); the sum of the two branches
+    # then merges, batch norms included, into one new conv (parallel-branches), exact up to one rounding.
+    assert set(_records(report).values()) == {"parallel-branches"}
+    assert _error(model(x), torch.export.load(str(target)).module()(x)) < 1e-6
 
 
 @pytest.mark.parametrize("how", ["script", "trace"])
