@@ -4,7 +4,8 @@ A branch is a convolution or an average pool of the input (or nothing: the input
 of per-channel affine nodes (batch norms, Mul/Add/Sub/Div by constants). That covers RepVGG (3x3 + 1x1 +
 identity batch norm), MobileOne and FastViT (k convolutions + a 1x1 scale branch + identity batch norm, and
 ``x + gamma * (mixer(x) - norm(x))``), RepGhost (a depthwise convolution + a batch norm of its input) and
-ACNet/DBB blocks (1xk + kx1 + kxk, average pools). The branches' batch norms usually fold into their
+ACNet/DBB blocks (1xk + kx1 + kxk, average pools); Gemm branches of one input (a distillation head pair, as
+RepViT has) become one Gemm. The branches' batch norms usually fold into their
 convolutions first; the driver alternates folds and merges until neither changes the graph, so a merge's
 result merges again at the next Add.
 
@@ -19,11 +20,13 @@ from onnx import NodeProto
 
 from bnfold.core.affine import ChannelAffine, FoldRefused
 from bnfold.core.kernels import ConvKernel, merge_parallel, require_cheaper
-from bnfold.onnx.fold.patterns.base import Site
+from bnfold.onnx.fold.patterns.base import Site, float_attribute, int_attribute
+from bnfold.onnx.fold.patterns.layers import weight_of
 from bnfold.onnx.fold.patterns.merges import (
     Merge,
     conv_attributes,
     conv_kernel,
+    gemm_bias,
     is_plain,
     kernel_label,
     pool_kernel,
@@ -34,7 +37,7 @@ from bnfold.onnx.fold.patterns.runs import ChannelSpace, data_input, is_link, li
 from bnfold.onnx.graph.index import GraphIndex
 from bnfold.reasons import Reason
 
-_HEADS = ("Conv", "AveragePool")
+_HEADS = ("Conv", "AveragePool", "Gemm")
 
 
 class _Branch(NamedTuple):
@@ -110,6 +113,8 @@ class ParallelBranches:
         heads = [b.head for b in branches if b.head is not None]
         if not heads or len({id(n) for b in branches for n in b.nodes}) != sum(len(b.nodes) for b in branches):
             return None
+        if any(h.op_type == "Gemm" for h in heads):
+            return self._gemms(node, source, branches, signs, index)
         dtype = self._dtype(node, heads, index)
         kernels = [self._kernel(b, heads, index).scaled(sign) for b, sign in zip(branches, signs, strict=True)]
         merged = merge_parallel(kernels)
@@ -120,6 +125,43 @@ class ParallelBranches:
             [("weight", merged.weight), ("bias", merged.bias)], dtype, tuple(n for b in branches for n in b.nodes),
             f"{len(branches)} branches ({described}) merged into one {kernel_label(merged)} Conv",
         )
+
+    def _gemms(self, node: NodeProto, source: str, branches: list[_Branch], signs: list[float], index: GraphIndex
+               ) -> Merge:
+        """Gemm branches of one input: ``A @ sum(B_i) + sum(C_i)``, each branch's run scaling its columns."""
+        heads = [b.head for b in branches]
+        if any(h is None or h.op_type != "Gemm" for h in heads):
+            raise FoldRefused(Reason.BRANCH_GEOMETRY, "Gemm branches meet branches of another kind")
+        gemms: list[NodeProto] = heads  # type: ignore[assignment]  # every head a Gemm, checked above
+        if len({int_attribute(g, "transA", 0) for g in gemms}) != 1:
+            raise FoldRefused(Reason.BRANCH_GEOMETRY, "the Gemm branches transpose their input differently")
+        weights = [weight_of(g, index) for g in gemms]
+        dtype = weights[0].dtype
+        if any(w.ndim != 2 for w in weights):
+            raise FoldRefused(Reason.UNSUPPORTED_SHAPE, "a Gemm branch's B is not a matrix")
+        if any(w.dtype != dtype for w in weights):
+            dtypes = sorted({str(w.dtype) for w in weights})
+            raise FoldRefused(Reason.DTYPE_MISMATCH, f"the Gemm branches' weights are {dtypes}")
+        matrices = [(w.T if int_attribute(g, "transB", 0) else w).astype(np.float64)
+                    for g, w in zip(gemms, weights, strict=True)]
+        if len({m.shape for m in matrices}) != 1:
+            shapes = sorted({m.shape for m in matrices})
+            raise FoldRefused(Reason.CHANNEL_MISMATCH, f"the Gemm branches' B are {shapes}")
+        columns = matrices[0].shape[1]
+        weight, bias = np.zeros(matrices[0].shape), np.zeros((1, columns))
+        for branch, sign, gemm, matrix in zip(branches, signs, gemms, matrices, strict=True):
+            affine = ChannelAffine.identity(columns)
+            for link in branch.chain:
+                affine = affine.then(link_affine(link, index, ChannelSpace(1, 2, columns)))
+            weight = weight + sign * float_attribute(gemm, "alpha", 1.0) * matrix * affine.scale
+            c = gemm_bias(gemm, index, columns, dtype)
+            shift = affine.shift if c is None else float_attribute(gemm, "beta", 1.0) * c * affine.scale + affine.shift
+            bias = bias + sign * shift
+        described = ", ".join(self._describe(b, index) for b in branches)
+        return Merge(self.name, node, source, "Gemm", {"transA": int_attribute(gemms[0], "transA", 0)},
+                     [("weight", weight), ("bias", bias.reshape(columns) if bias.shape[0] == 1 else bias)], dtype,
+                     tuple(n for b in branches for n in b.nodes),
+                     f"{len(branches)} Gemm branches ({described}) merged into one Gemm")
 
     @staticmethod
     def _dtype(node: NodeProto, heads: list[NodeProto], index: GraphIndex) -> np.dtype:

@@ -15,7 +15,7 @@ from onnx import NodeProto
 
 from bnfold.core.affine import FoldRefused
 from bnfold.core.kernels import ConvKernel
-from bnfold.onnx.fold.patterns.base import Site, int_attribute
+from bnfold.onnx.fold.patterns.base import Site, constant, int_attribute
 from bnfold.onnx.fold.patterns.layers import bias_of, weight_of
 from bnfold.onnx.fold.patterns.runs import is_batchnorm
 from bnfold.onnx.graph.index import GraphIndex
@@ -125,3 +125,16 @@ def sole_reader(value: str, reader: NodeProto, index: GraphIndex) -> bool:
 
 def kernel_label(kernel: ConvKernel) -> str:
     return "x".join(str(k) for k in kernel.kernel_shape)
+
+
+def gemm_bias(gemm: NodeProto, index: GraphIndex, columns: int, dtype: np.dtype) -> np.ndarray | None:
+    """A Gemm's C as a float64 matrix of ``columns`` columns (rows: 1 or the batch), ``None`` if absent."""
+    bias = constant(index, gemm, 2, "C")
+    if bias is None:
+        return None
+    if bias.dtype != dtype:
+        raise FoldRefused(Reason.DTYPE_MISMATCH, f"C dtype {bias.dtype} differs from B dtype {dtype}")
+    if bias.ndim > 2:
+        raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Gemm C of shape {bias.shape}")
+    as_2d = bias.astype(np.float64).reshape((1,) * (2 - bias.ndim) + bias.shape)
+    return np.broadcast_to(as_2d, (int(as_2d.shape[0]), columns))  # type: ignore[misc]  # 2-D by the reshape

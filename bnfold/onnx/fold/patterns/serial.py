@@ -19,12 +19,13 @@ from onnx import NodeProto
 
 from bnfold.core.affine import FoldRefused
 from bnfold.core.kernels import ConvKernel, compose_matrices, compose_serial
-from bnfold.onnx.fold.patterns.base import Site, constant, float_attribute, int_attribute
+from bnfold.onnx.fold.patterns.base import Site, float_attribute, int_attribute
 from bnfold.onnx.fold.patterns.layers import weight_of
 from bnfold.onnx.fold.patterns.merges import (
     Merge,
     conv_attributes,
     conv_kernel,
+    gemm_bias,
     ints_attribute,
     is_plain,
     kernel_label,
@@ -145,24 +146,11 @@ class SerialGemm:
         alpha1, beta1 = float_attribute(first, "alpha", 1.0), float_attribute(first, "beta", 1.0)
         alpha2, beta2 = (float_attribute(second, "alpha", 1.0), float_attribute(second, "beta", 1.0)) \
             if second.op_type == "Gemm" else (1.0, 1.0)
-        c1 = self._bias(first, index, middle, dtype)
-        c2 = self._bias(second, index, columns, dtype) if second.op_type == "Gemm" else None
+        c1 = gemm_bias(first, index, middle, dtype)
+        c2 = gemm_bias(second, index, columns, dtype) if second.op_type == "Gemm" else None
         weight, bias = compose_matrices(left * (alpha1 * alpha2), None if c1 is None else c1 * (alpha2 * beta1),
                                         right, None if c2 is None else c2 * beta2)
         constants = [("weight", weight)] + ([] if bias is None else [("bias", bias)])
         return Merge(self.name, second, first.input[0], "Gemm", {"transA": int_attribute(first, "transA", 0)},
                      constants, dtype, (first,),
                      f"{index.node_label(first)} and {index.node_label(second)} merged into one Gemm")
-
-    @staticmethod
-    def _bias(gemm: NodeProto, index: GraphIndex, columns: int, dtype: np.dtype) -> np.ndarray | None:
-        """C as a float64 matrix of ``columns`` columns (rows: 1 or the batch), ``None`` if absent."""
-        bias = constant(index, gemm, 2, "C")
-        if bias is None:
-            return None
-        if bias.dtype != dtype:
-            raise FoldRefused(Reason.DTYPE_MISMATCH, f"C dtype {bias.dtype} differs from B dtype {dtype}")
-        if bias.ndim > 2:
-            raise FoldRefused(Reason.UNSUPPORTED_SHAPE, f"Gemm C of shape {bias.shape}")
-        as_2d = bias.astype(np.float64).reshape((1,) * (2 - bias.ndim) + bias.shape)
-        return np.broadcast_to(as_2d, (int(as_2d.shape[0]), columns))  # type: ignore[misc]  # 2-D by the reshape

@@ -202,3 +202,47 @@ def test_fastvit_repmixer_becomes_one_depthwise_conv():
     result = fold(model)
     assert [n.op_type for n in result.model.graph.node] == ["Conv"]
     assert_equivalent(model, result.model)
+
+
+@st.composite
+def gemm_blocks(draw) -> dict:
+    return {
+        "branches": [{"transB": draw(st.booleans()), "alpha": draw(st.sampled_from([1.0, 0.5, -2.0])),
+                      "beta": draw(st.sampled_from([1.0, 0.25])),
+                      "bias": draw(st.sampled_from(["none", "row", "matrix"])), "scale": draw(st.booleans())}
+                     for _ in range(draw(st.integers(2, 3)))],
+        "transA": draw(st.booleans()),
+        "join": draw(st.sampled_from(["Add", "Sub", "Sum"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def gemm_block_model(block: dict) -> onnx.ModelProto:
+    """Gemm heads on one input (a distillation head pair, an ensemble), each maybe scaled per feature."""
+    g = GraphBuilder(block["seed"])
+    batch, features, outputs = 3, 5, 4
+    x = g.input("x", [features, batch] if block["transA"] else [batch, features])
+    values = []
+    for branch in block["branches"]:
+        bias = {"none": [], "row": [g.weight([outputs])], "matrix": [g.weight([batch, outputs])]}[branch["bias"]]
+        weight = g.weight([outputs, features] if branch["transB"] else [features, outputs])
+        y = g.node("Gemm", [x, weight, *bias], transA=int(block["transA"]), transB=int(branch["transB"]),
+                   alpha=branch["alpha"], beta=branch["beta"])
+        values.append(g.node("Mul", [y, g.weight([outputs])]) if branch["scale"] else y)
+    if block["join"] == "Sum":
+        joined = g.node("Sum", values)
+    else:
+        joined = g.node(block["join"], values[:2])
+        for other in values[2:]:
+            joined = g.node("Add", [joined, other])
+    return g.model([g.node("Div", [joined, g.const(np.array(2.0))])])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(block=gemm_blocks())
+def test_gemm_branches_of_one_input_merge_into_one_gemm(block):
+    model = gemm_block_model(block)
+    result = fold(model)
+    assert_equivalent(model, result.model, seed=block["seed"])
+    assert [n.op_type for n in result.model.graph.node] == ["Gemm"]
+    assert merges(result)
