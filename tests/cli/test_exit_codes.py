@@ -10,7 +10,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from click.testing import CliRunner
 
+from bnfold.cli import main
 from tests.support.bad_inputs import conv_bn
 
 # Shell redirections a CI script may leave bnfold with.
@@ -74,3 +76,19 @@ def test_exit_codes_do_not_depend_on_the_environment_encoding(model: Path):
     completed = subprocess.run([sys.executable, "-m", "bnfold", "fold", odd], env=env, capture_output=True,
                                timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr
+
+
+_ONNX_TEST_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data" / "simple"
+
+
+@pytest.mark.parametrize("name", ["test_gradient_of_add", "test_strnorm_model_monday_casesensintive_lower"])
+def test_a_model_left_unchanged_exits_0_even_where_onnxruntime_cannot_open_it(name, tmp_path):
+    """The onnx package's own models with a training op (Gradient) or a StringNormalizer locale onnxruntime
+    lacks: nothing folds, so the model written is the input and no run is needed; a pipeline that runs bnfold
+    over every model must not break on them (issue 18)."""
+    source = _ONNX_TEST_DATA / name / "model.onnx"
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["fold", str(source), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "UNCHANGED" in result.output and "onnxruntime cannot load" in result.output
+    assert out.read_bytes() == source.read_bytes()

@@ -18,7 +18,7 @@ import numpy as np
 from onnx import ModelProto
 
 from bnfold.core.compare import OutputAccumulator, VerifyReport, check_tolerances
-from bnfold.errors import InputError
+from bnfold.errors import InputError, first_line
 from bnfold.onnx.store.model_store import ModelStore
 from bnfold.onnx.verify.coverage import Coverage, Site, changed_subgraphs
 from bnfold.onnx.verify.engines import Runner, open_runners
@@ -98,14 +98,20 @@ def verify_onnx(
 
 
 def check_unchanged(original: ModelSource) -> VerifyReport:
-    """The verdict on a fold that changed nothing: no run is needed, as the model written is the input, but
-    the engine still opens it, so that a model it cannot load is refused as it would be by a verification."""
+    """The verdict on a fold that changed nothing: no run is needed, as the model written is the input. The
+    engine still opens it, so the report can say what runs it; a model the engine cannot open (a training op,
+    a locale it lacks) is still written unchanged, with a note, because writing the input back changes nothing
+    a run could catch."""
     started = time.perf_counter()
     proto = load_interface("original", original)
     notes: list[str] = []
     with contextlib.ExitStack() as staged_files:
-        engine, _ = open_runners({"original": original}, {"original": proto}, notes, staged_files,
-                                 Coverage(proto, ()))
+        try:
+            engine, _ = open_runners({"original": original}, {"original": proto}, notes, staged_files,
+                                     Coverage(proto, ()))
+        except InputError as error:
+            engine = "none"
+            notes.append(f"{first_line(error)}; nothing was folded, so nothing needed a run")
     return VerifyReport([], 0, engine, {"session": time.perf_counter() - started}, notes, unchanged=True)
 
 
