@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.cli import main
 from tests.support.bad_inputs import conv_bn
@@ -92,3 +94,40 @@ def test_a_model_left_unchanged_exits_0_even_where_onnxruntime_cannot_open_it(na
     assert result.exit_code == 0, result.output
     assert "UNCHANGED" in result.output and "onnxruntime cannot load" in result.output
     assert out.read_bytes() == source.read_bytes()
+
+
+def sequence_model(path: Path, *, equal_shapes: bool) -> Path:
+    """Conv -> BN -> Relu, whose output goes out in a sequence with the input (unequal shapes: 4 and 3
+    channels) or with itself (equal shapes)."""
+    rng = np.random.default_rng(0)
+    initializers = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")]
+    initializers += [numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(
+        [rng.uniform(0.5, 1.5, 4), rng.normal(size=4), rng.normal(size=4), rng.uniform(0.5, 2, 4)],
+        ["g", "b", "m", "v"], strict=True)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("SequenceConstruct", ["r", "r" if equal_shapes else "x"], ["seq"])]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def test_sequence_outputs_are_compared_or_refused_never_exit_3(tmp_path: Path):
+    def fold(source: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bnfold", "fold", source, "-o", tmp_path / "out.onnx", *extra],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    equal = fold(sequence_model(tmp_path / "equal.onnx", equal_shapes=True))
+    assert equal.returncode == 0 and "PASSED" in equal.stdout, equal.stderr
+    unequal = sequence_model(tmp_path / "unequal.onnx", equal_shapes=False)
+    refused = fold(unequal)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "sequence" in refused.stderr
+    unverified = fold(unequal, "--no-verify")
+    assert unverified.returncode == 0, unverified.stderr
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(tmp_path / "out.onnx").graph.node}

@@ -156,6 +156,19 @@ def _cannot_run(plans: list[Plan], specs: list[TensorSpec], failures: list[str])
             f" {failures[0]}; {hint}or inputs it runs on with --inputs{drawn}")
 
 
+def _as_array(name: str, value: object) -> np.ndarray:
+    """An output as one array. A sequence output (SequenceConstruct, SplitToSequence) comes back as a list:
+    tensors of one shape are compared as their stack; tensors of different shapes, and maps, are refused
+    (exit 2), since no one array holds them."""
+    if isinstance(value, dict) or (isinstance(value, list | tuple) and any(isinstance(v, dict) for v in value)):
+        raise InputError(f"output {name!r} is a map, which bnfold cannot compare (fold --no-verify folds "
+                         f"without comparing)")
+    if isinstance(value, list | tuple) and len({np.shape(item) for item in value}) > 1:
+        raise InputError(f"output {name!r} is a sequence of tensors of different shapes, which bnfold cannot "
+                         f"compare (fold --no-verify folds without comparing)")
+    return np.asarray(value)
+
+
 class _Runs:
     """Both models run side by side, each output judged as it comes (nothing is kept between runs)."""
 
@@ -201,13 +214,14 @@ class _Runs:
         candidates = fetched[:len(self.output_names)]
         self.coverage.record(fetched[len(self.output_names):])
         for name, reference, candidate in zip(self.output_names, references, candidates, strict=True):
-            self.outputs[name].add(np.asarray(reference), np.asarray(candidate))
+            reference, candidate = _as_array(name, reference), _as_array(name, candidate)
+            self.outputs[name].add(reference, candidate)
             if expected is not None and name in expected:
                 against_candidate, against_original = self.expected.setdefault(name, (
                     OutputAccumulator(name, self.rtol, self.atol, self.expected_notes),
                     OutputAccumulator(name, self.rtol, self.atol)))
-                against_candidate.add(expected[name], np.asarray(candidate))
-                against_original.add(expected[name], np.asarray(reference))
+                against_candidate.add(expected[name], candidate)
+                against_original.add(expected[name], reference)
         self.done += 1
         self.seconds["run"] += time.perf_counter() - started
         if self.progress is not None:
