@@ -106,6 +106,25 @@ def asserted_rank(module: torch.jit.ScriptModule) -> int | None:
     return None
 
 
+def _known_bool(module: torch.jit.ScriptModule, value: Any) -> bool | None:
+    """A flag's value where the graph fixes it: a constant, the module's ``training``, or an ``if`` on those
+    choosing between them (timm: ``bn_training = True if self.training else ...``); None otherwise."""
+    producer = value.node()
+    if producer.kind() == "prim::Constant":
+        constant = value.toIValue()
+        return constant if isinstance(constant, bool) else None
+    if producer.kind() == "prim::GetAttr" and producer.s("name") == "training":
+        return bool(module.training)
+    if producer.kind() == "prim::If":
+        condition = _known_bool(module, producer.inputsAt(0))
+        if condition is None:
+            return None
+        block = list(producer.blocks())[0 if condition else 1]
+        position = list(producer.outputs()).index(value)
+        return _known_bool(module, block.returnNode().inputsAt(position))
+    return None
+
+
 def _raises_unless(check: Any) -> bool:
     """Whether ``check`` stops the forward when its condition is false: ``torch._assert``, or an ``if`` whose
     else branch raises."""
@@ -120,9 +139,7 @@ def _raises_unless(check: Any) -> bool:
 def batch_norm_params(module: torch.jit.ScriptModule, norm: LeadingNorm) -> tuple[Any, Any, Any, Any, float]:
     """weight, bias, running mean and variance, epsilon of one batch norm on ``module``'s attributes."""
     node = norm.node
-    training = node.inputsAt(norm.training)
-    trains = module.training if training.node().kind() == "prim::GetAttr" and training.node().s("name") == "training" \
-        else training.toIValue()
+    trains = _known_bool(module, node.inputsAt(norm.training))
     if trains is not False:
         raise FoldRefused(Reason.TRAINING_MODE, "it normalizes with batch statistics (training mode)")
     eps = node.inputsAt(norm.eps).toIValue()
