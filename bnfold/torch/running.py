@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from bnfold.errors import InputError
 from bnfold.torch.fold.layers import is_layer
@@ -71,6 +72,14 @@ def untouched(module: nn.Module, seed: int = 0) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+def double(inputs: Inputs) -> Inputs:
+    """``inputs`` with every floating-point tensor, however nested, in float64."""
+    def widen(value: Any) -> Any:
+        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    return Inputs(tuple(tree_map(widen, list(inputs.args))), tree_map(widen, dict(inputs.kwargs)))
 
 
 def call(module: nn.Module, inputs: Inputs, seed: int = 0) -> Any:

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bnfold.torch.checks import compare  # noqa: E402 - only once torch is known to be there
+from bnfold.torch.checks import compare, judge_against_rounding  # noqa: E402 - only once torch is known to be there
 
 
 def conv_output(dtype: torch.dtype) -> torch.Tensor:
@@ -47,3 +47,37 @@ def test_integer_outputs_must_match_exactly():
     labels = torch.arange(6)
     assert compare(labels, labels.clone(), "pytorch").passed
     assert not compare(labels, labels + 1, "pytorch").passed
+
+
+def _ill_conditioned(error_of_fold: float):
+    """Outputs of scale ~276 whose float32 run is 0.028 off its float64 run (as random-init mixnet_s is), and a
+    candidate ``error_of_fold`` away from the float32 reference."""
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randn(1, 1000, generator=generator, dtype=torch.float64) * 100
+    reference = (exact + torch.randn(1, 1000, generator=generator, dtype=torch.float64) * 0.01).float()
+    candidate = reference + torch.full((1, 1000), error_of_fold)
+    return exact, reference, candidate
+
+
+def test_a_fold_within_the_originals_own_rounding_passes_with_a_note():
+    """White-box: judge_against_rounding. An exact fold of a model that amplifies rounding ~1e5-fold moves the
+    output as far as float32 itself does; the fixed rule fails it, the original's own float32 error clears it."""
+    exact, reference, candidate = _ill_conditioned(0.04)
+    first = compare(reference, candidate, "pytorch")
+    assert not first.passed
+    judged = judge_against_rounding(first, reference, candidate, lambda: exact, None)
+    assert judged.passed and "float32 rounding error" in judged.notes[-1]
+
+
+@pytest.mark.parametrize("error_of_fold", [0.5, 5.0, -30.0])
+def test_a_fold_beyond_the_originals_own_rounding_still_fails(error_of_fold):
+    """White-box: judge_against_rounding. A wrong fold moves outputs far past float32's own error: the verdict
+    stays failed, and a model that cannot run in float64 keeps its verdict too."""
+    exact, reference, candidate = _ill_conditioned(error_of_fold)
+    first = compare(reference, candidate, "pytorch")
+    assert not judge_against_rounding(first, reference, candidate, lambda: exact, None).passed
+
+    def cannot_run():
+        raise RuntimeError("expected scalar type Float")
+
+    assert judge_against_rounding(first, reference, candidate, cannot_run, None) is first
