@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -119,15 +120,30 @@ class AtomicFiles:
             try:
                 os.link(source, staged.destination.name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=True)
                 return
-            except FileExistsError:
-                pass
-            name = f"{_PREFIX}{os.urandom(6).hex()}{_SUFFIX}"
-            NAMED_TEMPORARIES.add(os.fspath(self.directory / name))
-            os.link(source, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=True)
-            staged.name = self.directory / name
+            except OSError:
+                pass  # it exists (replaced through a temporary name), or the file system will not link it
+            staged.name = self._name_unnamed(staged, source, fd)
         os.replace(staged.name, staged.destination)
         NAMED_TEMPORARIES.discard(os.fspath(staged.name))
         staged.name = None
+
+    def _name_unnamed(self, staged: _Staged, source: str, fd: int) -> Path:
+        """A short temporary name for the unnamed file: a link to it, or, where the file system refuses to
+        link through /proc, a synced copy of it."""
+        name = f"{_PREFIX}{os.urandom(6).hex()}{_SUFFIX}"
+        NAMED_TEMPORARIES.add(os.fspath(self.directory / name))
+        try:
+            os.link(source, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=True)
+            return self.directory / name
+        except OSError:
+            NAMED_TEMPORARIES.discard(os.fspath(self.directory / name))
+        copy_fd, copy = _named_temporary(self.directory, _SUFFIX)
+        with os.fdopen(copy_fd, "wb") as out:
+            staged.handle.seek(0)
+            shutil.copyfileobj(staged.handle, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        return copy
 
     def discard(self) -> None:
         """Remove every file not yet in place; signals wait until it is done."""

@@ -205,3 +205,31 @@ def test_an_interrupt_mid_write_leaves_the_old_output_or_the_complete_new_one(bi
             f"{signal.Signals(signum).name} at {at}: the destination is neither the old nor the new model")
         outcomes.append("new" if after.get("out.onnx") == new["out.onnx"] else "old")
     assert outcomes[:2] == ["old", "old"], "a signal during the write stops it"
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "replaced"])
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+def test_a_file_system_that_will_not_link_unnamed_files_gets_a_copy(tmp_path, monkeypatch, existing, external):
+    """Linking an O_TMPFILE file in place goes through /proc; where that is refused (EPERM), the write falls
+    back to a named copy, and still leaves nothing behind."""
+    result = fold_onnx(conv_bn(channels=64), verify=False)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    threshold = 0 if external else limits.PROTOBUF_LIMIT
+    expected = {p.name: p.read_bytes() for p in map(Path, result.write(reference / "out.onnx",
+                                                                         external_threshold=threshold))}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if existing:
+        (out_dir / "out.onnx").write_bytes(b"previous")
+    link = os.link
+
+    def refuse_proc(source, *args, **kwargs):
+        if str(source).startswith("/proc/"):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        return link(source, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", refuse_proc)
+    result.write(out_dir / "out.onnx", external_threshold=threshold)
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == expected
+    assert leftovers(out_dir) == []
