@@ -216,6 +216,16 @@ def _unknown_op(directory: Path) -> Path:
     return _save(model, directory / "model.onnx")
 
 
+def _short_raw_data(tensor_name: str) -> Callable[[Path], Path]:
+    """The tensor's raw data cut to a third: onnx.checker passes such a model, so bnfold must say it."""
+    def build(directory: Path) -> Path:
+        model = conv_bn()
+        tensor = next(t for t in model.graph.initializer if t.name == tensor_name)
+        tensor.raw_data = tensor.raw_data[: len(tensor.raw_data) // 3]
+        return _save(model, directory / "model.onnx")
+    return build
+
+
 def _verify_huge(directory: Path) -> Setup:
     model = conv_bn()
     for value, channels in ((model.graph.input[0], 3), (model.graph.output[0], 4)):
@@ -611,6 +621,10 @@ CASES: tuple[BadInput, ...] = (
     BadInput("future-opset", "model", "default-domain opset 99, newer than the installed onnx knows",
              _fold_case(_future_opset), says="opset 99 is newer"),
     BadInput("future-ir", "model", "IR version 99", _fold_case(_future_ir), says="IR version 99 is newer"),
+    BadInput("short-raw-weight", "model", "the conv weight's raw data is a third of what its dims need",
+             _fold_case(_short_raw_data("W")), says="the input model is damaged"),
+    BadInput("short-raw-bn", "model", "a batch norm's variance has a third of the raw data its dims need",
+             _fold_case(_short_raw_data("var")), says="the input model is damaged"),
     BadInput("unknown-op", "model", "a node of an op no runtime knows (custom domain)", _fold_case(_unknown_op),
              says="onnxruntime cannot load the original model"),
     BadInput("runtime-failure", "model", "the original fails while onnxruntime runs it (a symbolic input channel "

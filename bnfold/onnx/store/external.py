@@ -265,8 +265,11 @@ def inline_array(tensor: TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     data = tensor.raw_data
     shape = tuple(tensor.dims)
-    if len(data) != math.prod(shape) * dtype.itemsize:
-        return numpy_helper.to_array(tensor)  # its error names the mismatch
+    needed = math.prod(shape) * dtype.itemsize
+    if len(data) != needed:  # onnx.checker passes this; numpy would fail to reshape
+        wanted = "its dims overflow int64" if needed >= 2**63 else f"its dims need {needed}"
+        raise InputError(f"the input model is damaged: tensor {tensor.name!r} has {len(data)} bytes of raw data, "
+                         f"{wanted}")
     return np.frombuffer(data, dtype).reshape(shape)  # read-only, as to_array's
 
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from bnfold import fold_onnx, write_model
+from bnfold import InputError, fold_onnx, write_model
 from bnfold.cli import main
 from bnfold.onnx.store import model_store
 from bnfold.onnx.store.external import external_ref, inline_array, is_external, model_tensors
@@ -298,7 +298,7 @@ def test_a_model_kept_on_disk_is_written_as_one_file_with_its_subgraph_and_funct
        st.lists(st.integers(0, 4), max_size=4), st.booleans(), st.data())
 def test_an_inline_tensor_reads_as_onnx_reads_it(dtype, shape, typed_fields, data):
     """``inline_array`` is onnx's ``to_array`` for tensors in the proto, raw or in typed fields, whatever the
-    dtype and shape; a raw payload that does not match its dims is refused as onnx refuses it."""
+    dtype and shape; a raw payload that does not match its dims is refused as onnx refuses it, as bad input."""
     value = np.asarray(data.draw(st.lists(st.integers(0, 100), min_size=int(np.prod(shape)),
                                           max_size=int(np.prod(shape)))), dtype=dtype).reshape(shape)
     tensor = numpy_helper.from_array(value, "t")
@@ -312,5 +312,5 @@ def test_an_inline_tensor_reads_as_onnx_reads_it(dtype, shape, typed_fields, dat
         tensor.raw_data += b"\0"
         with pytest.raises(ValueError):
             numpy_helper.to_array(tensor)
-        with pytest.raises(ValueError):
+        with pytest.raises(InputError, match="the input model is damaged"):
             inline_array(tensor)
