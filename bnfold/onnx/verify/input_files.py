@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,17 +118,22 @@ def _read_npz(path: str | os.PathLike[str], specs: list[TensorSpec]) -> dict[str
         raise InputError(f"cannot read inputs {shown}: {first_line(error)}") from None
 
 
+def check_input_names(names: Collection[str], specs: list[TensorSpec], where: str) -> None:
+    """``names`` are the model's inputs, all of them and nothing else; ``where`` names the arrays."""
+    wanted = [spec.name for spec in specs]
+    missing = [name for name in wanted if name not in names]
+    if missing:
+        raise InputError(f"{where} lack model input(s) {', '.join(missing)}")
+    extra = sorted(set(names) - set(wanted))
+    if extra:
+        raise InputError(f"{where} have array(s) {', '.join(extra)} that are not model inputs ({', '.join(wanted)})")
+
+
 def _npz_arrays(archive: zipfile.ZipFile, shown: str, specs: list[TensorSpec]) -> dict[str, Any]:
     """The arrays of ``archive`` the model takes, each read only once every header has been checked."""
     members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+    check_input_names(members, specs, f"the arrays in {shown}")
     wanted = {spec.name: spec for spec in specs}
-    missing = [name for name in wanted if name not in members]
-    if missing:
-        raise InputError(f"the arrays in {shown} lack model input(s) {', '.join(missing)}")
-    extra = sorted(set(members) - wanted.keys())
-    if extra:
-        raise InputError(f"{shown} has array(s) {', '.join(extra)} that are not model inputs "
-                         f"({', '.join(wanted)})")
     for name, info in members.items():
         with archive.open(info) as member:
             shape, dtype = _npy_header(member, f"{shown}: array '{name}'")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import InputError
-from bnfold.onnx.verify.input_files import Sample, check_array_header, read_samples
+from bnfold.onnx.verify.input_files import Sample, check_array_header, check_input_names, read_samples
 from bnfold.onnx.verify.interface import TensorSpec
 
 Feeds = Mapping[str, np.ndarray]
@@ -94,14 +94,8 @@ def user_feeds(inputs: InputsArg, specs: list[TensorSpec], output_names: Sequenc
 
 
 def _validated(feeds: dict[str, Any], specs: list[TensorSpec], where: str) -> dict[str, np.ndarray]:
+    check_input_names(feeds, specs, where)
     expected = {spec.name: spec for spec in specs}
-    missing = [name for name in expected if name not in feeds]
-    if missing:
-        raise InputError(f"{where} lack model input(s) {', '.join(missing)}")
-    extra = sorted(set(feeds) - expected.keys())
-    if extra:
-        raise InputError(f"{where} have array(s) {', '.join(extra)} that are not model inputs "
-                         f"({', '.join(expected)})")
     validated = {}
     for name, spec in expected.items():
         array = np.asarray(feeds[name])
