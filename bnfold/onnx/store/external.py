@@ -257,6 +257,13 @@ def external_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     return value
 
 
+def raw_length_error(name: str, length: int, needed: int) -> InputError:
+    """Raw data that does not fit its dims: only an input can be this way (bnfold's own tensors come from
+    numpy), and onnx.checker passes it, so it is said here, as bad input."""
+    wanted = "its dims overflow int64" if needed >= 2**63 else f"its dims need {needed}"
+    return InputError(f"the input model is damaged: tensor {name!r} has {length} bytes of raw data, {wanted}")
+
+
 def inline_array(tensor: TensorProto) -> np.ndarray:
     """The value of a tensor kept in the proto: onnx's ``to_array``, without its per-call dtype lookups where the
     raw data is a plain little-endian array (a fold reads every batch norm's four parameters)."""
@@ -266,10 +273,8 @@ def inline_array(tensor: TensorProto) -> np.ndarray:
     data = tensor.raw_data
     shape = tuple(tensor.dims)
     needed = math.prod(shape) * dtype.itemsize
-    if len(data) != needed:  # onnx.checker passes this; numpy would fail to reshape
-        wanted = "its dims overflow int64" if needed >= 2**63 else f"its dims need {needed}"
-        raise InputError(f"the input model is damaged: tensor {tensor.name!r} has {len(data)} bytes of raw data, "
-                         f"{wanted}")
+    if len(data) != needed:  # numpy would fail to reshape
+        raise raw_length_error(tensor.name, len(data), needed)
     return np.frombuffer(data, dtype).reshape(shape)  # read-only, as to_array's
 
 

@@ -20,9 +20,8 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
 from onnx import ModelProto, TensorProto
 
-from bnfold.errors import InputError
 from bnfold.onnx.store import limits
-from bnfold.onnx.store.external import copy_external, external_ref, is_external, payload_bytes
+from bnfold.onnx.store.external import copy_external, external_ref, is_external, payload_bytes, raw_length_error
 from bnfold.onnx.store.held import HeldTensors, held_value, write_held
 
 # Field numbers from onnx.proto.
@@ -251,9 +250,7 @@ class _Payload:
 
     def _check_raw_length(self, raw: bytes) -> None:
         if len(raw) != self.raw_length:
-            # Only an input can be this way (bnfold's own tensors come from numpy), and onnx.checker passes it.
-            raise InputError(f"the input model is damaged: tensor {self.tensor.name!r} has {len(raw)} bytes of "
-                             f"raw data, its dims need {self.raw_length}")
+            raise raw_length_error(self.tensor.name, len(raw), self.raw_length or 0)
 
     def write(self, out: BinaryIO) -> None:
         if self.raw_length is None:
